@@ -25,16 +25,16 @@ def _person(rng: random.Random) -> dict:
             "trade": rng.choice(TRADES), "year": str(rng.randint(1200, 1899)), "habit": rng.choice(ACTIONS)}
 
 
-def _document(i: int, p: dict, body: list[str]) -> str:
-    facts = (f"{p['name']} was born in {p['town']}, a town founded in {p['year']}. "
-             f"{p['name']} works as a {p['trade']} and once {p['habit']}.")
-    return f"Document {i + 1}:\n{facts} {' '.join(body)}"
+def _document_units(i: int, p: dict, body: list[str]) -> list[str]:
+    """A document as units: its header with the first fact, the second fact, then filler."""
+    return [f"\n\nDocument {i + 1}:\n{p['name']} was born in {p['town']}, a town founded in {p['year']}.",
+            f"{p['name']} works as a {p['trade']} and once {p['habit']}.", *body]
 
 
 @register_task("qa")
 @dataclass
 class GeneratedQA:
-    """`size` filler sentences split into documents of `sentences_per_doc`; one is asked about."""
+    """`size` units (two facts + `sentences_per_doc` filler sentences per document); one document is asked about."""
     sentences_per_doc: int = 4
     task_type: str = "qa"
     metric: str = "part"
@@ -44,14 +44,15 @@ class GeneratedQA:
         rng = task_rng(key)
         target_depth = rng.random()
         kind = rng.choice(sorted(QUESTIONS))
-        spd = self.sentences_per_doc
-        n_docs = -(-size // spd)
+        per_doc = self.sentences_per_doc + 2
+        n_docs = -(-size // per_doc)
         people = [_person(random.Random(f"{key}|person|{i}")) for i in range(n_docs)]
         asked = min(n_docs - 1, int(target_depth * n_docs))
-        body = filler(key, size)
-        docs = [_document(i, p, body[i * spd:(i + 1) * spd]) for i, p in enumerate(people)]
+        body = filler(key, n_docs * self.sentences_per_doc)
+        spd = self.sentences_per_doc
+        units = [u for i, p in enumerate(people) for u in _document_units(i, p, body[i * spd:(i + 1) * spd])]
         question, prefix = (t.format(name=people[asked]["name"]) for t in QUESTIONS[kind])
         intro = "Answer the question based on the given documents. Only give me the answer and do not output any other words."
-        text = f"{intro}\n\nThe following are given documents.\n\n" + "\n\n".join(docs)
-        text += f"\n\n{intro}\n\nQuestion: {question}"
+        docs = " ".join(units[:max(size, (asked * per_doc) + 2)]).replace(" \n\n", "\n\n")
+        text = f"{intro}\n\nThe following are given documents.{docs}\n\n{intro}\n\nQuestion: {question}"
         return text, (people[asked][kind],), f"Answer: {prefix}"

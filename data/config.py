@@ -1,0 +1,202 @@
+"""Typed, frozen config dataclasses for labeling, and the YAML/override loader for all configs.
+
+Owns ModelConfig, SparseConfig, DataConfig, CriterionConfig, LabelingConfig, LabelJobConfig
+(YAML files in configs/ are instances) and `load_config(cls, path, overrides)`: strict keys (a
+typo is a UserError naming the known keys), dotted `a.b=value` overrides parsed as YAML values,
+validation in __post_init__. Imports `sparse_kernels` and `data.tasks`; never `controller`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sparse_kernels import BACKEND_CHOICES, METHODS, SelectionSpec
+
+from .errors import UserError
+from .tasks import TaskSpec, build_task
+
+DEFAULT_GRID = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m"
+    dtype: str = "auto"    # auto = bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    method: str = "block_topk"
+    block_size: int = 64
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    last_queries: int = 64
+    dense_layers: tuple[int, ...] = (0, 1)
+    probe_layers: tuple[int, ...] = (0, 1)
+    probe_window: int = 64
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"sparse.method {self.method!r} is unknown; choose one of {sorted(METHODS)}")
+        if self.backend not in BACKEND_CHOICES:
+            raise UserError(f"sparse.backend {self.backend!r} is unknown; choose one of {list(BACKEND_CHOICES)}")
+        if not set(self.probe_layers) <= set(self.dense_layers) or not self.probe_layers:
+            raise UserError("sparse.probe_layers must be a non-empty subset of sparse.dense_layers "
+                            f"(got {list(self.probe_layers)} and {list(self.dense_layers)})")
+        try:
+            self.selection()
+        except ValueError as e:
+            raise UserError(f"sparse: {e}") from None
+
+    def selection(self) -> SelectionSpec:
+        return SelectionSpec(self.method, self.block_size, self.sink_blocks, self.local_blocks, self.last_queries)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    tasks: tuple[TaskSpec, ...] = ()
+    lengths: tuple[int, ...] = (512, 1024, 2048)
+    samples_per_length: int = 2
+    seed: int = 0
+    ruler: tuple[str, ...] = ()       # RULER JSONL files or folders, labeled as they are
+    chat_template: bool = True
+
+    def __post_init__(self):
+        if not self.tasks and not self.ruler:
+            raise UserError("data.tasks is empty and no data.ruler path is given; list at least one task, "
+                            "e.g. tasks: [{name: niah_single}]")
+        for spec in self.tasks:
+            build_task(spec)
+        if self.tasks and (not self.lengths or min(self.lengths) < 64):
+            raise UserError(f"data.lengths must be token counts >= 64, got {list(self.lengths)}")
+        if self.samples_per_length < 1:
+            raise UserError("data.samples_per_length must be >= 1")
+
+
+@dataclass(frozen=True)
+class CriterionConfig:
+    """safe(request, s): score not below dense (if required) and answer NLL rise <= tau."""
+    tau: float = 0.1
+    nll_reference: str = "gold"     # gold: the task's reference answer; dense: the dense model's answer
+    require_score: bool = True
+
+    def __post_init__(self):
+        if self.nll_reference not in ("gold", "dense"):
+            raise UserError(f"criterion.nll_reference must be 'gold' or 'dense', got {self.nll_reference!r}")
+        if not self.tau >= 0:
+            raise UserError(f"criterion.tau must be >= 0, got {self.tau}")
+
+
+@dataclass(frozen=True)
+class LabelingConfig:
+    grid: tuple[float, ...] = DEFAULT_GRID
+    out: str = "runs/labels"
+    shard_size: int = 8
+    progress: bool = True
+
+    def __post_init__(self):
+        bad = [g for g in self.grid if not (0.0 <= g < 1.0) or math.isnan(g)]
+        if not self.grid or bad:
+            raise UserError(f"labeling.grid levels must lie in [0, 1); bad: {bad or 'empty grid'}")
+        if list(self.grid) != sorted(set(self.grid)):
+            raise UserError(f"labeling.grid must be strictly increasing, got {list(self.grid)}")
+        if self.shard_size < 1:
+            raise UserError("labeling.shard_size must be >= 1")
+
+    @property
+    def levels(self) -> tuple[float, ...]:
+        """The grid with the dense level 0 first (every sample's reference row)."""
+        return self.grid if self.grid[0] == 0.0 else (0.0, *self.grid)
+
+
+@dataclass(frozen=True)
+class LabelJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(tasks=(TaskSpec("niah_single"),)))
+    criterion: CriterionConfig = field(default_factory=CriterionConfig)
+    labeling: LabelingConfig = field(default_factory=LabelingConfig)
+
+
+# ---------------------------------------------------------------- YAML -> dataclass
+
+
+def _convert(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if tp is TaskSpec and isinstance(value, str):
+            return TaskSpec(value)
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        inner = typing.get_args(tp)[0]
+        return tuple(_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        return _convert(next(a for a in typing.get_args(tp) if a is not type(None)), value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and (tp is bool or not isinstance(value, bool))):
+        raise UserError(f"{where} must be {tp.__name__}, got {value!r}")
+    if tp is dict and not isinstance(value, dict):
+        raise UserError(f"{where} must be a mapping, got {value!r}")
+    return value
+
+
+def from_dict(cls, data, where: str = ""):
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types are UserErrors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise UserError(f"unknown key(s) {unknown} in {where or 'config'}; known keys: {names}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like key.subkey=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(cls, path: str | Path | None, overrides: list[str] = ()):
+    """Read YAML `path` (or start empty), apply overrides, build and validate `cls`."""
+    data = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist; see configs/ for examples")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return from_dict(cls, apply_overrides(data, list(overrides)))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,68 @@
+"""THE feature extractor: one function used by labeling (offline) and by the inference hook.
+
+Owns FEATURE_VERSION, FEATURE_NAMES, `ProbeCollector` (the probe callback a SparsePlan calls in
+its dense probe layers; it averages each statistic over those layers) and `compute_features`
+(length, text statistics of the token ids, attention probe statistics, task one-hot with
+`unknown`). Everything is computed before any sparse layer runs, from the same forward pass.
+Bump FEATURE_VERSION whenever a definition changes: stores and checkpoints record it and loaders
+refuse a mismatch. Imports `sparse_kernels` only; never `controller`.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sparse_kernels.probes import PROBE_STATS
+
+from .tasks.base import TASK_TYPES, UNKNOWN_TASK
+
+FEATURE_VERSION = 1
+TEXT_STATS = ("compression_ratio", "unique_token_ratio", "repeated_bigram_ratio")
+TASK_FEATURES = tuple(f"task_{t}" for t in (*TASK_TYPES, UNKNOWN_TASK))
+FEATURE_NAMES = ("log_length", *TEXT_STATS, *(f"probe_{s}" for s in PROBE_STATS), *TASK_FEATURES)
+
+
+class ProbeCollector:
+    """Probe callback for a SparsePlan: keeps per-layer stats, pools them by mean over layers."""
+
+    def __init__(self):
+        self.layers: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, layer: int, stats: dict[str, torch.Tensor]) -> None:
+        self.layers[layer] = {k: v.detach().float().cpu() for k, v in stats.items()}
+
+    def pooled(self, row: int) -> dict[str, float]:
+        """{stat: mean over probe layers} for one batch row."""
+        if not self.layers:
+            raise RuntimeError("no probe layer ran: probe_layers must be non-empty dense layers")
+        return {s: float(np.mean([st[s][row].item() for st in self.layers.values()])) for s in PROBE_STATS}
+
+
+def text_statistics(token_ids: Sequence[int]) -> dict[str, float]:
+    ids = np.asarray(token_ids, dtype=np.int32)
+    raw = ids.tobytes()
+    n = max(len(ids), 1)
+    bigrams = set(zip(ids[:-1].tolist(), ids[1:].tolist()))
+    return {
+        "compression_ratio": len(zlib.compress(raw, 6)) / max(len(raw), 1),
+        "unique_token_ratio": len(set(ids.tolist())) / n,
+        "repeated_bigram_ratio": 1.0 - len(bigrams) / max(len(ids) - 1, 1),
+    }
+
+
+def compute_features(token_ids: Sequence[int], probe: dict[str, float], task: str | None) -> dict[str, float]:
+    """All features of one request, keyed by FEATURE_NAMES (same order)."""
+    task = task if task in TASK_TYPES else UNKNOWN_TASK
+    feats = {"log_length": math.log(max(len(token_ids), 1))}
+    feats.update(text_statistics(token_ids))
+    feats.update({f"probe_{s}": float(probe[s]) for s in PROBE_STATS})
+    feats.update({name: float(name == f"task_{task}") for name in TASK_FEATURES})
+    return {name: feats[name] for name in FEATURE_NAMES}
+
+
+def feature_vector(features: dict[str, float]) -> np.ndarray:
+    return np.array([features[name] for name in FEATURE_NAMES], dtype=np.float32)

@@ -1,0 +1,204 @@
+"""Labeling: run the frozen model at every grid level on every sample and store raw measurements.
+
+Owns `build_samples` (generators and RULER files from a DataConfig), `Labeler` (one sample ->
+one batch whose rows are the grid levels: sparse prefill with per-row levels, then dense
+teacher forcing of the reference answer, dense greedy decoding, and dense teacher forcing of the
+dense model's answer) and `run_labeling` (resumable, shard by shard, with a progress bar).
+Features come from the probe layers of the same prefill through `features.compute_features`.
+Imports `sparse_kernels` and lower `data` modules; never `controller`.
+"""
+from __future__ import annotations
+
+import datetime
+import inspect
+import platform
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sparse_kernels import SparsePlan, enable_sparse_attention, resolve_backend, use_plan
+
+from .config import DataConfig, LabelJobConfig
+from .features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features
+from .models import LoadedModel, load_model
+from .store import LabelStore
+from .tasks import Sample, build_task, generate_sample, prompt_ids, read_ruler, score
+
+
+def build_samples(cfg: DataConfig, tokenizer) -> list[Sample]:
+    """Every sample of the config, in a deterministic order (tasks x lengths x index, then RULER)."""
+    samples = [generate_sample(spec.name, build_task(spec), tokenizer, length, i, cfg.seed, cfg.chat_template)
+               for spec in cfg.tasks for length in cfg.lengths for i in range(cfg.samples_per_length)]
+    for path in cfg.ruler:
+        samples += read_ruler(path)
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError("duplicate sample ids: list each task once per config")
+    return samples
+
+
+def gold_answer(sample: Sample) -> str:
+    """The reference answer as the model should continue after the answer prefix."""
+    text = sample.outputs[0] if sample.metric == "part" else ", ".join(sample.outputs)
+    return " " + text
+
+
+def stop_token_ids(lm: LoadedModel) -> set[int]:
+    ids = {lm.tokenizer.eos_token_id}
+    gen = getattr(lm.model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return {i for i in ids if i is not None}
+
+
+def cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def crop_cache(cache, length: int) -> None:
+    """Drop every cached token after the first `length` (negative `crop` works across versions)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+class Labeler:
+    def __init__(self, lm: LoadedModel, job: LabelJobConfig):
+        self.lm, self.job = lm, job
+        self.levels = torch.tensor(job.labeling.levels, dtype=torch.float64)
+        self.stop_ids = stop_token_ids(lm)
+        # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
+        self.cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+        enable_sparse_attention(lm.model)
+
+    def plan(self, collector: ProbeCollector) -> SparsePlan:
+        sp = self.job.sparse
+        return SparsePlan(levels=self.levels, selection=sp.selection(), dense_layers=frozenset(sp.dense_layers),
+                          backend=sp.backend, probe_layers=frozenset(sp.probe_layers), on_probe=collector,
+                          probe_window=sp.probe_window)
+
+    def _forward(self, ids: torch.Tensor, cache, **kw):
+        return self.lm.model(input_ids=ids, use_cache=True, **{self.cache_arg: cache}, **kw)
+
+    def answer_nll(self, cache, first_logits, answer: list[int], prompt_len: int) -> torch.Tensor:
+        """[G] mean NLL per token of `answer` after the prompt (dense decode over the cache)."""
+        if not answer:
+            return torch.full((first_logits.shape[0],), float("nan"))
+        a = torch.tensor(answer, device=first_logits.device).expand(first_logits.shape[0], -1)
+        logp = [first_logits.float().log_softmax(-1).gather(-1, a[:, :1])]
+        if len(answer) > 1:
+            logits = self._forward(a[:, :-1], cache).logits.float()
+            logp.append(logits.log_softmax(-1).gather(-1, a[:, 1:, None])[..., 0])
+        crop_cache(cache, prompt_len)
+        return -torch.cat(logp, dim=1).mean(1).cpu()
+
+    def greedy(self, cache, first_logits, max_new: int, prompt_len: int) -> list[list[int]]:
+        """Dense greedy decoding of every row until a stop token or `max_new` tokens."""
+        rows = first_logits.shape[0]
+        out: list[list[int]] = [[] for _ in range(rows)]
+        done = [False] * rows
+        tokens = first_logits.argmax(-1)
+        for step in range(max_new):
+            for r, t in enumerate(tokens.tolist()):
+                if not done[r]:
+                    done[r] = t in self.stop_ids
+                    if not done[r]:
+                        out[r].append(t)
+            if all(done) or step == max_new - 1:
+                break
+            tokens = self._forward(tokens[:, None], cache).logits[:, -1].argmax(-1)
+        crop_cache(cache, prompt_len)
+        return out
+
+    @torch.no_grad()
+    def label_sample(self, sample: Sample) -> list[dict]:
+        tok, dev = self.lm.tokenizer, self.lm.device
+        ids = prompt_ids(tok, sample, self.job.data.chat_template)
+        rows = len(self.levels)
+        collector = ProbeCollector()
+        plan = self.plan(collector)
+        with use_plan(plan):
+            out = self._forward(torch.tensor([ids], device=dev).expand(rows, -1), None, logits_to_keep=1)
+        cache, first = cache_of(out), out.logits[:, -1]
+        gold_ids = tok(gold_answer(sample), add_special_tokens=False)["input_ids"]
+        nll_gold = self.answer_nll(cache, first, gold_ids, len(ids))
+        answers = self.greedy(cache, first, sample.max_new_tokens, len(ids))
+        nll_dense = self.answer_nll(cache, first, answers[0], len(ids))
+        features = compute_features(ids, collector.pooled(0), sample.task)
+        return self._records(sample, ids, plan, answers, nll_gold, nll_dense, features)
+
+    def _records(self, sample, ids, plan, answers, nll_gold, nll_dense, features) -> list[dict]:
+        c = plan.counts
+        achieved = c.achieved_sparsity()
+        records = []
+        for r, level in enumerate(self.levels.tolist()):
+            text = self.lm.tokenizer.decode(answers[r], skip_special_tokens=True)
+            records.append({
+                "sample_id": sample.sample_id, "task": sample.task, "group": sample.group,
+                "source": sample.source, "target_length": sample.target_length, "n_tokens": len(ids),
+                "level": level, "achieved_sparsity": float(achieved[r]),
+                "kept_blocks_sparse": float(c.kept_sparse[r]) if c.kept_sparse is not None else 0.0,
+                "causal_blocks_sparse": c.causal_sparse,
+                "kept_blocks_all": float(c.kept_all[r]), "causal_blocks_all": c.causal_all,
+                "score": score(sample.metric, text, sample.outputs), "metric": sample.metric,
+                "nll_gold": float(nll_gold[r]), "nll_dense_answer": float(nll_dense[r]),
+                "answer": text, "answer_tokens": len(answers[r]), "outputs": list(sample.outputs),
+                **{f"f_{k}": v for k, v in features.items()},
+            })
+        return records
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def store_meta(job: LabelJobConfig, lm: LoadedModel) -> dict:
+    import transformers
+    data = asdict(job.data)
+    data.pop("samples_per_length")  # more samples extend a store; they do not change its identity
+    return {
+        "identity": {"model": lm.fingerprint, "dtype": str(next(lm.model.parameters()).dtype),
+                     "sparse": asdict(job.sparse), "levels": list(job.labeling.levels), "data": data,
+                     "feature_version": FEATURE_VERSION, "feature_names": list(FEATURE_NAMES)},
+        "model_name": lm.name, "criterion": asdict(job.criterion),
+        "backend": resolve_backend(job.sparse.backend, lm.device), "device": str(lm.device),
+        "device_name": torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else platform.processor(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "git_sha": _git_sha(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+
+
+def run_labeling(job: LabelJobConfig, lm: LoadedModel | None = None) -> LabelStore:
+    """Label every sample of `job` not yet in its store; resumable shard by shard."""
+    lm = lm or load_model(job.model.name, job.model.dtype, job.model.device)
+    samples = build_samples(job.data, lm.tokenizer)
+    store = LabelStore.open_for_writing(job.labeling.out, store_meta(job, lm))
+    done = store.done_ids()
+    todo = [s for s in samples if s.sample_id not in done]
+    labeler = Labeler(lm, job)
+    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), unit="sample",
+               disable=not job.labeling.progress, desc="labeling")
+    start, n_levels, tokens, finished = time.perf_counter(), len(job.labeling.levels), 0, 0
+    for k in range(0, len(todo), job.labeling.shard_size):
+        chunk = todo[k:k + job.labeling.shard_size]
+        records = []
+        for sample in chunk:
+            records += labeler.label_sample(sample)
+            tokens += records[-1]["n_tokens"] * n_levels
+            bar.update(1)
+            finished += 1
+            rate = finished * n_levels / (time.perf_counter() - start)
+            bar.set_postfix({"sample-levels/s": f"{rate:.2f}", "tok/s": f"{tokens / (time.perf_counter() - start):.0f}"})
+        store.write_shard(records)
+    bar.close()
+    return store

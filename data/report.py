@@ -1,0 +1,30 @@
+"""Text summaries of a label store (safe fraction per level and length, labels per task).
+Imports nothing from `controller`."""
+from __future__ import annotations
+
+from .store import LabelStore, apply_criterion, safe_fraction_table, sample_labels
+
+
+def summary_markdown(store: LabelStore, criterion=None) -> str:
+    meta = store.meta()
+    df = apply_criterion(store.table(), criterion if criterion is not None else meta["criterion"])
+    labels = sample_labels(df)
+    fp = meta["identity"]["model"]
+    lines = [f"model {meta['model_name']} ({fp['id']}), method {meta['identity']['sparse']['method']}, "
+             f"block {meta['identity']['sparse']['block_size']}, backend {meta['backend']} on {meta['device']}, "
+             f"{df['sample_id'].nunique()} samples, tasks: {', '.join(sorted(df['task'].unique()))}",
+             "", "Safe fraction per nominal level (rows) and target length (columns); "
+             "achieved sparsity is the mean measured from the block index:", ""]
+    table = safe_fraction_table(df)
+    table["achieved"] = df.groupby("level")["achieved_sparsity"].mean()
+    lines.append(table.round(3).to_markdown())
+    lines += ["", "Mean label (largest safe level) per task and target length:", ""]
+    lines.append(labels.pivot_table(index="task", columns="target_length", values="label", aggfunc="mean")
+                 .round(3).to_markdown())
+    dense = df[df["level"] == 0.0].groupby("task")["score"].mean().round(3)
+    lines += ["", "Dense task score per task: " + ", ".join(f"{k} {v}" for k, v in dense.items())]
+    return "\n".join(lines)
+
+
+def print_summary(store: LabelStore, criterion=None) -> None:
+    print(summary_markdown(store, criterion))

@@ -1,0 +1,152 @@
+"""The label store: raw per-(sample, level) measurements in parquet shards + a metadata record.
+
+Layout of a store directory:
+  meta.json                 identity (model fingerprint, sparse settings, levels, data config,
+                            feature version), default criterion, versions, git sha, timestamps
+  shards/part-00000.parquet one file per batch of finished samples; a sample's rows are all in
+                            one shard, each shard is written to a temporary name and renamed
+Owns `LabelStore` (create / resume with identity check / write shards / read), `apply_criterion`
+(raw columns -> `safe`), `sample_labels` (monotone closure -> largest safe level per sample) and
+`safe_fraction_table`. Imports nothing from `controller`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import UserError
+
+STORE_VERSION = 1
+META_FILE = "meta.json"
+SHARD_DIR = "shards"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+class LabelStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / META_FILE
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.root / SHARD_DIR
+
+    def meta(self) -> dict:
+        if not self.meta_path.is_file():
+            raise UserError(f"{self.root} is not a label store (no {META_FILE}); run labeling first")
+        return json.loads(self.meta_path.read_text())
+
+    @classmethod
+    def open_for_writing(cls, root: str | Path, meta: dict) -> "LabelStore":
+        """Create a store, or resume one whose identity equals meta['identity'] (else UserError)."""
+        store = cls(root)
+        if store.meta_path.is_file():
+            old = store.meta()
+            identity = json.loads(json.dumps(meta["identity"], default=str))  # tuples -> lists
+            changed = _diff(old.get("identity", {}), identity)
+            if changed:
+                raise UserError(f"{store.root} holds labels made with other settings ({', '.join(changed[:4])}); "
+                                "use another labeling.out or delete that folder")
+        else:
+            store.shard_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(store.meta_path, {"store_version": STORE_VERSION, **meta})
+        store.shard_dir.mkdir(parents=True, exist_ok=True)
+        for stale in store.shard_dir.glob("*.tmp"):
+            stale.unlink()
+        return store
+
+    def shards(self) -> list[Path]:
+        return sorted(self.shard_dir.glob("part-*.parquet"))
+
+    def done_ids(self) -> set[str]:
+        done: set[str] = set()
+        for f in self.shards():
+            done.update(pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist())
+        return done
+
+    def write_shard(self, records: list[dict]) -> Path:
+        """Write one shard atomically; returns its path."""
+        shards = self.shards()
+        index = int(shards[-1].stem.split("-")[1]) + 1 if shards else 0
+        path = self.shard_dir / f"part-{index:05d}.parquet"
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(pa.Table.from_pylist(records), tmp, compression="zstd")
+        os.replace(tmp, path)
+        return path
+
+    def table(self) -> pd.DataFrame:
+        shards = self.shards()
+        if not shards:
+            raise UserError(f"{self.root} has no labeled samples yet")
+        df = pd.concat([pq.read_table(f).to_pandas() for f in shards], ignore_index=True)
+        return df.sort_values(["sample_id", "level"], kind="stable").reset_index(drop=True)
+
+
+def load_labels(root: str | Path, criterion=None) -> tuple[pd.DataFrame, dict]:
+    """All rows of a store with `safe` derived by `criterion` (default: the store's own)."""
+    store = LabelStore(root)
+    meta = store.meta()
+    crit = criterion if criterion is not None else meta["criterion"]
+    return apply_criterion(store.table(), crit), meta
+
+
+def apply_criterion(df: pd.DataFrame, criterion) -> pd.DataFrame:
+    """Add `dense_score`, `dense_nll`, `nll_rise` and `safe` from the raw columns."""
+    crit = criterion if isinstance(criterion, dict) else asdict(criterion)
+    nll_col = "nll_gold" if crit["nll_reference"] == "gold" else "nll_dense_answer"
+    dense = df[df["level"] == 0.0].set_index("sample_id")
+    out = df.copy()
+    out["dense_score"] = out["sample_id"].map(dense["score"])
+    out["dense_nll"] = out["sample_id"].map(dense[nll_col])
+    out["nll_rise"] = out[nll_col] - out["dense_nll"]
+    nll_ok = (out["nll_rise"] <= crit["tau"]) | out["nll_rise"].isna()
+    score_ok = (out["score"] >= out["dense_score"] - 1e-9) if crit["require_score"] else True
+    out["safe"] = nll_ok & score_ok
+    return out
+
+
+def sample_labels(df: pd.DataFrame) -> pd.DataFrame:
+    """Per sample: `label` = largest level such that every level <= it is safe."""
+    rows = []
+    for sid, g in df.sort_values("level").groupby("sample_id", sort=True):
+        unsafe = g.loc[~g["safe"], "level"]
+        first_unsafe = unsafe.min() if len(unsafe) else np.inf
+        label = g.loc[g["level"] < first_unsafe, "level"].max()
+        first = g.iloc[0]
+        rows.append({"sample_id": sid, "task": first["task"], "target_length": first["target_length"],
+                     "n_tokens": first["n_tokens"], "label": float(label)})
+    return pd.DataFrame(rows)
+
+
+def safe_fraction_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Safe fraction per level (rows) and length bucket (columns), plus the sample count."""
+    table = df.pivot_table(index="level", columns="target_length", values="safe", aggfunc="mean")
+    table.columns = [f"len {c}" for c in table.columns]
+    return table

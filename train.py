@@ -1,0 +1,43 @@
+"""Run the pipeline from a YAML config: label the model's requests at every sparsity level.
+
+Today this runs the labeling stage (the controller stages come with the controller issue):
+it writes (or resumes) a label store under `labeling.out` and prints its safe-fraction table.
+
+Examples:
+  python train.py --config configs/demo_smollm2.yaml
+  python train.py --config configs/label_smollm2_cpu.yaml labeling.out=runs/labels/x data.seed=3
+Errors in the input print one line on stderr and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data.config import LabelJobConfig, load_config
+from data.errors import UserError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="YAML file in configs/")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. labeling.out=runs/x data.seed=1")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        job = load_config(LabelJobConfig, args.config, args.overrides)
+        from data.labeling import run_labeling
+        from data.report import print_summary
+        store = run_labeling(job)
+        print_summary(store, job.criterion)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(store.root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
