@@ -81,11 +81,13 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def fingerprint(model, weights_sha256: str, source: str) -> dict:
-    """What identifies a model for label stores and checkpoints (JSON-serialisable)."""
+def fingerprint(model, weights_sha256: str) -> dict:
+    """What identifies a model's weights for label stores and checkpoints (JSON-serialisable).
+
+    Independent of how the model was named (alias, path, directory), so the same file gives the
+    same fingerprint everywhere."""
     cfg = model.config
     fp = {
-        "source": source,
         "model_type": cfg.model_type,
         "architecture": type(model).__name__,
         "num_layers": cfg.num_hidden_layers,
@@ -108,16 +110,16 @@ def _from_pretrained(directory: str, gguf_file: str | None, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _load_gguf(path: Path, dtype, source: str):
+def _load_gguf(path: Path, dtype):
     model, tok = _from_pretrained(str(path.parent), path.name, dtype)
-    return model, tok, fingerprint(model, file_sha256(path), source)
+    return model, tok, fingerprint(model, file_sha256(path))
 
 
-def _load_directory(path: Path, dtype, source: str):
+def _load_directory(path: Path, dtype):
     model, tok = _from_pretrained(str(path), None, dtype)
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     digest = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
-    return model, tok, fingerprint(model, digest, source)
+    return model, tok, fingerprint(model, digest)
 
 
 def _load_hub(name: str, dtype):
@@ -125,7 +127,7 @@ def _load_hub(name: str, dtype):
         model, tok = _from_pretrained(name, None, dtype)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {name!r} ({type(e).__name__}); accepted: {ACCEPTED}") from None
-    return model, tok, fingerprint(model, state_dict_sha256(model), name)
+    return model, tok, fingerprint(model, state_dict_sha256(model))
 
 
 def load_model(name: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
@@ -133,17 +135,17 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto") -> LoadedMo
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if name in EMBEDDED_ALIASES:
-        model, tok, fp = _load_gguf(embedded_gguf(name), dt, name)
+        model, tok, fp = _load_gguf(embedded_gguf(name), dt)
     elif name == TINY_NAME:
         from .tiny import tiny_random_llama
         model, tok = tiny_random_llama(dtype=dt)
-        fp = fingerprint(model, state_dict_sha256(model), TINY_NAME)
+        fp = fingerprint(model, state_dict_sha256(model))
     elif name.endswith(".gguf"):
         if not Path(name).is_file():
             raise UserError(f"GGUF file {name!r} does not exist; accepted: {ACCEPTED}")
-        model, tok, fp = _load_gguf(Path(name), dt, Path(name).name)
+        model, tok, fp = _load_gguf(Path(name), dt)
     elif Path(name).is_dir():
-        model, tok, fp = _load_directory(Path(name), dt, Path(name).name)
+        model, tok, fp = _load_directory(Path(name), dt)
     elif "/" in name and not Path(name).exists():
         model, tok, fp = _load_hub(name, dt)
     else:

@@ -26,7 +26,7 @@ def kv_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # static for the first shape, dynamic after a change
 
 
 def _flex_fn(device: torch.device):
@@ -64,5 +64,7 @@ def flex_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
         full_args = {"full_kv_num_blocks": fc, "full_kv_indices": fi}
     bm = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=block_size, mask_mod=mask_mod,
                                   seq_lengths=(n, n), **full_args)
-    out = _flex_fn(q.device)(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return out
+    # The compiled kernel's default tile (BLOCK_M = 128 on Hopper) must divide the sparse block.
+    options = {"BLOCK_M": min(block_size, 128), "BLOCK_N": min(block_size, 128)} if q.is_cuda else None
+    return _flex_fn(q.device)(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                              kernel_options=options)

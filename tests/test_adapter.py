@@ -1,0 +1,87 @@
+"""The transformers adapter on the tiny model: level 0 is exact, rows are independent,
+decode stays dense, probes run where configured, padding is handled."""
+import pytest
+import torch
+
+from sparse_kernels import (SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention,
+                            use_plan)
+
+
+def make_plan(levels, **kw):
+    args = dict(selection=SelectionSpec(block_size=32), dense_layers=frozenset({0}))
+    args.update(kw)
+    return SparsePlan(levels=torch.tensor(levels, dtype=torch.float64), **args)
+
+
+@pytest.fixture
+def model(tiny_lm):
+    m = tiny_lm.model
+    previous = enable_sparse_attention(m)
+    yield m
+    disable_sparse_attention(m, previous)
+
+
+def test_level_zero_reproduces_unhooked_logits_exactly(tiny_lm, gen):
+    ids = torch.randint(0, 40000, (2, 200), generator=gen)
+    with torch.no_grad():
+        dense = tiny_lm.model(ids).logits
+        previous = enable_sparse_attention(tiny_lm.model)
+        with use_plan(make_plan([0.0, 0.0])) as plan:
+            hooked = tiny_lm.model(ids).logits
+        disable_sparse_attention(tiny_lm.model, previous)
+        restored = tiny_lm.model(ids).logits
+    assert torch.equal(dense, hooked) and torch.equal(dense, restored)
+    assert torch.equal(plan.counts.achieved_sparsity(), torch.zeros(2, dtype=torch.float64))
+
+
+def test_rows_are_independent_of_other_rows_levels(model, gen):
+    ids = torch.randint(0, 40000, (1, 257), generator=gen).expand(3, -1)
+    with torch.no_grad(), use_plan(make_plan([0.0, 0.6, 0.9])) as plan:
+        mixed = model(ids).logits
+    with torch.no_grad(), use_plan(make_plan([0.6])):
+        alone = model(ids[:1]).logits
+    torch.testing.assert_close(mixed[1], alone[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[2])
+    s = plan.counts.achieved_sparsity()
+    assert s[0] == 0 and 0 < s[1] < s[2] < 0.9
+
+
+def test_dense_layers_and_probes(model, gen):
+    seen = []
+    plan = make_plan([0.8], dense_layers=frozenset({0, 2}), probe_layers=frozenset({0, 2}),
+                     on_probe=lambda layer, stats: seen.append((layer, stats)))
+    with torch.no_grad(), use_plan(plan):
+        model(torch.randint(0, 40000, (1, 150), generator=gen))
+    assert [layer for layer, _ in seen] == [0, 2]
+    assert all(torch.isfinite(v).all() for _, st in seen for v in st.values())
+    # 4 layers, 2 dense: sparse accounting covers exactly the 2 sparse layers
+    nq = 5
+    assert plan.counts.causal_sparse == 2 * 4 * nq * (nq + 1) // 2
+    assert plan.counts.causal_all == 4 * 4 * nq * (nq + 1) // 2
+
+
+def test_decode_stays_dense_and_generate_works(model, gen):
+    ids = torch.randint(0, 40000, (1, 100), generator=gen)
+    with torch.no_grad(), use_plan(make_plan([0.9])) as plan:
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert out.shape == (1, 104)
+    # only the prefill is counted: one pass over the 3 sparse layers
+    assert plan.counts.causal_sparse == 3 * 4 * 4 * 5 // 2
+
+
+def test_left_padded_batch_gives_finite_logits(model, tiny_lm, gen):
+    tok = tiny_lm.tokenizer
+    tok.padding_side = "left"
+    if tok.pad_token is None:  # some transformers versions read no pad token from the GGUF
+        tok.pad_token = tok.eos_token
+    batch = tok(["short text " * 5, "a much longer text with many words " * 20], return_tensors="pt", padding=True)
+    with torch.no_grad(), use_plan(make_plan([0.7, 0.7])):
+        logits = model(**batch).logits
+    assert torch.isfinite(logits[:, -1]).all()
+
+
+def test_plan_rejects_bad_levels_and_probe_outside_dense():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        make_plan([1.0])
+    with pytest.raises(ValueError, match="probe layers"):
+        make_plan([0.5], probe_layers=frozenset({3}))

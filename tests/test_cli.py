@@ -1,0 +1,54 @@
+"""Command line: bad input gets one line on stderr, exit code 2, and no output left behind."""
+from pathlib import Path
+
+import pytest
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *args):
+    code = train.main(["--config", str(ROOT / "configs/test_tiny.yaml"), *args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.name=no-such-model", "unknown model 'no-such-model'"),
+    ("model.name=/nowhere/x.gguf", "does not exist"),
+    ("labeling.grid=[0.0, 0.5, 1.0]", "must lie in [0, 1)"),
+    ("labeling.grid=[0.5, 0.2]", "strictly increasing"),
+    ("data.tasks=[]", "data.tasks is empty"),
+    ("data.lenghts=[512]", "unknown key(s) ['lenghts']"),
+    ("sparse.method=magic", "sparse.method 'magic' is unknown"),
+    ("criterion.nll_reference=oracle", "nll_reference"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(capsys, tmp_path, override, needle):
+    out = tmp_path / "out"
+    code, err = run(capsys, f"labeling.out={out}", override)
+    assert code == 2
+    assert err.startswith("error: ") and needle in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_malformed_ruler_line_leaves_nothing(capsys, tmp_path):
+    bad = tmp_path / "vt.jsonl"
+    bad.write_text('{"input": "x", "outputs": ["a"], "length": 5}\n{"input": \n')
+    out = tmp_path / "out"
+    code, err = run(capsys, f"labeling.out={out}", f"data.ruler=[{bad}]")
+    assert code == 2 and "vt.jsonl:2" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code = train.main(["--config", str(tmp_path / "none.yaml")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_good_run_prints_the_store_path_last(capsys, tmp_path):
+    out = tmp_path / "ok"
+    code = train.main(["--config", str(ROOT / "configs/test_tiny.yaml"), f"labeling.out={out}",
+                       "data.tasks=[{name: niah_single}]", "data.samples_per_length=1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and lines[-1] == str(out) and (out / "meta.json").is_file()

@@ -1,0 +1,98 @@
+"""Labeling on the tiny model: row layout, accounting, features, resume, store identity, criterion."""
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data.config import LabelJobConfig, load_config
+from data.errors import UserError
+from data.features import FEATURE_NAMES
+from data.labeling import Labeler, run_labeling
+from data.store import LabelStore, apply_criterion, load_labels, sample_labels
+
+
+def tiny_job(out, **data):
+    overrides = [f"labeling.out={out}"] + [f"data.{k}={v}" for k, v in data.items()]
+    return load_config(LabelJobConfig, "configs/test_tiny.yaml", overrides)
+
+
+def test_labels_every_sample_at_every_level(tiny_lm, tmp_path):
+    job = tiny_job(tmp_path / "store")
+    df = run_labeling(job, tiny_lm).table()
+    levels = list(job.labeling.levels)
+    assert len(df) == 4 * len(levels)
+    assert (df.groupby("sample_id")["level"].apply(list) == pd.Series({k: levels for k in df.sample_id.unique()})).all()
+    assert not df.duplicated(["sample_id", "level"]).any()
+    # achieved sparsity: 0 at level 0, non-decreasing in the level, never above nominal
+    for _, g in df.groupby("sample_id"):
+        s = g.sort_values("level")["achieved_sparsity"].to_numpy()
+        assert s[0] == 0 and (np.diff(s) >= 0).all() and (s <= g.sort_values("level")["level"].to_numpy() + 1e-9).all()
+    assert (df["kept_blocks_all"] <= df["causal_blocks_all"]).all()
+    feats = df[[f"f_{n}" for n in FEATURE_NAMES]].to_numpy()
+    assert np.isfinite(feats).all()
+    assert np.isfinite(df[["nll_gold", "score"]].to_numpy()).all()
+
+
+def test_resume_after_a_crash_loses_and_duplicates_nothing(tiny_lm, tmp_path, monkeypatch):
+    reference = run_labeling(tiny_job(tmp_path / "clean"), tiny_lm).table()
+    original = Labeler.label_sample
+    calls = {"n": 0}
+
+    def crash_on_third(self, sample):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, sample)
+
+    monkeypatch.setattr(Labeler, "label_sample", crash_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_labeling(tiny_job(tmp_path / "crashy"), tiny_lm)
+    store = LabelStore(tmp_path / "crashy")
+    assert len(store.shards()) == 1 and len(store.done_ids()) == 2  # shard_size 2: first shard landed
+    monkeypatch.setattr(Labeler, "label_sample", original)
+    resumed = run_labeling(tiny_job(tmp_path / "crashy"), tiny_lm).table()
+    assert len(store.shards()) == 2
+    key = ["sample_id", "level"]
+    assert not resumed.duplicated(key).any()
+    cols = ["sample_id", "level", "achieved_sparsity", "score", "nll_gold", "nll_dense_answer", "answer"]
+    pd.testing.assert_frame_equal(resumed[cols], reference[cols])
+
+
+def test_more_samples_extend_a_store_other_settings_are_refused(tiny_lm, tmp_path):
+    out = tmp_path / "store"
+    run_labeling(tiny_job(out, samples_per_length=1), tiny_lm)
+    assert len(LabelStore(out).done_ids()) == 2
+    run_labeling(tiny_job(out, samples_per_length=2), tiny_lm)
+    assert len(LabelStore(out).done_ids()) == 4
+    with pytest.raises(UserError, match="other settings.*data.seed"):
+        run_labeling(tiny_job(out, seed=5), tiny_lm)
+
+
+def _rows(sample, levels, scores, nlls):
+    return [{"sample_id": sample, "task": "vt", "target_length": 512, "n_tokens": 500, "level": lv, "score": s,
+             "nll_gold": n, "nll_dense_answer": n} for lv, s, n in zip(levels, scores, nlls)]
+
+
+def test_criterion_and_monotone_closure():
+    levels = [0.0, 0.5, 0.7, 0.9]
+    df = pd.DataFrame(_rows("a", levels, [1, 1, 1, 1], [1.0, 1.05, 1.3, 1.02])  # 0.7 unsafe by NLL
+                      + _rows("b", levels, [1, 1, 0, 1], [1.0, 1.0, 1.0, 1.0])    # 0.7 unsafe by score
+                      + _rows("c", levels, [0, 0, 0, 0], [2.0, 2.0, 2.05, 2.09]))  # all safe
+    crit = {"tau": 0.1, "nll_reference": "gold", "require_score": True}
+    labels = sample_labels(apply_criterion(df, crit)).set_index("sample_id")["label"]
+    assert labels.to_dict() == {"a": 0.5, "b": 0.5, "c": 0.9}
+    loose = dict(crit, tau=0.5)
+    assert sample_labels(apply_criterion(df, loose)).set_index("sample_id")["label"]["a"] == 0.9
+    no_score = dict(crit, require_score=False)
+    assert sample_labels(apply_criterion(df, no_score)).set_index("sample_id")["label"]["b"] == 0.9
+
+
+def test_store_meta_describes_itself(tiny_lm, tmp_path):
+    store = run_labeling(tiny_job(tmp_path / "s"), tiny_lm)
+    df, meta = load_labels(store.root)
+    ident = meta["identity"]
+    assert ident["model"] == tiny_lm.fingerprint and ident["levels"] == [0.0, 0.5, 0.9]
+    assert ident["feature_names"] == list(FEATURE_NAMES) and meta["criterion"]["tau"] == 0.1
+    assert {"torch", "transformers"} <= set(meta["versions"]) and "safe" in df
+    assert dataclasses.is_dataclass(LabelJobConfig)
