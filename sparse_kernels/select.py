@@ -182,11 +182,11 @@ def select_blocks(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float
     """q [B, Hq, N, D], k [B, Hkv, N, D], density [B] -> bool block mask [B, Hq, nq, nk]."""
     b, _, n, _ = q.shape
     nb = num_blocks(n, spec.block_size)
+    if bool((density >= 1).all()):
+        return causal_block_mask(nb, q.device).expand(b, q.shape[1], nb, nb).clone()
     sink = first_valid_block(key_valid, b, spec.block_size, q.device)
     forced = forced_block_mask(nb, spec, sink)
     counts = kept_block_counts(density.to(q.device), nb, forced.sum(-1))
-    if bool((density >= 1).all()):
-        return causal_block_mask(nb, q.device).expand(b, q.shape[1], nb, nb).clone()
     scores = METHODS[spec.method](q, k, spec, scale, key_valid)
     return topk_block_mask(scores, counts, forced)
 

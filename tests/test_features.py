@@ -1,0 +1,50 @@
+"""Features: finite, ordered, and equal whether computed in the labeling batch or for one request
+alone with no levels set (the situation of the inference hook)."""
+import numpy as np
+import pytest
+import torch
+
+from data.config import LabelJobConfig, load_config
+from data.features import FEATURE_NAMES, ProbeCollector, compute_features, feature_vector, text_statistics
+from data.labeling import Labeler, build_samples
+from data.tasks import prompt_ids
+from sparse_kernels import SparsePlan, enable_sparse_attention, use_plan
+
+
+def test_labeling_features_equal_single_request_features(tiny_lm):
+    job = load_config(LabelJobConfig, "configs/test_tiny.yaml", ["data.samples_per_length=1"])
+    labeler = Labeler(tiny_lm, job)
+    for sample in build_samples(job.data, tiny_lm.tokenizer):
+        rows = labeler.label_sample(sample)
+        offline = {n: rows[0][f"f_{n}"] for n in FEATURE_NAMES}
+        assert all(r[f"f_{n}"] == offline[n] for r in rows for n in FEATURE_NAMES)
+        # one request, no level decided yet: the probe layers alone
+        ids = prompt_ids(tiny_lm.tokenizer, sample)
+        collector = ProbeCollector()
+        sp = job.sparse
+        plan = SparsePlan(levels=None, selection=sp.selection(), dense_layers=frozenset(sp.dense_layers),
+                          probe_layers=frozenset(sp.probe_layers), on_probe=collector, probe_window=sp.probe_window)
+        enable_sparse_attention(tiny_lm.model)
+        with torch.no_grad(), use_plan(plan):
+            tiny_lm.model(torch.tensor([ids]))
+        online = compute_features(ids, collector.pooled(0), sample.task)
+        np.testing.assert_allclose(feature_vector(online), feature_vector(offline), rtol=1e-5, atol=1e-6)
+
+
+def test_feature_order_task_one_hot_and_unknown():
+    probe = {k.removeprefix("probe_"): 0.5 for k in FEATURE_NAMES if k.startswith("probe_")}
+    f = compute_features(list(range(100)) * 3, probe, "vt")
+    assert list(f) == list(FEATURE_NAMES) and np.isfinite(feature_vector(f)).all()
+    assert f["task_vt"] == 1.0 and sum(v for k, v in f.items() if k.startswith("task_")) == 1.0
+    g = compute_features([1, 2, 3], probe, "something-new")
+    assert g["task_unknown"] == 1.0
+    assert f["log_length"] == pytest.approx(np.log(300))
+
+
+def test_text_statistics_see_repetition():
+    rng = np.random.default_rng(0)
+    varied = text_statistics(rng.integers(0, 40000, 2000).tolist())
+    repeated = text_statistics([5, 6, 7, 8] * 500)
+    assert repeated["compression_ratio"] < varied["compression_ratio"]
+    assert repeated["repeated_bigram_ratio"] > varied["repeated_bigram_ratio"]
+    assert repeated["unique_token_ratio"] < varied["unique_token_ratio"]
