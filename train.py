@@ -6,6 +6,7 @@ it writes (or resumes) a label store under `labeling.out` and prints its safe-fr
 Examples:
   python train.py --config configs/demo_smollm2.yaml
   python train.py --config configs/label_smollm2_cpu.yaml labeling.out=runs/labels/x data.seed=3
+  python train.py --config configs/label_smollm2_gpu.yaml labeling.devices=2   # DDP on 2 GPUs
 Errors in the input print one line on stderr and exit with code 2.
 """
 from __future__ import annotations
@@ -28,9 +29,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         job = load_config(LabelJobConfig, args.config, args.overrides)
-        from data.labeling import run_labeling
+        from data.runner import run_labeling
         from data.report import print_summary
         store = run_labeling(job)
+        if store is None:  # a non-zero rank of a distributed run: rank 0 reports
+            return 0
         print_summary(store, job.criterion)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

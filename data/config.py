@@ -28,7 +28,11 @@ DEFAULT_GRID = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
 class ModelConfig:
     name: str = "smollm2-135m"
     dtype: str = "auto"    # auto = bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"
+    device: str = "auto"   # auto, cpu or cuda
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"model.device must be auto, cpu or cuda, got {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class LabelingConfig:
     out: str = "runs/labels"
     shard_size: int = 8
     progress: bool = True
+    devices: int = 1          # Lightning devices (ranks); the accelerator follows model.device
+    strategy: str = "auto"    # Lightning strategy: auto (ddp for several devices), ddp, ddp_spawn
 
     def __post_init__(self):
         bad = [g for g in self.grid if not (0.0 <= g < 1.0) or math.isnan(g)]
@@ -108,8 +114,8 @@ class LabelingConfig:
             raise UserError(f"labeling.grid levels must lie in [0, 1); bad: {bad or 'empty grid'}")
         if list(self.grid) != sorted(set(self.grid)):
             raise UserError(f"labeling.grid must be strictly increasing, got {list(self.grid)}")
-        if self.shard_size < 1:
-            raise UserError("labeling.shard_size must be >= 1")
+        if self.shard_size < 1 or self.devices < 1:
+            raise UserError("labeling.shard_size and labeling.devices must be >= 1")
 
     @property
     def levels(self) -> tuple[float, ...]:

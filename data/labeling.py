@@ -13,19 +13,16 @@ import datetime
 import inspect
 import platform
 import subprocess
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from sparse_kernels import SparsePlan, enable_sparse_attention, resolve_backend, use_plan
 
 from .config import DataConfig, LabelJobConfig
 from .features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features
-from .models import LoadedModel, load_model
-from .store import LabelStore
+from .models import LoadedModel
 from .tasks import Sample, build_task, generate_sample, prompt_ids, read_ruler, score
 
 
@@ -161,7 +158,8 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def store_meta(job: LabelJobConfig, lm: LoadedModel) -> dict:
+def store_meta(job: LabelJobConfig, lm: LoadedModel, device: torch.device) -> dict:
+    """The store's self-description; `device` is where labeling will run (not where the model was loaded)."""
     import transformers
     data = asdict(job.data)
     data.pop("samples_per_length")  # more samples extend a store; they do not change its identity
@@ -170,35 +168,9 @@ def store_meta(job: LabelJobConfig, lm: LoadedModel) -> dict:
                      "sparse": asdict(job.sparse), "levels": list(job.labeling.levels), "data": data,
                      "feature_version": FEATURE_VERSION, "feature_names": list(FEATURE_NAMES)},
         "model_name": lm.name, "criterion": asdict(job.criterion),
-        "backend": resolve_backend(job.sparse.backend, lm.device), "device": str(lm.device),
-        "device_name": torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else platform.processor(),
+        "backend": resolve_backend(job.sparse.backend, device), "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "git_sha": _git_sha(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
-
-
-def run_labeling(job: LabelJobConfig, lm: LoadedModel | None = None) -> LabelStore:
-    """Label every sample of `job` not yet in its store; resumable shard by shard."""
-    lm = lm or load_model(job.model.name, job.model.dtype, job.model.device)
-    samples = build_samples(job.data, lm.tokenizer)
-    store = LabelStore.open_for_writing(job.labeling.out, store_meta(job, lm))
-    done = store.done_ids()
-    todo = [s for s in samples if s.sample_id not in done]
-    labeler = Labeler(lm, job)
-    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), unit="sample",
-               disable=not job.labeling.progress, desc="labeling")
-    start, n_levels, tokens, finished = time.perf_counter(), len(job.labeling.levels), 0, 0
-    for k in range(0, len(todo), job.labeling.shard_size):
-        chunk = todo[k:k + job.labeling.shard_size]
-        records = []
-        for sample in chunk:
-            records += labeler.label_sample(sample)
-            tokens += records[-1]["n_tokens"] * n_levels
-            bar.update(1)
-            finished += 1
-            rate = finished * n_levels / (time.perf_counter() - start)
-            bar.set_postfix({"sample-levels/s": f"{rate:.2f}", "tok/s": f"{tokens / (time.perf_counter() - start):.0f}"})
-        store.write_shard(records)
-    bar.close()
-    return store

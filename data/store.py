@@ -3,8 +3,9 @@
 Layout of a store directory:
   meta.json                 identity (model fingerprint, sparse settings, levels, data config,
                             feature version), default criterion, versions, git sha, timestamps
-  shards/part-00000.parquet one file per batch of finished samples; a sample's rows are all in
-                            one shard, each shard is written to a temporary name and renamed
+  shards/part-rRRR-NNNNN.parquet  one file per batch of finished samples of rank RRR; a
+                            sample's rows are all in one shard; written to a temporary name, renamed
+  runs.jsonl                one line per labeling run (devices, card, samples, seconds, rates)
 Owns `LabelStore` (create / resume with identity check / write shards / read), `apply_criterion`
 (raw columns -> `safe`), `sample_labels` (monotone closure -> largest safe level per sample) and
 `safe_fraction_table`. Imports nothing from `controller`.
@@ -26,6 +27,7 @@ from .errors import UserError
 STORE_VERSION = 1
 META_FILE = "meta.json"
 SHARD_DIR = "shards"
+RUNS_FILE = "runs.jsonl"
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -64,8 +66,10 @@ class LabelStore:
         return json.loads(self.meta_path.read_text())
 
     @classmethod
-    def open_for_writing(cls, root: str | Path, meta: dict) -> "LabelStore":
-        """Create a store, or resume one whose identity equals meta['identity'] (else UserError)."""
+    def open_for_writing(cls, root: str | Path, meta: dict, rank: int = 0) -> "LabelStore":
+        """Create a store, or resume one whose identity equals meta['identity'] (else UserError).
+
+        Every rank of a distributed run may call this; only rank 0 writes the metadata."""
         store = cls(root)
         if store.meta_path.is_file():
             old = store.meta()
@@ -74,11 +78,11 @@ class LabelStore:
             if changed:
                 raise UserError(f"{store.root} holds labels made with other settings ({', '.join(changed[:4])}); "
                                 "use another labeling.out or delete that folder")
-        else:
+        elif rank == 0:
             store.shard_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(store.meta_path, {"store_version": STORE_VERSION, **meta})
         store.shard_dir.mkdir(parents=True, exist_ok=True)
-        for stale in store.shard_dir.glob("*.tmp"):
+        for stale in store.shard_dir.glob(f"part-r{rank:03d}-*.tmp"):
             stale.unlink()
         return store
 
@@ -91,21 +95,34 @@ class LabelStore:
             done.update(pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist())
         return done
 
-    def write_shard(self, records: list[dict]) -> Path:
-        """Write one shard atomically; returns its path."""
-        shards = self.shards()
-        index = int(shards[-1].stem.split("-")[1]) + 1 if shards else 0
-        path = self.shard_dir / f"part-{index:05d}.parquet"
+    def write_shard(self, records: list[dict], rank: int = 0) -> Path:
+        """Write one shard of `rank` atomically (a temporary name, then rename); returns its path."""
+        own = sorted(self.shard_dir.glob(f"part-r{rank:03d}-*.parquet"))
+        index = int(own[-1].stem.rsplit("-", 1)[1]) + 1 if own else 0
+        path = self.shard_dir / f"part-r{rank:03d}-{index:05d}.parquet"
         tmp = path.with_name(path.name + ".tmp")
         pq.write_table(pa.Table.from_pylist(records), tmp, compression="zstd")
         os.replace(tmp, path)
         return path
+
+    def append_run(self, record: dict) -> None:
+        """Append one line to runs.jsonl (how a labeling run went: devices, rates, card)."""
+        with open(self.root / RUNS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+
+    def runs(self) -> list[dict]:
+        path = self.root / RUNS_FILE
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
     def table(self) -> pd.DataFrame:
         shards = self.shards()
         if not shards:
             raise UserError(f"{self.root} has no labeled samples yet")
         df = pd.concat([pq.read_table(f).to_pandas() for f in shards], ignore_index=True)
+        dup = df.duplicated(["sample_id", "level"])
+        if dup.any():
+            raise UserError(f"{self.root}: {int(dup.sum())} duplicated (sample, level) rows, e.g. "
+                            f"{df.loc[dup, 'sample_id'].iloc[0]}; the store was written by overlapping runs")
         return df.sort_values(["sample_id", "level"], kind="stable").reset_index(drop=True)
 
 

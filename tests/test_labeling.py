@@ -8,7 +8,8 @@ import pytest
 from data.config import LabelJobConfig, load_config
 from data.errors import UserError
 from data.features import FEATURE_NAMES
-from data.labeling import Labeler, run_labeling
+from data.labeling import Labeler
+from data.runner import run_labeling
 from data.store import LabelStore, apply_criterion, load_labels, sample_labels
 
 
@@ -96,3 +97,19 @@ def test_store_meta_describes_itself(tiny_lm, tmp_path):
     assert ident["feature_names"] == list(FEATURE_NAMES) and meta["criterion"]["tau"] == 0.1
     assert {"torch", "transformers"} <= set(meta["versions"]) and "safe" in df
     assert dataclasses.is_dataclass(LabelJobConfig)
+
+
+def test_two_gloo_ranks_write_exactly_the_rows_of_one_process(tiny_lm, tmp_path):
+    """DDP on CPU (gloo): disjoint per-rank shares, per-rank shards, merged without loss or duplicates."""
+    one = run_labeling(tiny_job(tmp_path / "one"), tiny_lm).table()
+    job = load_config(LabelJobConfig, "configs/test_tiny.yaml",
+                      [f"labeling.out={tmp_path / 'two'}", "labeling.devices=2", "labeling.strategy=ddp_spawn"])
+    run_labeling(job, tiny_lm)
+    store = LabelStore(tmp_path / "two")
+    names = sorted(p.name for p in store.shards())
+    assert any(n.startswith("part-r000-") for n in names) and any(n.startswith("part-r001-") for n in names)
+    two = store.table()
+    cols = ["sample_id", "level", "achieved_sparsity", "score", "nll_gold", "answer"]
+    pd.testing.assert_frame_equal(two[cols], one[cols], check_exact=False, rtol=1e-5)
+    run = store.runs()[-1]
+    assert run["world_size"] == 2 and run["sample_levels"] == len(two)

@@ -1,0 +1,141 @@
+"""Running labeling through Lightning: `Trainer.predict` on one CPU, one GPU or several (DDP).
+
+Owns `run_labeling` and its Lightning parts: `SampleShards` (the samples not yet in the store,
+split into disjoint, deterministic per-rank shares `todo[rank::world]` after every rank has read the
+store), `LabelingModule` (predict_step = `Labeler.label_sample`), and `ShardWriter` (each rank
+writes its own parquet shards every `shard_size` samples, and rank 0 appends the run's throughput
+to runs.jsonl). Imports `sparse_kernels` and lower `data` modules; never `controller`.
+"""
+from __future__ import annotations
+
+import platform
+import time
+import warnings
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from .config import LabelJobConfig
+from .labeling import Labeler, build_samples, store_meta
+from .models import LoadedModel, load_model, resolve_dtype
+from .store import LabelStore
+from .tasks import Sample
+
+ACCELERATORS = {"auto": "auto", "cpu": "cpu", "cuda": "gpu", "gpu": "gpu"}
+
+
+def _first(batch: list[Sample]) -> Sample:
+    return batch[0]
+
+
+class SampleShards(L.LightningDataModule):
+    """Every rank computes the same sample list and done set, then takes `todo[rank::world]`."""
+
+    def __init__(self, samples: list[Sample], store: LabelStore):
+        super().__init__()
+        self.samples, self.store = samples, store
+        self.todo: list[Sample] = []
+
+    def setup(self, stage: str) -> None:
+        done = self.store.done_ids()
+        self.todo = [s for s in self.samples if s.sample_id not in done]
+        self.trainer.strategy.barrier("labeling-read-store")  # nobody writes before all have read
+
+    def predict_dataloader(self) -> DataLoader:
+        share = self.todo[self.trainer.global_rank::self.trainer.world_size]
+        return DataLoader(share, batch_size=1, collate_fn=_first, num_workers=0)
+
+
+class LabelingModule(L.LightningModule):
+    def __init__(self, lm: LoadedModel, job: LabelJobConfig):
+        super().__init__()
+        self.model = lm.model
+        self.lm, self.job = lm, job
+        self.labeler: Labeler | None = None
+
+    def on_predict_start(self) -> None:
+        self.labeler = Labeler(self.lm, self.job)  # after Lightning moved the model to its device
+
+    def transfer_batch_to_device(self, batch: Sample, device, dataloader_idx: int) -> Sample:
+        return batch  # a sample is text; the labeler moves its token ids itself
+
+    def predict_step(self, sample: Sample, batch_idx: int) -> list[dict]:
+        return self.labeler.label_sample(sample)
+
+
+class ShardWriter(BasePredictionWriter):
+    def __init__(self, store: LabelStore, shard_size: int):
+        super().__init__(write_interval="batch")
+        self.store, self.shard_size = store, shard_size
+        self.buffer: list[list[dict]] = []
+        self.sample_levels = self.tokens = 0
+        self.start = 0.0
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        trainer.strategy.barrier("labeling-start")
+        self.start = time.perf_counter()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.buffer.append(prediction)
+        self.sample_levels += len(prediction)
+        self.tokens += sum(r["n_tokens"] for r in prediction)
+        if len(self.buffer) >= self.shard_size:
+            self._flush(trainer.global_rank)
+
+    def _flush(self, rank: int) -> None:
+        if self.buffer:
+            self.store.write_shard([r for rows in self.buffer for r in rows], rank)
+            self.buffer = []
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._flush(trainer.global_rank)
+        totals = torch.tensor([self.sample_levels, self.tokens], dtype=torch.float64, device=pl_module.device)
+        totals = trainer.strategy.reduce(totals, reduce_op="sum")
+        seconds = time.perf_counter() - self.start
+        if trainer.is_global_zero and totals[0] > 0:
+            self.store.append_run(_run_record(trainer, pl_module, totals, seconds))
+
+
+def _run_record(trainer, pl_module, totals, seconds: float) -> dict:
+    dev = pl_module.device
+    return {"world_size": trainer.world_size, "accelerator": dev.type,
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+            "sample_levels": int(totals[0]), "tokens": int(totals[1]), "seconds": round(seconds, 3),
+            "sample_levels_per_s": round(float(totals[0]) / seconds, 3),
+            "tokens_per_s": round(float(totals[1]) / seconds, 1), "torch": torch.__version__,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def make_trainer(job: LabelJobConfig, callbacks) -> L.Trainer:
+    return L.Trainer(accelerator=ACCELERATORS[job.model.device], devices=job.labeling.devices,
+                     strategy=job.labeling.strategy, logger=False, enable_checkpointing=False,
+                     enable_model_summary=False, use_distributed_sampler=False, inference_mode=True,
+                     enable_progress_bar=job.labeling.progress, callbacks=callbacks)
+
+
+def target_device(job: LabelJobConfig) -> torch.device:
+    wants_gpu = job.model.device != "cpu" and torch.cuda.is_available()
+    return torch.device("cuda" if wants_gpu else "cpu")
+
+
+def _load_for(job: LabelJobConfig) -> LoadedModel:
+    """Load on the CPU in the accelerator's dtype; Lightning moves it to each rank's device."""
+    dtype = resolve_dtype(job.model.dtype, target_device(job))
+    return load_model(job.model.name, str(dtype).removeprefix("torch."), "cpu")
+
+
+def run_labeling(job: LabelJobConfig, lm: LoadedModel | None = None) -> LabelStore | None:
+    """Label every sample of `job` not yet in its store. Returns the store on global rank 0,
+    None on the other ranks of a distributed run."""
+    lm = lm or _load_for(job)
+    samples = build_samples(job.data, lm.tokenizer)
+    meta = store_meta(job, lm, target_device(job))
+    store = LabelStore.open_for_writing(job.labeling.out, meta)
+    writer = ShardWriter(store, job.labeling.shard_size)
+    trainer = make_trainer(job, [writer])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.predict(LabelingModule(lm, job), datamodule=SampleShards(samples, store), return_predictions=False)
+    return store if trainer.is_global_zero else None
