@@ -13,6 +13,7 @@ import datetime
 import inspect
 import platform
 import subprocess
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,9 +28,10 @@ from .tasks import Sample, build_task, generate_sample, prompt_ids, read_ruler, 
 
 
 def build_samples(cfg: DataConfig, tokenizer) -> list[Sample]:
-    """Every sample of the config, in a deterministic order (tasks x lengths x index, then RULER)."""
+    """Every sample of the config, in a deterministic order (index x tasks x lengths, then RULER)."""
+    # index outermost: any prefix of the list (a run cut short) covers every task and length
     samples = [generate_sample(spec.name, build_task(spec), tokenizer, length, i, cfg.seed, cfg.chat_template)
-               for spec in cfg.tasks for length in cfg.lengths for i in range(cfg.samples_per_length)]
+               for i in range(cfg.samples_per_length) for spec in cfg.tasks for length in cfg.lengths]
     for path in cfg.ruler:
         samples += read_ruler(path)
     ids = [s.sample_id for s in samples]
@@ -62,6 +64,20 @@ def crop_cache(cache, length: int) -> None:
     extra = cache.get_seq_length() - length
     if extra > 0:
         cache.crop(-extra)
+
+
+class PhaseClock:
+    """Wall seconds per phase of one sample (synchronising the GPU at each lap)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.t = device, {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
+        self.t = now
 
 
 class Labeler:
@@ -119,17 +135,21 @@ class Labeler:
         rows = len(self.levels)
         collector = ProbeCollector()
         plan = self.plan(collector)
+        clock = PhaseClock(dev)
         with use_plan(plan):
             out = self._forward(torch.tensor([ids], device=dev).expand(rows, -1), None, logits_to_keep=1)
         cache, first = cache_of(out), out.logits[:, -1]
+        clock.lap("prefill")
         gold_ids = tok(gold_answer(sample), add_special_tokens=False)["input_ids"]
         nll_gold = self.answer_nll(cache, first, gold_ids, len(ids))
         answers = self.greedy(cache, first, sample.max_new_tokens, len(ids))
+        clock.lap("decode")
         nll_dense = self.answer_nll(cache, first, answers[0], len(ids))
         features = compute_features(ids, collector.pooled(0), sample.task)
-        return self._records(sample, ids, plan, answers, nll_gold, nll_dense, features)
+        clock.lap("teacher")
+        return self._records(sample, ids, plan, answers, nll_gold, nll_dense, features, clock.seconds)
 
-    def _records(self, sample, ids, plan, answers, nll_gold, nll_dense, features) -> list[dict]:
+    def _records(self, sample, ids, plan, answers, nll_gold, nll_dense, features, seconds) -> list[dict]:
         c = plan.counts
         achieved = c.achieved_sparsity()
         records = []
@@ -146,6 +166,7 @@ class Labeler:
                 "nll_gold": float(nll_gold[r]), "nll_dense_answer": float(nll_dense[r]),
                 "answer": text, "answer_tokens": len(answers[r]), "outputs": list(sample.outputs),
                 **{f"f_{k}": v for k, v in features.items()},
+                **{f"seconds_{k}": v for k, v in seconds.items()},
             })
         return records
 

@@ -66,21 +66,31 @@ class LabelingModule(L.LightningModule):
 
 
 class ShardWriter(BasePredictionWriter):
+    """Writes each rank's shards; measures throughput with and without each rank's first sample
+    (which carries kernel compilation)."""
+
     def __init__(self, store: LabelStore, shard_size: int):
         super().__init__(write_interval="batch")
         self.store, self.shard_size = store, shard_size
         self.buffer: list[list[dict]] = []
-        self.sample_levels = self.tokens = 0
-        self.start = 0.0
+        self.counts = torch.zeros(4, dtype=torch.float64)
+        self.start = self.after_first = 0.0
 
     def on_predict_start(self, trainer, pl_module) -> None:
+        # created here, in each rank's process: a tensor made in __init__ would be shared memory
+        # across ddp_spawn workers. Sample-levels, tokens, and both again after the first sample.
+        self.counts = torch.zeros(4, dtype=torch.float64)
         trainer.strategy.barrier("labeling-start")
         self.start = time.perf_counter()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         self.buffer.append(prediction)
-        self.sample_levels += len(prediction)
-        self.tokens += sum(r["n_tokens"] for r in prediction)
+        done = torch.tensor([len(prediction), sum(r["n_tokens"] for r in prediction)], dtype=torch.float64)
+        self.counts[:2] += done
+        if batch_idx == 0:
+            self.after_first = time.perf_counter()
+        else:
+            self.counts[2:] += done
         if len(self.buffer) >= self.shard_size:
             self._flush(trainer.global_rank)
 
@@ -91,21 +101,27 @@ class ShardWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._flush(trainer.global_rank)
-        totals = torch.tensor([self.sample_levels, self.tokens], dtype=torch.float64, device=pl_module.device)
-        totals = trainer.strategy.reduce(totals, reduce_op="sum")
-        seconds = time.perf_counter() - self.start
+        end = time.perf_counter()
+        dev = pl_module.device
+        totals = trainer.strategy.reduce(self.counts.to(dev), reduce_op="sum").cpu()
+        spans = torch.tensor([end - self.start, end - (self.after_first or end)], dtype=torch.float64, device=dev)
+        spans = -trainer.strategy.reduce(-spans, reduce_op="min").cpu() if trainer.world_size > 1 else spans.cpu()
         if trainer.is_global_zero and totals[0] > 0:
-            self.store.append_run(_run_record(trainer, pl_module, totals, seconds))
+            self.store.append_run(_run_record(trainer, dev, totals.tolist(), spans.tolist()))
 
 
-def _run_record(trainer, pl_module, totals, seconds: float) -> dict:
-    dev = pl_module.device
+def _rate(count: float, seconds: float) -> float | None:
+    return round(count / seconds, 3) if seconds > 0 and count > 0 else None
+
+
+def _run_record(trainer, dev: torch.device, totals: list[float], spans: list[float]) -> dict:
+    """Throughput of one run over all ranks; `steady` excludes each rank's first sample."""
     return {"world_size": trainer.world_size, "accelerator": dev.type,
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-            "sample_levels": int(totals[0]), "tokens": int(totals[1]), "seconds": round(seconds, 3),
-            "sample_levels_per_s": round(float(totals[0]) / seconds, 3),
-            "tokens_per_s": round(float(totals[1]) / seconds, 1), "torch": torch.__version__,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "sample_levels": int(totals[0]), "tokens": int(totals[1]), "seconds": round(spans[0], 3),
+            "sample_levels_per_s": _rate(totals[0], spans[0]), "tokens_per_s": _rate(totals[1], spans[0]),
+            "steady_sample_levels_per_s": _rate(totals[2], spans[1]), "steady_tokens_per_s": _rate(totals[3], spans[1]),
+            "torch": torch.__version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def make_trainer(job: LabelJobConfig, callbacks) -> L.Trainer:

@@ -26,7 +26,7 @@ def kv_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
-    return torch.compile(flex_attention)  # static for the first shape, dynamic after a change
+    return torch.compile(flex_attention, dynamic=True)  # one kernel for every sequence length
 
 
 def _flex_fn(device: torch.device):
