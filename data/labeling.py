@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import platform
+import re
 import subprocess
 import time
 from dataclasses import asdict
@@ -173,10 +174,11 @@ class Labeler:
 
 def _git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return out if re.fullmatch(r"[0-9a-f]{40}", out) else "unknown"
 
 
 def store_meta(job: LabelJobConfig, lm: LoadedModel, device: torch.device) -> dict:

@@ -1,8 +1,11 @@
 """Model loading: the embedded SmolLM2 (real GGUF, offline), fingerprints, clear errors."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from data.errors import UserError
+from data.store import LabelStore
 from data.models import embedded_gguf, file_sha256, load_model
 from sparse_kernels import SelectionSpec, SparsePlan, enable_sparse_attention, use_plan
 
@@ -18,6 +21,9 @@ def test_embedded_model_loads_offline_with_its_fingerprint(smollm2):
     assert (fp["num_layers"], fp["num_heads"], fp["num_kv_heads"], fp["head_dim"]) == (30, 9, 3, 64)
     assert fp["weights_sha256"] == file_sha256(embedded_gguf("smollm2-135m"))
     assert len(fp["id"]) == 16
+    # the same GGUF, fingerprinted on the GPU machine, labeled the committed store
+    committed = LabelStore(Path(__file__).resolve().parents[1] / "data/labels/smollm2-135m/v1").meta()
+    assert committed["identity"]["model"] == fp
 
 
 @pytest.mark.slow
