@@ -1,7 +1,8 @@
 """Run the pipeline from a YAML config: label the model's requests at every sparsity level.
 
 Today this runs the labeling stage (the controller stages come with the controller issue):
-it writes (or resumes) a label store under `labeling.out` and prints its safe-fraction table.
+it writes (or resumes) a label store under `labeling.out`, prints its safe-fraction table and
+writes the length finding (label_vs_length.md / .png) into the store.
 
 Examples:
   python train.py --config configs/demo_smollm2.yaml
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
         if store is None:  # a non-zero rank of a distributed run: rank 0 reports
             return 0
         print_summary(store, job.criterion)
+        from data.figures import write_length_finding
+        for path in write_length_finding(store, job.criterion):
+            print(f"wrote {path}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -150,15 +150,17 @@ def apply_criterion(df: pd.DataFrame, criterion) -> pd.DataFrame:
 
 
 def sample_labels(df: pd.DataFrame) -> pd.DataFrame:
-    """Per sample: `label` = largest level such that every level <= it is safe."""
+    """Per sample: `label` = largest level such that every level <= it is safe, and
+    `label_achieved` = the sparsity actually achieved at that level (short inputs saturate)."""
     rows = []
     for sid, g in df.sort_values("level").groupby("sample_id", sort=True):
         unsafe = g.loc[~g["safe"], "level"]
         first_unsafe = unsafe.min() if len(unsafe) else np.inf
         label = g.loc[g["level"] < first_unsafe, "level"].max()
         first = g.iloc[0]
+        achieved = g.loc[g["level"] == label, "achieved_sparsity"].iloc[0] if "achieved_sparsity" in g else np.nan
         rows.append({"sample_id": sid, "task": first["task"], "target_length": first["target_length"],
-                     "n_tokens": first["n_tokens"], "label": float(label)})
+                     "n_tokens": first["n_tokens"], "label": float(label), "label_achieved": float(achieved)})
     return pd.DataFrame(rows)
 
 
