@@ -107,6 +107,7 @@ class LabelingConfig:
     progress: bool = True
     devices: int = 1          # Lightning devices (ranks); the accelerator follows model.device
     strategy: str = "auto"    # Lightning strategy: auto (ddp for several devices), ddp, ddp_spawn
+    loader_workers: int = 0   # DataLoader workers generating samples while the model labels
 
     def __post_init__(self):
         bad = [g for g in self.grid if not (0.0 <= g < 1.0) or math.isnan(g)]

@@ -1,6 +1,6 @@
 """Labeling: run the frozen model at every grid level on every sample and store raw measurements.
 
-Owns `build_samples` (generators and RULER files from a DataConfig), `Labeler` (one sample ->
+Owns `plan_samples` / `build_samples` (generators and RULER files from a DataConfig), `Labeler` (one sample ->
 one batch whose rows are the grid levels: sparse prefill with per-row levels, then dense
 teacher forcing of the reference answer, dense greedy decoding, and dense teacher forcing of the
 dense model's answer) and `run_labeling` (resumable, shard by shard, with a progress bar).
@@ -15,7 +15,7 @@ import platform
 import re
 import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,20 +25,48 @@ from sparse_kernels import SparsePlan, enable_sparse_attention, resolve_backend,
 from .config import DataConfig, LabelJobConfig
 from .features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features
 from .models import LoadedModel
-from .tasks import Sample, build_task, generate_sample, prompt_ids, read_ruler, score
+from .errors import UserError
+from .tasks import Sample, TaskSpec, build_task, generate_sample, prompt_ids, read_ruler, score
+from .tasks.base import generated_sample_id
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    """A generated sample not yet generated: its id is known, its text is made on demand."""
+    sample_id: str
+    task: TaskSpec
+    length: int
+    index: int
+    seed: int
+    chat_template: bool
+
+    def realize(self, tokenizer) -> Sample:
+        return generate_sample(self.task.name, build_task(self.task), tokenizer, self.length, self.index,
+                               self.seed, self.chat_template)
+
+
+def plan_samples(cfg: DataConfig) -> list[PlannedSample | Sample]:
+    """Every sample of the config in a deterministic order: generated ones as plans (index x tasks
+    x lengths, so any prefix covers every task and length), then RULER samples (read eagerly, so a
+    malformed file fails before anything runs)."""
+    plan: list[PlannedSample | Sample] = [
+        PlannedSample(generated_sample_id(spec.name, length, i, cfg.seed), spec, length, i, cfg.seed, cfg.chat_template)
+        for i in range(cfg.samples_per_length) for spec in cfg.tasks for length in cfg.lengths]
+    for path in cfg.ruler:
+        plan += read_ruler(path)
+    ids = [p.sample_id for p in plan]
+    if len(set(ids)) != len(ids):
+        raise UserError("duplicate sample ids: list each task once per config")
+    return plan
+
+
+def realize(item: PlannedSample | Sample, tokenizer) -> Sample:
+    return item.realize(tokenizer) if isinstance(item, PlannedSample) else item
 
 
 def build_samples(cfg: DataConfig, tokenizer) -> list[Sample]:
-    """Every sample of the config, in a deterministic order (index x tasks x lengths, then RULER)."""
-    # index outermost: any prefix of the list (a run cut short) covers every task and length
-    samples = [generate_sample(spec.name, build_task(spec), tokenizer, length, i, cfg.seed, cfg.chat_template)
-               for i in range(cfg.samples_per_length) for spec in cfg.tasks for length in cfg.lengths]
-    for path in cfg.ruler:
-        samples += read_ruler(path)
-    ids = [s.sample_id for s in samples]
-    if len(set(ids)) != len(ids):
-        raise ValueError("duplicate sample ids: list each task once per config")
-    return samples
+    """Every sample of the config, generated now (the runner generates lazily instead)."""
+    return [realize(p, tokenizer) for p in plan_samples(cfg)]
 
 
 def gold_answer(sample: Sample) -> str:

@@ -1,13 +1,14 @@
 """Running labeling through Lightning: `Trainer.predict` on one CPU, one GPU or several (DDP).
 
 Owns `run_labeling` and its Lightning parts: `SampleShards` (the samples not yet in the store,
-split into disjoint, deterministic per-rank shares `todo[rank::world]` after every rank has read the
-store), `LabelingModule` (predict_step = `Labeler.label_sample`), and `ShardWriter` (each rank
+split by id into disjoint, deterministic per-rank shares `todo[rank::world]` after every rank has
+read the store; each rank generates only its own share, lazily, in the loader), `LabelingModule` (predict_step = `Labeler.label_sample`), and `ShardWriter` (each rank
 writes its own parquet shards every `shard_size` samples, and rank 0 appends the run's throughput
 to runs.jsonl). Imports `sparse_kernels` and lower `data` modules; never `controller`.
 """
 from __future__ import annotations
 
+import os
 import platform
 import time
 import warnings
@@ -15,10 +16,10 @@ import warnings
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .config import LabelJobConfig
-from .labeling import Labeler, build_samples, store_meta
+from .labeling import Labeler, PlannedSample, plan_samples, realize, store_meta
 from .models import LoadedModel, load_model, resolve_dtype
 from .store import LabelStore
 from .tasks import Sample
@@ -30,22 +31,39 @@ def _first(batch: list[Sample]) -> Sample:
     return batch[0]
 
 
-class SampleShards(L.LightningDataModule):
-    """Every rank computes the same sample list and done set, then takes `todo[rank::world]`."""
+class PlannedSamples(Dataset):
+    """A rank's share; generated samples are made when the loader asks (in its workers, if any)."""
 
-    def __init__(self, samples: list[Sample], store: LabelStore):
+    def __init__(self, items: list[PlannedSample | Sample], tokenizer):
+        self.items, self.tokenizer = items, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Sample:
+        return realize(self.items[i], self.tokenizer)
+
+
+class SampleShards(L.LightningDataModule):
+    """Every rank computes the same plan and done set, then takes `todo[rank::world]`. Only ids
+    are needed for that, so no rank generates samples it will not label."""
+
+    def __init__(self, plan: list[PlannedSample | Sample], store: LabelStore, tokenizer, workers: int = 0):
         super().__init__()
-        self.samples, self.store = samples, store
-        self.todo: list[Sample] = []
+        self.plan, self.store, self.tokenizer, self.workers = plan, store, tokenizer, workers
+        self.todo: list[PlannedSample | Sample] = []
 
     def setup(self, stage: str) -> None:
         done = self.store.done_ids()
-        self.todo = [s for s in self.samples if s.sample_id not in done]
+        self.todo = [s for s in self.plan if s.sample_id not in done]
         self.trainer.strategy.barrier("labeling-read-store")  # nobody writes before all have read
 
     def predict_dataloader(self) -> DataLoader:
         share = self.todo[self.trainer.global_rank::self.trainer.world_size]
-        return DataLoader(share, batch_size=1, collate_fn=_first, num_workers=0)
+        if self.workers:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return DataLoader(PlannedSamples(share, self.tokenizer), batch_size=1, collate_fn=_first,
+                          num_workers=self.workers, persistent_workers=False)
 
 
 class LabelingModule(L.LightningModule):
@@ -146,12 +164,12 @@ def run_labeling(job: LabelJobConfig, lm: LoadedModel | None = None) -> LabelSto
     """Label every sample of `job` not yet in its store. Returns the store on global rank 0,
     None on the other ranks of a distributed run."""
     lm = lm or _load_for(job)
-    samples = build_samples(job.data, lm.tokenizer)
+    plan = plan_samples(job.data)
     meta = store_meta(job, lm, target_device(job))
     store = LabelStore.open_for_writing(job.labeling.out, meta)
     writer = ShardWriter(store, job.labeling.shard_size)
     trainer = make_trainer(job, [writer])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.predict(LabelingModule(lm, job), datamodule=SampleShards(samples, store), return_predictions=False)
+        trainer.predict(LabelingModule(lm, job), datamodule=SampleShards(plan, store, lm.tokenizer, job.labeling.loader_workers), return_predictions=False)
     return store if trainer.is_global_zero else None

@@ -113,3 +113,15 @@ def test_two_gloo_ranks_write_exactly_the_rows_of_one_process(tiny_lm, tmp_path)
     pd.testing.assert_frame_equal(two[cols], one[cols], check_exact=False, rtol=1e-5)
     run = store.runs()[-1]
     assert run["world_size"] == 2 and run["sample_levels"] == len(two)
+
+
+def test_planned_ids_match_generated_samples_and_workers_change_nothing(tiny_lm, tmp_path):
+    from data.labeling import plan_samples, realize
+    job = tiny_job(tmp_path / "a")
+    plan = plan_samples(job.data)
+    assert [p.sample_id for p in plan] == [realize(p, tiny_lm.tokenizer).sample_id for p in plan]
+    base = run_labeling(job, tiny_lm).table()
+    workers = load_config(LabelJobConfig, "configs/test_tiny.yaml",
+                          [f"labeling.out={tmp_path / 'b'}", "labeling.loader_workers=1"])
+    pd.testing.assert_frame_equal(run_labeling(workers, tiny_lm).table()[["sample_id", "level", "nll_gold", "answer"]],
+                                  base[["sample_id", "level", "nll_gold", "answer"]])

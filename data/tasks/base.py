@@ -96,11 +96,16 @@ def _fit_size(count: Callable[[int], int], target: int) -> int:
     return lo if target - count(lo) <= count(hi) - target else hi
 
 
+def generated_sample_id(task_name: str, target_length: int, index: int, seed: int) -> str:
+    """The id of a generated sample, known without generating it."""
+    return f"{task_name}-{target_length}-{index}-s{seed}"
+
+
 def generate_sample(task_name: str, gen: TaskGenerator, tokenizer, target_length: int, index: int,
                     seed: int, chat_template: bool = True) -> Sample:
     """A deterministic sample of `gen` whose prompt is `target_length` tokens (within 5%)."""
     key = f"{seed}|{task_name}|{target_length}|{index}"
-    sample_id = f"{task_name}-{target_length}-{index}-s{seed}"
+    sample_id = generated_sample_id(task_name, target_length, index, seed)
 
     def make(size: int) -> Sample:
         text, outputs, prefix = gen.render(key, size)
