@@ -108,6 +108,7 @@ class LabelingConfig:
     devices: int = 1          # Lightning devices (ranks); the accelerator follows model.device
     strategy: str = "auto"    # Lightning strategy: auto (ddp for several devices), ddp, ddp_spawn
     loader_workers: int = 0   # DataLoader workers generating samples while the model labels
+    batch_samples: int = 1    # samples decoded together (rows = batch_samples x levels); labels do not depend on it
 
     def __post_init__(self):
         bad = [g for g in self.grid if not (0.0 <= g < 1.0) or math.isnan(g)]
@@ -115,8 +116,8 @@ class LabelingConfig:
             raise UserError(f"labeling.grid levels must lie in [0, 1); bad: {bad or 'empty grid'}")
         if list(self.grid) != sorted(set(self.grid)):
             raise UserError(f"labeling.grid must be strictly increasing, got {list(self.grid)}")
-        if self.shard_size < 1 or self.devices < 1:
-            raise UserError("labeling.shard_size and labeling.devices must be >= 1")
+        if self.shard_size < 1 or self.devices < 1 or self.batch_samples < 1:
+            raise UserError("labeling.shard_size, labeling.devices and labeling.batch_samples must be >= 1")
 
     @property
     def levels(self) -> tuple[float, ...]:

@@ -23,6 +23,7 @@ import torch
 from sparse_kernels import SparsePlan, enable_sparse_attention, resolve_backend, use_plan
 
 from .config import DataConfig, LabelJobConfig
+from .decode import DecodeBatch, pad_rows
 from .features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features
 from .models import LoadedModel
 from .errors import UserError
@@ -88,13 +89,6 @@ def cache_of(output):
     return cache if cache is not None else output.past_key_values
 
 
-def crop_cache(cache, length: int) -> None:
-    """Drop every cached token after the first `length` (negative `crop` works across versions)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
-
-
 class PhaseClock:
     """Wall seconds per phase of one sample (synchronising the GPU at each lap)."""
 
@@ -107,6 +101,18 @@ class PhaseClock:
         now = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
         self.t = now
+
+
+@dataclass
+class Prefilled:
+    """One sample after its sparse prefill: its cache and last logits, one row per level."""
+    sample: Sample
+    ids: list[int]
+    plan: SparsePlan
+    features: dict
+    cache: object
+    first: torch.Tensor
+    seconds: float
 
 
 class Labeler:
@@ -124,62 +130,80 @@ class Labeler:
                           backend=sp.backend, probe_layers=frozenset(sp.probe_layers), on_probe=collector,
                           probe_window=sp.probe_window)
 
-    def _forward(self, ids: torch.Tensor, cache, **kw):
-        return self.lm.model(input_ids=ids, use_cache=True, **{self.cache_arg: cache}, **kw)
+    def _forward(self, cache, **inputs):
+        return self.lm.model(use_cache=True, **{self.cache_arg: cache}, **inputs)
 
-    def answer_nll(self, cache, first_logits, answer: list[int], prompt_len: int) -> torch.Tensor:
-        """[G] mean NLL per token of `answer` after the prompt (dense decode over the cache)."""
-        if not answer:
-            return torch.full((first_logits.shape[0],), float("nan"))
-        a = torch.tensor(answer, device=first_logits.device).expand(first_logits.shape[0], -1)
-        logp = [first_logits.float().log_softmax(-1).gather(-1, a[:, :1])]
-        if len(answer) > 1:
-            logits = self._forward(a[:, :-1], cache).logits.float()
-            logp.append(logits.log_softmax(-1).gather(-1, a[:, 1:, None])[..., 0])
-        crop_cache(cache, prompt_len)
-        return -torch.cat(logp, dim=1).mean(1).cpu()
+    def answer_nll(self, batch: DecodeBatch, answers: list[list[int]]) -> torch.Tensor:
+        """[R] mean NLL per token of each row's answer after its prompt (dense, teacher forced);
+        NaN for an empty answer."""
+        tokens, valid = pad_rows(answers, 0, batch.first_logits.device)
+        logp = batch.first_logits.float().log_softmax(-1).gather(-1, tokens[:, :1])
+        if tokens.shape[1] > 1:
+            logits = self._forward(batch.cache, **batch.inputs(tokens[:, :-1], 0)).logits.float()
+            logp = torch.cat([logp, logits.log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]], dim=1)
+        batch.reset()
+        return (-(logp * valid).sum(1) / valid.sum(1)).cpu()
 
-    def greedy(self, cache, first_logits, max_new: int, prompt_len: int) -> list[list[int]]:
-        """Dense greedy decoding of every row until a stop token or `max_new` tokens."""
-        rows = first_logits.shape[0]
-        out: list[list[int]] = [[] for _ in range(rows)]
-        done = [False] * rows
-        tokens = first_logits.argmax(-1)
-        for step in range(max_new):
+    def greedy(self, batch: DecodeBatch, max_new: list[int]) -> list[list[int]]:
+        """Dense greedy decoding of every row until a stop token or its `max_new` tokens."""
+        out: list[list[int]] = [[] for _ in range(batch.rows)]
+        done = [False] * batch.rows
+        tokens = batch.first_logits.argmax(-1)
+        limit = max(max_new)
+        for step in range(limit):
             for r, t in enumerate(tokens.tolist()):
                 if not done[r]:
-                    done[r] = t in self.stop_ids
+                    done[r] = t in self.stop_ids or len(out[r]) >= max_new[r]
                     if not done[r]:
                         out[r].append(t)
-            if all(done) or step == max_new - 1:
+            if all(done) or step == limit - 1:
                 break
-            tokens = self._forward(tokens[:, None], cache).logits[:, -1].argmax(-1)
-        crop_cache(cache, prompt_len)
+            tokens = self._forward(batch.cache, **batch.inputs(tokens[:, None], step)).logits[:, -1].argmax(-1)
+        batch.reset()
         return out
+
+    def prefill(self, sample: Sample) -> Prefilled:
+        """Sparse prefill of one sample, one row per grid level; features from its probe layers."""
+        ids = prompt_ids(self.lm.tokenizer, sample, self.job.data.chat_template)
+        collector = ProbeCollector()
+        plan = self.plan(collector)
+        clock = PhaseClock(self.lm.device)
+        with use_plan(plan):
+            tokens = torch.tensor([ids], device=self.lm.device).expand(len(self.levels), -1)
+            out = self._forward(None, input_ids=tokens, logits_to_keep=1)
+        features = compute_features(ids, collector.pooled(0), sample.task)
+        clock.lap("prefill")
+        return Prefilled(sample, ids, plan, features, cache_of(out), out.logits[:, -1], clock.seconds["prefill"])
 
     @torch.no_grad()
     def label_sample(self, sample: Sample) -> list[dict]:
-        tok, dev = self.lm.tokenizer, self.lm.device
-        ids = prompt_ids(tok, sample, self.job.data.chat_template)
-        rows = len(self.levels)
-        collector = ProbeCollector()
-        plan = self.plan(collector)
-        clock = PhaseClock(dev)
-        with use_plan(plan):
-            out = self._forward(torch.tensor([ids], device=dev).expand(rows, -1), None, logits_to_keep=1)
-        cache, first = cache_of(out), out.logits[:, -1]
-        clock.lap("prefill")
-        gold_ids = tok(gold_answer(sample), add_special_tokens=False)["input_ids"]
-        nll_gold = self.answer_nll(cache, first, gold_ids, len(ids))
-        answers = self.greedy(cache, first, sample.max_new_tokens, len(ids))
-        clock.lap("decode")
-        nll_dense = self.answer_nll(cache, first, answers[0], len(ids))
-        features = compute_features(ids, collector.pooled(0), sample.task)
-        clock.lap("teacher")
-        return self._records(sample, ids, plan, answers, nll_gold, nll_dense, features, clock.seconds)
+        return self.label_samples([sample])
 
-    def _records(self, sample, ids, plan, answers, nll_gold, nll_dense, features, seconds) -> list[dict]:
-        c = plan.counts
+    @torch.no_grad()
+    def label_samples(self, samples: list[Sample]) -> list[dict]:
+        """Label K samples: K sparse prefills, then one stacked dense decode of all K x levels rows.
+        Decode and teacher seconds are the batch's, divided evenly among its samples."""
+        pre = [self.prefill(s) for s in samples]
+        batch = DecodeBatch.stack([p.cache for p in pre], [p.first for p in pre], [len(p.ids) for p in pre])
+        for p in pre:
+            p.cache = None  # the stacked cache holds every row now
+        levels = len(self.levels)
+        clock = PhaseClock(self.lm.device)
+        gold = [self.lm.tokenizer(gold_answer(p.sample), add_special_tokens=False)["input_ids"] for p in pre]
+        nll_gold = self.answer_nll(batch, [g for g in gold for _ in range(levels)])
+        answers = self.greedy(batch, [p.sample.max_new_tokens for p in pre for _ in range(levels)])
+        clock.lap("decode")
+        nll_dense = self.answer_nll(batch, [answers[i * levels] for i in range(len(pre)) for _ in range(levels)])
+        clock.lap("teacher")
+        shared = {k: v / len(pre) for k, v in clock.seconds.items()}
+        records = []
+        for i, p in enumerate(pre):
+            rows = slice(i * levels, (i + 1) * levels)
+            records += self._records(p, answers[rows], nll_gold[rows], nll_dense[rows], {"prefill": p.seconds, **shared})
+        return records
+
+    def _records(self, p: Prefilled, answers, nll_gold, nll_dense, seconds) -> list[dict]:
+        sample, ids, features, c = p.sample, p.ids, p.features, p.plan.counts
         achieved = c.achieved_sparsity()
         records = []
         for r, level in enumerate(self.levels.tolist()):

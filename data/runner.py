@@ -2,7 +2,7 @@
 
 Owns `run_labeling` and its Lightning parts: `SampleShards` (the samples not yet in the store,
 split by id into disjoint, deterministic per-rank shares `todo[rank::world]` after every rank has
-read the store; each rank generates only its own share, lazily, in the loader), `LabelingModule` (predict_step = `Labeler.label_sample`), and `ShardWriter` (each rank
+read the store; each rank generates only its own share, lazily, in the loader), `LabelingModule` (predict_step = `Labeler.label_samples` on a batch of `labeling.batch_samples` samples), and `ShardWriter` (each rank
 writes its own parquet shards every `shard_size` samples, and rank 0 appends the run's throughput
 to runs.jsonl). Imports `sparse_kernels` and lower `data` modules; never `controller`.
 """
@@ -27,8 +27,8 @@ from .tasks import Sample
 ACCELERATORS = {"auto": "auto", "cpu": "cpu", "cuda": "gpu", "gpu": "gpu"}
 
 
-def _first(batch: list[Sample]) -> Sample:
-    return batch[0]
+def _as_list(batch: list[Sample]) -> list[Sample]:
+    return list(batch)
 
 
 class PlannedSamples(Dataset):
@@ -48,9 +48,11 @@ class SampleShards(L.LightningDataModule):
     """Every rank computes the same plan and done set, then takes `todo[rank::world]`. Only ids
     are needed for that, so no rank generates samples it will not label."""
 
-    def __init__(self, plan: list[PlannedSample | Sample], store: LabelStore, tokenizer, workers: int = 0):
+    def __init__(self, plan: list[PlannedSample | Sample], store: LabelStore, tokenizer, workers: int = 0,
+                 batch_samples: int = 1):
         super().__init__()
         self.plan, self.store, self.tokenizer, self.workers = plan, store, tokenizer, workers
+        self.batch_samples = batch_samples
         self.todo: list[PlannedSample | Sample] = []
 
     def setup(self, stage: str) -> None:
@@ -62,7 +64,7 @@ class SampleShards(L.LightningDataModule):
         share = self.todo[self.trainer.global_rank::self.trainer.world_size]
         if self.workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return DataLoader(PlannedSamples(share, self.tokenizer), batch_size=1, collate_fn=_first,
+        return DataLoader(PlannedSamples(share, self.tokenizer), batch_size=self.batch_samples, collate_fn=_as_list,
                           num_workers=self.workers, persistent_workers=False)
 
 
@@ -76,21 +78,22 @@ class LabelingModule(L.LightningModule):
     def on_predict_start(self) -> None:
         self.labeler = Labeler(self.lm, self.job)  # after Lightning moved the model to its device
 
-    def transfer_batch_to_device(self, batch: Sample, device, dataloader_idx: int) -> Sample:
-        return batch  # a sample is text; the labeler moves its token ids itself
+    def transfer_batch_to_device(self, batch: list[Sample], device, dataloader_idx: int) -> list[Sample]:
+        return batch  # samples are text; the labeler moves their token ids itself
 
-    def predict_step(self, sample: Sample, batch_idx: int) -> list[dict]:
-        return self.labeler.label_sample(sample)
+    def predict_step(self, samples: list[Sample], batch_idx: int) -> list[dict]:
+        return self.labeler.label_samples(samples)
 
 
 class ShardWriter(BasePredictionWriter):
-    """Writes each rank's shards; measures throughput with and without each rank's first sample
-    (which carries kernel compilation)."""
+    """Writes each rank's shards (every `shard_size` samples, rounded up to whole batches);
+    measures throughput with and without each rank's first batch (which carries compilation)."""
 
     def __init__(self, store: LabelStore, shard_size: int):
         super().__init__(write_interval="batch")
         self.store, self.shard_size = store, shard_size
-        self.buffer: list[list[dict]] = []
+        self.buffer: list[dict] = []
+        self.buffered_samples = 0
         self.counts = torch.zeros(4, dtype=torch.float64)
         self.start = self.after_first = 0.0
 
@@ -102,20 +105,21 @@ class ShardWriter(BasePredictionWriter):
         self.start = time.perf_counter()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        self.buffer.append(prediction)
+        self.buffer += prediction
+        self.buffered_samples += len(batch)
         done = torch.tensor([len(prediction), sum(r["n_tokens"] for r in prediction)], dtype=torch.float64)
         self.counts[:2] += done
         if batch_idx == 0:
             self.after_first = time.perf_counter()
         else:
             self.counts[2:] += done
-        if len(self.buffer) >= self.shard_size:
+        if self.buffered_samples >= self.shard_size:
             self._flush(trainer.global_rank)
 
     def _flush(self, rank: int) -> None:
         if self.buffer:
-            self.store.write_shard([r for rows in self.buffer for r in rows], rank)
-            self.buffer = []
+            self.store.write_shard(self.buffer, rank)
+            self.buffer, self.buffered_samples = [], 0
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._flush(trainer.global_rank)
@@ -171,5 +175,5 @@ def run_labeling(job: LabelJobConfig, lm: LoadedModel | None = None) -> LabelSto
     trainer = make_trainer(job, [writer])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.predict(LabelingModule(lm, job), datamodule=SampleShards(plan, store, lm.tokenizer, job.labeling.loader_workers), return_predictions=False)
+        trainer.predict(LabelingModule(lm, job), datamodule=SampleShards(plan, store, lm.tokenizer, job.labeling.loader_workers, job.labeling.batch_samples), return_predictions=False)
     return store if trainer.is_global_zero else None

@@ -37,27 +37,43 @@ def test_labels_every_sample_at_every_level(tiny_lm, tmp_path):
 
 def test_resume_after_a_crash_loses_and_duplicates_nothing(tiny_lm, tmp_path, monkeypatch):
     reference = run_labeling(tiny_job(tmp_path / "clean"), tiny_lm).table()
-    original = Labeler.label_sample
+    original = Labeler.label_samples
     calls = {"n": 0}
 
-    def crash_on_third(self, sample):
+    def crash_on_third(self, samples):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("simulated crash")
-        return original(self, sample)
+        return original(self, samples)
 
-    monkeypatch.setattr(Labeler, "label_sample", crash_on_third)
+    monkeypatch.setattr(Labeler, "label_samples", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_labeling(tiny_job(tmp_path / "crashy"), tiny_lm)
     store = LabelStore(tmp_path / "crashy")
     assert len(store.shards()) == 1 and len(store.done_ids()) == 2  # shard_size 2: first shard landed
-    monkeypatch.setattr(Labeler, "label_sample", original)
+    monkeypatch.setattr(Labeler, "label_samples", original)
     resumed = run_labeling(tiny_job(tmp_path / "crashy"), tiny_lm).table()
     assert len(store.shards()) == 2
     key = ["sample_id", "level"]
     assert not resumed.duplicated(key).any()
     cols = ["sample_id", "level", "achieved_sparsity", "score", "nll_gold", "nll_dense_answer", "answer"]
     pd.testing.assert_frame_equal(resumed[cols], reference[cols])
+
+
+def test_decoding_samples_together_gives_the_labels_of_one_at_a_time(tiny_lm, tmp_path):
+    """Stacked decode pads prompts of different lengths on the left; the labels must not move."""
+    one = run_labeling(tiny_job(tmp_path / "one"), tiny_lm).table()
+    job = tiny_job(tmp_path / "three")
+    job = dataclasses.replace(job, labeling=dataclasses.replace(job.labeling, batch_samples=3))
+    three = run_labeling(job, tiny_lm).table()
+    assert three["n_tokens"].nunique() > 1  # the batches really mixed prompt lengths
+    key = ["sample_id", "level"]
+    pd.testing.assert_frame_equal(three[key + ["achieved_sparsity", "answer", "score", "answer_tokens"]],
+                                  one[key + ["achieved_sparsity", "answer", "score", "answer_tokens"]])
+    for col in ["nll_gold", "nll_dense_answer"]:
+        np.testing.assert_allclose(three[col], one[col], rtol=1e-4, atol=1e-5)
+    feats = [f"f_{n}" for n in FEATURE_NAMES]
+    np.testing.assert_allclose(three[feats].to_numpy(), one[feats].to_numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_more_samples_extend_a_store_other_settings_are_refused(tiny_lm, tmp_path):

@@ -1,0 +1,93 @@
+"""Dense decoding of several prefilled samples in one batch (labeling's decode phase).
+
+Owns `DecodeBatch`: the KV caches of K samples (each already prefilled, one row per grid level)
+left-padded to the longest prompt and stacked into one cache, with the padding mask and each
+row's own positions, so that greedy decoding and teacher forcing run K samples per forward.
+Decoding a 135M model is bound by kernel launches, not by arithmetic: K samples per step cost
+about what one costs. With K = 1 nothing is padded and the forward calls equal the unbatched ones.
+Imports nothing from the project.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def crop_cache(cache, length: int) -> None:
+    """Drop every cached token after the first `length` (negative `crop` works across versions)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def cache_layers(cache) -> list:
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+        raise RuntimeError("batched decoding needs a transformers cache with per-layer keys/values "
+                           "(transformers >= 4.56); set labeling.batch_samples=1")
+    return list(layers)
+
+
+def stack_caches(caches: list, width: int):
+    """Left-pad every cache to `width` tokens and stack them along the batch; returns the first
+    cache object holding the stacked tensors (the others are released)."""
+    if len(caches) == 1:
+        return caches[0]
+    per_cache = [cache_layers(c) for c in caches]
+    for i, layer in enumerate(per_cache[0]):
+        for name in ("keys", "values"):
+            parts = [getattr(layers[i], name) for layers in per_cache]
+            padded = [F.pad(t, (0, 0, width - t.shape[-2], 0)) for t in parts]
+            setattr(layer, name, torch.cat(padded, dim=0))
+    return caches[0]
+
+
+@dataclass
+class DecodeBatch:
+    """Rows of K samples over one stacked cache. `lengths[r]` is row r's prompt length; the
+    cache holds `width` prompt positions per row, the first `width - lengths[r]` being padding."""
+    cache: object
+    first_logits: torch.Tensor   # [R, V] logits after each row's prompt
+    lengths: torch.Tensor        # [R] long, on the model's device
+    width: int
+
+    @classmethod
+    def stack(cls, caches: list, firsts: list[torch.Tensor], lengths: list[int]) -> "DecodeBatch":
+        rows = [f.shape[0] for f in firsts]
+        width = max(lengths)
+        per_row = torch.tensor([n for n, r in zip(lengths, rows) for _ in range(r)], device=firsts[0].device)
+        return cls(stack_caches(caches, width), torch.cat(firsts), per_row, width)
+
+    @property
+    def rows(self) -> int:
+        return self.first_logits.shape[0]
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.lengths != self.width).any())
+
+    def inputs(self, tokens: torch.Tensor, past: int) -> dict:
+        """Forward arguments for `tokens` [R, T] placed after `past` already decoded tokens."""
+        steps = torch.arange(past, past + tokens.shape[1], device=tokens.device)
+        positions = self.lengths[:, None] + steps
+        if not self.padded:
+            return {"input_ids": tokens, "position_ids": positions}
+        pad = (self.width - self.lengths)[:, None]
+        cols = torch.arange(self.width + past + tokens.shape[1], device=tokens.device)
+        return {"input_ids": tokens, "position_ids": positions, "attention_mask": (cols >= pad).long()}
+
+    def reset(self) -> None:
+        crop_cache(self.cache, self.width)
+
+
+def pad_rows(rows: list[list[int]], fill: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into [R, T] with a validity mask (T >= 1)."""
+    width = max(1, max(len(r) for r in rows))
+    tokens = torch.full((len(rows), width), fill, dtype=torch.long)
+    valid = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        valid[i, :len(r)] = True
+    return tokens.to(device), valid.to(device)
