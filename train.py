@@ -1,48 +1,70 @@
-"""Run the pipeline from a YAML config: label the model's requests at every sparsity level.
+"""Run the controller job from a YAML config: label (or reuse a label store) -> train ->
+calibrate -> export -> evaluate. Prints the report folder as its last line.
 
-Today this runs the labeling stage (the controller stages come with the controller issue):
-it writes (or resumes) a label store under `labeling.out`, prints its safe-fraction table and
-writes the length finding (label_vs_length.md / .png) into the store.
+With `stages: [label]` it only labels: it writes (or resumes) the store under `labeling.out`,
+prints its safe-fraction table, writes the length finding into the store and prints its path.
 
 Examples:
-  python train.py --config configs/demo_smollm2.yaml
-  python train.py --config configs/label_smollm2_cpu.yaml labeling.out=runs/labels/x data.seed=3
-  python train.py --config configs/label_smollm2_gpu.yaml labeling.devices=2   # DDP on 2 GPUs
+  python train.py --config configs/demo_smollm2.yaml                  # committed labels, CPU, minutes
+  python train.py --config configs/demo_smollm2.yaml calibration.alpha=0.1 out=runs/a10
+  python train.py --config configs/label_smollm2_gpu.yaml labeling.devices=2   # label on 2 GPUs
 Errors in the input print one line on stderr and exit with code 2.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from data.config import LabelJobConfig, load_config
+from controller.config import ControllerJobConfig
+from data.config import load_config
 from data.errors import UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML file in configs/")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. labeling.out=runs/x data.seed=1")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. out=runs/x calibration.alpha=0.1")
     return p.parse_args(argv)
+
+
+def label_only(job: ControllerJobConfig) -> str | None:
+    from data.figures import write_length_finding
+    from data.report import print_summary
+    from data.runner import run_labeling
+    store = run_labeling(job.label_job())
+    if store is None:  # a non-zero rank of a distributed run: rank 0 reports
+        return None
+    print_summary(store, job.criterion)
+    for path in write_length_finding(store, job.criterion):
+        print(f"wrote {path}")
+    return str(store.root)
+
+
+def run(job: ControllerJobConfig) -> str | None:
+    if "train" not in job.stages:
+        return label_only(job)
+    from controller.pipeline import evaluate_checkpoint, resolve_labels, train_controller
+    from dataclasses import replace
+    labels = resolve_labels(job)
+    checkpoint = train_controller(replace(job, labels=labels))
+    print(f"checkpoint: {checkpoint}")
+    if "evaluate" not in job.stages:
+        return str(checkpoint)
+    report = evaluate_checkpoint(str(checkpoint), str(Path(job.out) / "report"), labels=labels)
+    print((report / "report.md").read_text().split("## Per task")[0])
+    return str(report)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        job = load_config(LabelJobConfig, args.config, args.overrides)
-        from data.runner import run_labeling
-        from data.report import print_summary
-        store = run_labeling(job)
-        if store is None:  # a non-zero rank of a distributed run: rank 0 reports
-            return 0
-        print_summary(store, job.criterion)
-        from data.figures import write_length_finding
-        for path in write_length_finding(store, job.criterion):
-            print(f"wrote {path}")
+        result = run(load_config(ControllerJobConfig, args.config, args.overrides))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(store.root)
+    if result is not None:
+        print(result)
     return 0
 
 

@@ -8,6 +8,7 @@ store and checkpoint). Imports `sparse_kernels` only; never `controller`.
 from __future__ import annotations
 
 import hashlib
+import weakref
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -130,6 +131,17 @@ def _load_hub(name: str, dtype):
     return model, tok, fingerprint(model, state_dict_sha256(model))
 
 
+_LOADED_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(model: torch.nn.Module) -> tuple[dict, bool]:
+    """(fingerprint, recorded): the one `load_model` recorded for this model object, else one
+    computed from its state dict (which differs from a file-based fingerprint of the same weights)."""
+    if model in _LOADED_FINGERPRINTS:
+        return _LOADED_FINGERPRINTS[model], True
+    return fingerprint(model, state_dict_sha256(model)), False
+
+
 def load_model(name: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     """Load a frozen causal LM in eval mode with gradients off. Raises UserError on a bad name."""
     dev = resolve_device(device)
@@ -151,4 +163,5 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto") -> LoadedMo
     else:
         raise UserError(f"unknown model {name!r}; accepted: {ACCEPTED}")
     model.to(dev).eval().requires_grad_(False)
+    _LOADED_FINGERPRINTS[model] = fp
     return LoadedModel(model=model, tokenizer=tok, fingerprint=fp, name=name)

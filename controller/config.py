@@ -1,0 +1,111 @@
+"""Typed, frozen config dataclasses of the controller job (train.py's whole pipeline).
+
+Owns SplitConfig, NetConfig, TrainConfig, CalibrationConfig, LoggingConfig and ControllerJobConfig.
+A ControllerJobConfig extends the labeling job (model, sparse, data, criterion, labeling) with where
+to find labels, how to split, train, calibrate, log and where to write; `label_job()` gives the
+labeling part back. YAML files in configs/ are instances (loaded by `data.config.load_config`).
+Imports `data`; never `train.py`/`eval.py`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from data.config import CriterionConfig, DataConfig, LabelingConfig, LabelJobConfig, ModelConfig, SparseConfig
+from data.errors import UserError
+
+
+STAGES = ("label", "train", "evaluate")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Fractions of generated documents (groups) per split; the test split gets the rest."""
+    train: float = 0.5
+    val: float = 0.1
+    calibration: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self):
+        parts = (self.train, self.val, self.calibration)
+        if min(parts) <= 0 or sum(parts) >= 1:
+            raise UserError(f"split fractions must be > 0 and sum below 1 (the test split gets the rest), got {parts}")
+
+    @property
+    def test(self) -> float:
+        return 1.0 - self.train - self.val - self.calibration
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    hidden: int = 64
+    depth: int = 2
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.hidden < 1 or self.depth < 1 or not 0 <= self.dropout < 1:
+            raise UserError("controller.net needs hidden >= 1, depth >= 1 and dropout in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_epochs: int = 200
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    task_dropout: float = 0.3      # share of training samples whose task is shown as `unknown`
+    patience: int = 30             # early stopping on validation loss
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.task_dropout <= 1:
+            raise UserError(f"train.task_dropout must be in [0, 1], got {self.task_dropout}")
+        if self.max_epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise UserError("train needs max_epochs >= 1, batch_size >= 1 and lr > 0")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Learn-then-Test: P(violation rate <= alpha) >= 1 - delta on the calibration split."""
+    alpha: float = 0.05
+    delta: float = 0.1
+    sweep: tuple[float, ...] = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)   # alphas of the trade-off curve
+
+    def __post_init__(self):
+        for name, v in [("alpha", self.alpha), ("delta", self.delta), *(("sweep", a) for a in self.sweep)]:
+            if math.isnan(v) or not 0 < v < 1:
+                raise UserError(f"calibration.{name} must lie in (0, 1), got {v}")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    wandb: str = "offline"     # offline, online or disabled (WANDB_MODE overrides)
+    project: str = "sparsity-controller"
+
+
+@dataclass(frozen=True)
+class ControllerJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    data: DataConfig = field(default_factory=lambda: LabelJobConfig().data)
+    criterion: CriterionConfig = field(default_factory=CriterionConfig)
+    labeling: LabelingConfig = field(default_factory=LabelingConfig)
+    labels: str | None = None          # an existing label store to reuse; None = label into labeling.out
+    split: SplitConfig = field(default_factory=SplitConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    out: str = "runs/controller"
+    stages: tuple[str, ...] = ("train", "evaluate")   # label only: ("label",)
+
+    def __post_init__(self):
+        bad = [s for s in self.stages if s not in STAGES]
+        if not self.stages or bad:
+            raise UserError(f"stages must be a non-empty list of {list(STAGES)}, got {list(self.stages)}")
+        if self.logging.wandb not in ("offline", "online", "disabled"):
+            raise UserError(f"logging.wandb must be offline, online or disabled, got {self.logging.wandb!r}")
+
+    def label_job(self) -> LabelJobConfig:
+        return LabelJobConfig(model=self.model, sparse=self.sparse, data=self.data,
+                              criterion=self.criterion, labeling=self.labeling)

@@ -1,0 +1,111 @@
+"""Label-store rows as per-request arrays, and grouped splits.
+
+Owns `LabelArrays` (one row per request: features, raw `safe` per grid level, the monotone label
+index, kept / causal attention blocks per level, task scores) built by `arrays_from_store`, and
+`split_groups` (train / val / calibration / test by a hash of each request's generated document,
+so no document is in two splits and a growing store keeps old assignments). Imports `data`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data.errors import UserError
+from data.features import FEATURE_NAMES, FEATURE_VERSION
+from data.store import LabelStore, apply_criterion
+
+SPLITS = ("train", "val", "calibration", "test")
+
+
+@dataclass
+class LabelArrays:
+    sample_ids: np.ndarray      # [n] str
+    groups: np.ndarray          # [n] str, the generated document
+    tasks: np.ndarray           # [n] str
+    n_tokens: np.ndarray        # [n] int
+    target_length: np.ndarray   # [n] int
+    features: np.ndarray        # [n, F] float32, FEATURE_NAMES order
+    levels: np.ndarray          # [L] grid, levels[0] == 0
+    safe: np.ndarray            # [n, L] bool, the criterion at each level (raw, not closed)
+    kept: np.ndarray            # [n, L] attention blocks computed, all layers
+    causal: np.ndarray          # [n] causal blocks of dense attention, all layers
+    score: np.ndarray           # [n, L] task score of the greedy answer
+    achieved: np.ndarray        # [n, L] achieved sparsity on sparse layers
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def label_index(self) -> np.ndarray:
+        """[n] index of the largest level such that it and every lower level are safe."""
+        unsafe = ~self.safe
+        unsafe[:, 0] = False
+        first_unsafe = np.where(unsafe.any(1), unsafe.argmax(1), self.safe.shape[1])
+        return first_unsafe - 1
+
+    def subset(self, idx: np.ndarray) -> "LabelArrays":
+        return LabelArrays(**{k: (v if k == "levels" else v[idx]) for k, v in self.__dict__.items()})
+
+
+def _pivot(df: pd.DataFrame, column: str, ids: pd.Index, levels: np.ndarray) -> np.ndarray:
+    return df.pivot(index="sample_id", columns="level", values=column).reindex(index=ids, columns=levels).to_numpy()
+
+
+def arrays_from_frame(df: pd.DataFrame) -> LabelArrays:
+    """Per-request arrays from store rows that already carry `safe` (see `apply_criterion`)."""
+    levels = np.array(sorted(df["level"].unique()), dtype=np.float64)
+    if levels[0] != 0.0:
+        raise UserError("label store has no dense (level 0) rows; it cannot define safety")
+    first = df[df["level"] == 0.0].set_index("sample_id").sort_index()
+    ids = first.index
+    counts = df.groupby("sample_id")["level"].nunique().reindex(ids)
+    if (counts != len(levels)).any():
+        raise UserError(f"{int((counts != len(levels)).sum())} samples lack some grid levels; resume the labeling run")
+    return LabelArrays(
+        sample_ids=ids.to_numpy(str), groups=first["group"].to_numpy(str), tasks=first["task"].to_numpy(str),
+        n_tokens=first["n_tokens"].to_numpy(int), target_length=first["target_length"].to_numpy(int),
+        features=first[[f"f_{n}" for n in FEATURE_NAMES]].to_numpy(np.float32), levels=levels,
+        safe=_pivot(df, "safe", ids, levels).astype(bool), kept=_pivot(df, "kept_blocks_all", ids, levels),
+        causal=first["causal_blocks_all"].to_numpy(np.float64), score=_pivot(df, "score", ids, levels),
+        achieved=_pivot(df, "achieved_sparsity", ids, levels))
+
+
+def check_feature_version(meta: dict, where: str) -> None:
+    identity = meta.get("identity", {})
+    if identity.get("feature_version") != FEATURE_VERSION or list(identity.get("feature_names", [])) != list(FEATURE_NAMES):
+        raise UserError(f"{where} was made with feature version {identity.get('feature_version')}, this code "
+                        f"computes version {FEATURE_VERSION}; relabel it with this code")
+
+
+def arrays_from_store(root: str | Path, criterion=None) -> tuple[LabelArrays, dict]:
+    store = LabelStore(root)
+    if not store.root.is_dir():
+        raise UserError(f"label store {root} does not exist; run labeling first or fix the path")
+    meta = store.meta()
+    check_feature_version(meta, f"label store {root}")
+    crit = criterion if criterion is not None else meta["criterion"]
+    return arrays_from_frame(apply_criterion(store.table(), crit)), meta
+
+
+def store_hash(root: str | Path) -> str:
+    """sha256 over the store's identity and shard contents (what a checkpoint was trained on)."""
+    store = LabelStore(root)
+    h = hashlib.sha256(json.dumps(store.meta().get("identity", {}), sort_keys=True).encode())
+    for shard in store.shards():
+        h.update(shard.name.encode())
+        h.update(shard.read_bytes())
+    return h.hexdigest()
+
+
+def split_groups(groups: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
+    """{split: row indices}; a group's split depends only on its name and the seed."""
+    edges = np.cumsum(fractions)
+    u = np.array([int.from_bytes(hashlib.sha256(f"{seed}:{g}".encode()).digest()[:8], "big") / 2**64
+                  for g in groups])
+    which = np.searchsorted(edges, u, side="right")
+    return {name: np.flatnonzero(which == i) for i, name in enumerate(SPLITS)}

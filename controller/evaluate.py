@@ -1,0 +1,100 @@
+"""Evaluating calibrated policies on labeled requests.
+
+Owns `policy_metrics` (violation rate with its Clopper-Pearson interval, attention compute saved,
+mean level and achieved sparsity, task accuracy relative to dense), `evaluate_all` (every policy,
+overall, per task and per length bucket), `alpha_sweep` (recalibrate at each alpha: the
+violation / compute-saved trade-off) and `reliability` (calibration of P(safe)).
+compute_saved = 1 - sum over requests of the attention blocks computed at the chosen level (all
+layers, dense ones included) / the same sum for dense causal attention: kept-block FLOPs, which
+weights long requests by their quadratic cost. Imports `controller` modules below it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .calibrate import Calibration, calibrate, violations
+from .dataset import LabelArrays
+from .policies import LearnedPolicy, Policy, oracle_decisions
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    from scipy.stats import beta
+    if n == 0:
+        return (math.nan, math.nan)
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return lo, hi
+
+
+def policy_metrics(arrays: LabelArrays, chosen: np.ndarray) -> dict:
+    rows = np.arange(len(arrays))
+    bad = violations(arrays, chosen)
+    dense_score = arrays.score[:, 0].sum()
+    lo, hi = clopper_pearson(int(bad.sum()), len(arrays))
+    return {
+        "n": int(len(arrays)),
+        "violation_rate": float(bad.mean()) if len(arrays) else math.nan,
+        "violation_ci95": [lo, hi],
+        "compute_saved": float(1.0 - arrays.kept[rows, chosen].sum() / arrays.causal.sum()) if len(arrays) else math.nan,
+        "mean_level": float(arrays.levels[chosen].mean()) if len(arrays) else math.nan,
+        "mean_achieved_sparsity": float(arrays.achieved[rows, chosen].mean()) if len(arrays) else math.nan,
+        "accuracy_vs_dense": float(arrays.score[rows, chosen].sum() / dense_score) if dense_score > 0 else None,
+        "dense_requests": float((chosen == 0).mean()) if len(arrays) else math.nan,
+    }
+
+
+def length_bucket(n_tokens: np.ndarray) -> np.ndarray:
+    """Power-of-two buckets by actual length: '<=512', '<=1024', ..."""
+    return np.array([f"<={2 ** math.ceil(math.log2(max(n, 2)))}" for n in n_tokens])
+
+
+def breakdowns(arrays: LabelArrays, chosen: np.ndarray) -> dict:
+    out = {}
+    for name, keys in (("per_task", arrays.tasks), ("per_length", length_bucket(arrays.n_tokens))):
+        out[name] = {str(k): policy_metrics(arrays.subset(keys == k), chosen[keys == k])
+                     for k in sorted(set(keys), key=lambda s: (len(s), s))}
+    return out
+
+
+def decisions(policy: Policy | None, cal: Calibration | None, arrays: LabelArrays) -> np.ndarray:
+    """Chosen level index per request; `policy=None` is the oracle."""
+    if policy is None:
+        return oracle_decisions(arrays)
+    return cal.decide(policy.scores(arrays.features))
+
+
+def evaluate_all(policies: list[Policy], cals: dict[str, Calibration], arrays: LabelArrays) -> dict:
+    """{policy name: metrics + calibration + breakdowns}, the oracle last."""
+    out = {}
+    for policy in [*policies, None]:
+        name = "oracle" if policy is None else policy.name
+        chosen = decisions(policy, cals.get(name), arrays)
+        m = policy_metrics(arrays, chosen)
+        m["calibration"] = cals[name].to_json() if name in cals else None
+        out[name] = {**m, **breakdowns(arrays, chosen)}
+    return out
+
+
+def alpha_sweep(policies: list[Policy], cal: LabelArrays, test: LabelArrays, alphas, delta: float) -> list[dict]:
+    rows = []
+    for alpha in sorted(set(alphas)):
+        for policy in policies:
+            c = calibrate(policy, cal, alpha, delta)
+            m = policy_metrics(test, c.decide(policy.scores(test.features)))
+            rows.append({"policy": policy.name, "alpha": alpha, "passed": c.passed,
+                         "violation_rate": m["violation_rate"], "compute_saved": m["compute_saved"]})
+    return rows
+
+
+def reliability(policy: LearnedPolicy, arrays: LabelArrays, bins: int = 10) -> list[dict]:
+    """Predicted P(safe) vs observed safe frequency over every (request, sparse level)."""
+    p = policy.scores(arrays.features)[:, 1:].ravel()
+    closed = (arrays.label_index[:, None] >= np.arange(1, len(arrays.levels))[None]).ravel()
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
+    return [{"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]), "n": int((which == b).sum()),
+             "mean_predicted": float(p[which == b].mean()), "observed_safe": float(closed[which == b].mean())}
+            for b in range(bins) if (which == b).any()]

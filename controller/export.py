@@ -1,0 +1,96 @@
+"""Controller checkpoints: weights in safetensors + one JSON record, nothing executable.
+
+Owns `export_checkpoint` (writes `model.safetensors` and `controller.json` into a temporary folder,
+then renames it into place), `load_checkpoint` (validates format, feature version and names,
+tensor shapes; any problem is one UserError line) and `ControllerCheckpoint` (the net, its
+calibration, grid and sparse settings). The JSON record holds the feature spec and normalisation,
+grid, method, block size, dense layers, threshold, alpha, delta, model fingerprint, label-store
+hash and versions. Imports `data` and `controller` modules below it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.errors import UserError
+from data.features import FEATURE_NAMES, FEATURE_VERSION
+
+from .calibrate import Calibration
+from .net import SafetyNet
+
+CHECKPOINT_FORMAT = 1
+WEIGHTS_FILE, RECORD_FILE = "model.safetensors", "controller.json"
+
+
+@dataclass
+class ControllerCheckpoint:
+    net: SafetyNet
+    record: dict
+
+    @property
+    def calibration(self) -> Calibration:
+        return Calibration.from_json(self.record["calibration"])
+
+    @property
+    def levels(self) -> np.ndarray:
+        return np.asarray(self.record["grid"], dtype=np.float64)
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.record["model"]["fingerprint"]
+
+
+def export_checkpoint(path: str | Path, net: SafetyNet, record: dict) -> Path:
+    """Write the checkpoint folder atomically; an existing folder at `path` is replaced."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+    (tmp / RECORD_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, **record}, indent=1, sort_keys=True))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads((path / RECORD_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {path}: {RECORD_FILE} is unreadable ({type(e).__name__}); re-export it") from None
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} has format {record.get('format') if isinstance(record, dict) else '?'}, "
+                        f"this code reads format {CHECKPOINT_FORMAT}; re-export it with this version")
+    if record.get("feature_version") != FEATURE_VERSION or record.get("feature_names") != list(FEATURE_NAMES):
+        raise UserError(f"checkpoint {path} was trained on feature version {record.get('feature_version')}, "
+                        f"this code computes version {FEATURE_VERSION}; retrain it")
+    return record
+
+
+def load_checkpoint(path: str | Path) -> ControllerCheckpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not (path / RECORD_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise UserError(f"{path} is not a controller checkpoint (needs {RECORD_FILE} and {WEIGHTS_FILE}); "
+                        "make one with train.py")
+    record = _read_record(path)
+    try:
+        cfg = record["net"]
+        net = SafetyNet(cfg["n_features"], cfg["n_sparse_levels"], cfg["hidden"], cfg["depth"], cfg["dropout"])
+        net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+        Calibration.from_json(record["calibration"])
+    except (SafetensorError, RuntimeError, KeyError, TypeError, ValueError) as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"checkpoint {path} is corrupt or incompatible ({msg}); re-export it") from None
+    if len(record["grid"]) != cfg["n_sparse_levels"] + 1:
+        raise UserError(f"checkpoint {path}: grid has {len(record['grid'])} levels but the net {cfg['n_sparse_levels'] + 1}")
+    return ControllerCheckpoint(net.eval(), record)

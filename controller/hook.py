@@ -1,0 +1,149 @@
+"""The inference hook: a trained controller picks the sparsity level of each request in a frozen
+transformers model, inside plain `model(...)` and `model.generate(...)` calls.
+
+Owns `attach(model, checkpoint)` -> `ControllerHandle` (`detach()` restores the model) and
+`Decision`. On every fresh prefill a forward pre-hook makes a `SparsePlan` current with no levels
+yet; the dense probe layers run and call back; after the last probe layer the handle computes each
+row's features with `data.features.compute_features` (THE extractor labeling used), asks the net
+for P(safe), applies the calibrated threshold and sets the row levels, so the later (sparse)
+layers of the same forward run at those levels. Decode and cached continuations stay dense. Any
+failure while deciding a row makes that row dense and is logged, never raised.
+Imports `sparse_kernels`, `data` and `controller` modules below it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.errors import UserError
+from data.features import ProbeCollector, compute_features, feature_vector
+from data.models import LoadedModel, model_fingerprint
+from sparse_kernels import SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
+
+from .export import ControllerCheckpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+STRUCTURE = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
+
+
+@dataclass(frozen=True)
+class Decision:
+    level: float                 # nominal grid level chosen for the request
+    probability: float           # the controller's P(safe) at that level (1 for dense)
+    achieved_sparsity: float     # measured from the block index of the sparse layers
+    fallback: str | None = None  # why the request ran dense despite the controller, if it did
+
+
+def check_model(model, ckpt: ControllerCheckpoint, strict: bool = True) -> None:
+    """UserError unless `model` is the model the checkpoint's labels were made with."""
+    fp, recorded = model_fingerprint(model)
+    want = ckpt.fingerprint
+    diff = [k for k in STRUCTURE if fp.get(k) != want.get(k)]
+    if diff:
+        raise UserError(f"controller was trained for model {want.get('id')} ({', '.join(f'{k}={want.get(k)}' for k in diff)}), "
+                        f"this model has {', '.join(f'{k}={fp.get(k)}' for k in diff)}; train a controller for this model")
+    if fp["id"] != want["id"] and (recorded or strict):
+        how = "" if recorded else " (load it with data.models.load_model so its file fingerprint is known, or attach with strict=False)"
+        raise UserError(f"controller was trained for model {want['id']}, this model's weights are {fp['id']}{how}")
+
+
+class ControllerHandle:
+    def __init__(self, model, ckpt: ControllerCheckpoint, task: str | list[str] | None):
+        self.model, self.ckpt, self.task = model, ckpt, task
+        self.last_decisions: list[Decision] = []
+        rec = ckpt.record["sparse"]
+        self.selection = SelectionSpec(method=rec["method"], block_size=rec["block_size"], sink_blocks=rec["sink_blocks"],
+                                       local_blocks=rec["local_blocks"], last_queries=rec["last_queries"])
+        self.dense_layers, self.probe_layers = frozenset(rec["dense_layers"]), frozenset(rec["probe_layers"])
+        self.probe_window, self.backend = rec["probe_window"], rec["backend"]
+        self._previous = enable_sparse_attention(model)
+        self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+                       model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
+        self._active = None   # (context manager, plan, collector, rows) during a prefill
+
+    # ---------------------------------------------------------------- public
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        disable_sparse_attention(self.model, self._previous)
+
+    def __enter__(self) -> "ControllerHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def decide(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """features [B, F] -> (level index [B], P(safe) at it [B]): the calibrated decision."""
+        p = self.ckpt.net.safe_probability(torch.from_numpy(np.asarray(features, dtype=np.float32))).numpy()
+        idx = self.ckpt.calibration.decide(np.concatenate([np.full((len(p), 1), np.inf), p[:, 1:]], axis=1))
+        return idx, p[np.arange(len(p)), idx]
+
+    # ---------------------------------------------------------------- hooks
+    def _task_of(self, row: int) -> str | None:
+        return self.task[row] if isinstance(self.task, (list, tuple)) else self.task
+
+    def _before(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        fresh = cache is None or cache.get_seq_length() == 0
+        if ids is None or ids.dim() != 2 or ids.shape[1] < 2 or not fresh:
+            return None
+        mask = kwargs.get("attention_mask")
+        rows = [ids[r][mask[r].bool()] if mask is not None else ids[r] for r in range(ids.shape[0])]
+        collector = ProbeCollector()
+        plan = SparsePlan(levels=None, selection=self.selection, dense_layers=self.dense_layers, backend=self.backend,
+                          probe_layers=self.probe_layers, on_probe=lambda layer, stats: self._probe(layer, stats),
+                          probe_window=self.probe_window)
+        ctx = use_plan(plan)
+        ctx.__enter__()
+        self._active = (ctx, plan, collector, [r.tolist() for r in rows], {})
+        return None
+
+    def _probe(self, layer: int, stats: dict) -> None:
+        ctx, plan, collector, rows, info = self._active
+        collector(layer, stats)
+        if layer != max(self.probe_layers):
+            return
+        levels = np.zeros(len(rows))
+        for r, ids in enumerate(rows):
+            try:
+                feats = feature_vector(compute_features(ids, collector.pooled(r), self._task_of(r)))
+                idx, prob = self.decide(feats[None])
+                levels[r] = self.ckpt.levels[idx[0]]
+                info[r] = (float(prob[0]), None)
+            except Exception as e:  # noqa: BLE001 - a controller failure must never reach generate()
+                log.warning("controller failed on request %d (%s: %s); running it dense", r, type(e).__name__, e)
+                info[r] = (1.0, f"{type(e).__name__}: {e}")
+        plan.set_levels(torch.from_numpy(levels))
+
+    def _after(self, module, args, kwargs, output):
+        if self._active is None:
+            return None
+        ctx, plan, collector, rows, info = self._active
+        self._active = None
+        ctx.__exit__(None, None, None)
+        levels = plan.levels.tolist() if plan.levels is not None else [0.0] * len(rows)
+        achieved = plan.counts.achieved_sparsity().tolist()
+        decisions = []
+        for r in range(len(rows)):
+            prob, fallback = info.get(r, (1.0, "no probe layer ran"))
+            decisions.append(Decision(float(levels[r]), prob, float(achieved[r]) if r < len(achieved) else 0.0, fallback))
+        self.last_decisions = decisions
+        return None
+
+
+def attach(model, checkpoint: str | Path | ControllerCheckpoint, task: str | list[str] | None = None,
+           strict: bool = True) -> ControllerHandle:
+    """Attach a controller to a frozen transformers model (or a `LoadedModel`); returns the handle.
+    `task` names the request type when the caller knows it (else the controller assumes `unknown`)."""
+    if isinstance(model, LoadedModel):
+        model = model.model
+    ckpt = checkpoint if isinstance(checkpoint, ControllerCheckpoint) else load_checkpoint(checkpoint)
+    check_model(model, ckpt, strict)
+    return ControllerHandle(model, ckpt, task)

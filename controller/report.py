@@ -1,0 +1,165 @@
+"""The evaluation report: `metrics.json`, `report.md` and PNG figures in one folder.
+
+Owns `goals` (the controller against the fixed budget, the length-law and the oracle),
+`write_report` (every file written to a temporary name, then renamed) and the three figures:
+safe level vs length per task, violation vs compute saved for every policy over the alpha sweep,
+and the reliability of P(safe). Imports `data` and `controller` modules below it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data.figures import label_vs_length, plot_label_vs_length
+
+from .dataset import LabelArrays
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def goals(metrics: dict, alpha: float) -> dict:
+    p = metrics["policies"]
+    c = p["controller"]["compute_saved"]
+    fixed, law, oracle = (p[k]["compute_saved"] for k in ("fixed", "length_law", "oracle"))
+    return {"controller_violation_le_alpha": p["controller"]["violation_rate"] <= alpha,
+            "saves_more_than_fixed": c > fixed, "saves_more_than_length_law": c > law,
+            "ratio_to_fixed": c / fixed if fixed > 0 else (math.inf if c > 0 else None),
+            "share_of_oracle": c / oracle if oracle > 0 else None,
+            "goal_ratio_to_fixed": 2.0, "goal_share_of_oracle": 0.85}
+
+
+def _fmt(v, pct=False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
+
+
+def policy_table(policies: dict) -> str:
+    lines = ["| policy | violation rate (95% CI) | compute saved | mean level | mean achieved sparsity | "
+             "accuracy vs dense | dense requests | threshold | calibrated | n |", "|" + "---|" * 10]
+    for name, m in policies.items():
+        cal = m.get("calibration")
+        lo, hi = m["violation_ci95"]
+        thr = "-" if cal is None else ("dense" if cal["threshold"] is None else f"{cal['threshold']:.3f}")
+        ok = "oracle" if cal is None else ("yes" if cal["passed"] else "no: dense")
+        lines.append(f"| {name} | {_fmt(m['violation_rate'], True)} ({_fmt(lo, True)}-{_fmt(hi, True)}) | "
+                     f"{_fmt(m['compute_saved'], True)} | {_fmt(m['mean_level'])} | {_fmt(m['mean_achieved_sparsity'])} | "
+                     f"{_fmt(m['accuracy_vs_dense'])} | {_fmt(m['dense_requests'], True)} | {thr} | {ok} | {m['n']} |")
+    return "\n".join(lines)
+
+
+def breakdown_table(policies: dict, key: str, value: str = "compute_saved") -> str:
+    groups = list(next(iter(policies.values()))[key])
+    lines = [f"| policy | {' | '.join(groups)} |", "|" + "---|" * (len(groups) + 1)]
+    for name, m in policies.items():
+        cells = [f"{_fmt(m[key][g][value], True)} / {_fmt(m[key][g]['violation_rate'], True)}" for g in groups]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_tradeoff(metrics: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sweep = pd.DataFrame(metrics["alpha_sweep"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, g in sweep.groupby("policy", sort=False):
+        g = g.sort_values("alpha")
+        ax.plot(100 * g["violation_rate"], 100 * g["compute_saved"], marker="o", label=name)
+    o = metrics["policies"]["oracle"]
+    ax.scatter([100 * o["violation_rate"]], [100 * o["compute_saved"]], marker="*", s=160, color="black", label="oracle")
+    ax.axvline(100 * metrics["alpha"], color="grey", linestyle=":", label=f"alpha = {metrics['alpha']}")
+    ax.set_xlabel("violation rate on the test split (%)")
+    ax.set_ylabel("attention compute saved (%)")
+    ax.set_title("each point: a policy calibrated at one alpha of the sweep", fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_reliability(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.plot([r["mean_predicted"] for r in rows], [r["observed_safe"] for r in rows], marker="o")
+    ax.set_xlabel("controller P(safe) (bin mean)")
+    ax.set_ylabel("observed safe fraction")
+    ax.set_title("calibration of P(safe), test split, every sparse level", fontsize=9)
+    _save(fig, path)
+
+
+def length_finding(arrays: LabelArrays, path: Path, title: str) -> pd.DataFrame:
+    labels = pd.DataFrame({"task": arrays.tasks, "target_length": arrays.target_length,
+                           "label": arrays.levels[arrays.label_index],
+                           "label_achieved": arrays.achieved[np.arange(len(arrays)), arrays.label_index]})
+    table = label_vs_length(labels)
+    plot_label_vs_length(table, path, title)
+    return table
+
+
+def write_report(out: Path, metrics: dict, arrays: LabelArrays, header: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    metrics["goals"] = goals(metrics, metrics["alpha"])
+    table = length_finding(arrays, out / "label_vs_length.png", header)
+    plot_tradeoff(metrics, out / "tradeoff.png")
+    plot_reliability(metrics["reliability"], out / "reliability.png")
+    _atomic_text(out / "metrics.json", json.dumps(metrics, indent=1, default=float))
+    _atomic_text(out / "report.md", report_markdown(metrics, table, header))
+    return out
+
+
+def goal_lines(metrics: dict) -> list[str]:
+    g, p = metrics["goals"], metrics["policies"]
+    c = p["controller"]
+    lines = [f"- Controller violation rate {_fmt(c['violation_rate'], True)} vs alpha {metrics['alpha']}: "
+             f"{'met' if g['controller_violation_le_alpha'] else 'NOT met'}."]
+    ratio, share = g["ratio_to_fixed"], g["share_of_oracle"]
+    fixed = p["fixed"]["compute_saved"]
+    lines.append(f"- Compute saved: controller {_fmt(c['compute_saved'], True)}, fixed {_fmt(fixed, True)}, "
+                 f"length-law {_fmt(p['length_law']['compute_saved'], True)}, oracle {_fmt(p['oracle']['compute_saved'], True)}.")
+    lines.append(f"- Against the fixed budget (goal >= 2x): "
+                 + ("fixed saves nothing at this alpha, so any saving is an unbounded ratio" if fixed <= 0 else f"{ratio:.2f}x")
+                 + f"; against the oracle (goal >= 85%): {_fmt(share, True)}"
+                 + ("" if share is None or share >= 0.85 else f", short by {_fmt(0.85 - share, True)} of the oracle's saving")
+                 + ".")
+    return lines
+
+
+def report_markdown(metrics: dict, length_table: pd.DataFrame, header: str) -> str:
+    p = metrics["policies"]
+    parts = [f"# Controller report\n\n{header}\n",
+             f"Evaluated on {metrics['evaluated_on']} ({metrics['n']} requests). Calibration: Learn-then-Test, "
+             f"alpha = {metrics['alpha']}, delta = {metrics['delta']}, {metrics['n_calibration']} calibration requests. "
+             "A violation = the request fails the safety criterion at the level chosen for it. compute saved = 1 - "
+             "attention blocks computed (all layers) / dense causal blocks, summed over requests.\n",
+             "## Goals\n", *goal_lines(metrics), "", metrics.get("why", ""), "",
+             "## Every policy\n", policy_table(p), "",
+             "## Per task (compute saved / violation rate)\n", breakdown_table(p, "per_task"), "",
+             "## Per length bucket (compute saved / violation rate)\n", breakdown_table(p, "per_length"), "",
+             "## Trade-off (alpha sweep)\n", "![trade-off](tradeoff.png)\n",
+             pd.DataFrame(metrics["alpha_sweep"]).to_markdown(index=False, floatfmt=".3f"), "",
+             "## Safe level vs length per task (the paper's finding, these requests)\n",
+             "![label vs length](label_vs_length.png)\n", length_table.to_markdown(index=False), "",
+             "## Calibration of P(safe)\n", "![reliability](reliability.png)\n",
+             pd.DataFrame(metrics["reliability"]).to_markdown(index=False, floatfmt=".3f"), "",
+             "## Provenance\n", "```json", json.dumps(metrics["provenance"], indent=1), "```", ""]
+    return "\n".join(parts)
