@@ -1,4 +1,5 @@
-# Quick start: `make demo` (label a small set on the embedded model), `make test`.
+# Quick start: `make demo` (train, calibrate, export and evaluate a controller for the embedded
+# model on the committed label store; prints the report folder last), `make test`.
 # Each target creates the local virtual environment .venv if it is missing.
 PY ?= python3.11
 VENV := .venv

@@ -47,7 +47,7 @@ def run(job: ControllerJobConfig) -> str | None:
     from controller.pipeline import evaluate_checkpoint, resolve_labels, train_controller
     from dataclasses import replace
     labels = resolve_labels(job)
-    checkpoint = train_controller(replace(job, labels=labels))
+    checkpoint = train_controller(replace(job, labels=labels)).checkpoint
     print(f"checkpoint: {checkpoint}")
     if "evaluate" not in job.stages:
         return str(checkpoint)

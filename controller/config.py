@@ -55,6 +55,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     task_dropout: float = 0.3      # share of training samples whose task is shown as `unknown`
     patience: int = 30             # early stopping on validation loss
+    compute_weight: float = 1.0    # loss weight per request ~ (n / max n)^compute_weight (long requests hold the compute)
     seed: int = 0
 
     def __post_init__(self):
@@ -70,8 +71,11 @@ class CalibrationConfig:
     alpha: float = 0.05
     delta: float = 0.1
     sweep: tuple[float, ...] = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)   # alphas of the trade-off curve
+    decision: str = "compute_aware"   # compute_aware or threshold (see controller/policies.py)
 
     def __post_init__(self):
+        if self.decision not in ("compute_aware", "threshold"):
+            raise UserError(f"calibration.decision must be compute_aware or threshold, got {self.decision!r}")
         for name, v in [("alpha", self.alpha), ("delta", self.delta), *(("sweep", a) for a in self.sweep)]:
             if math.isnan(v) or not 0 < v < 1:
                 raise UserError(f"calibration.{name} must lie in (0, 1), got {v}")

@@ -16,7 +16,7 @@ import numpy as np
 
 from .calibrate import Calibration, calibrate, violations
 from .dataset import LabelArrays
-from .policies import LearnedPolicy, Policy, oracle_decisions
+from .policies import LearnedPolicy, Policy, decide, oracle_decisions
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -98,3 +98,25 @@ def reliability(policy: LearnedPolicy, arrays: LabelArrays, bins: int = 10) -> l
     return [{"bin_low": float(edges[b]), "bin_high": float(edges[b + 1]), "n": int((which == b).sum()),
              "mean_predicted": float(p[which == b].mean()), "observed_safe": float(closed[which == b].mean())}
             for b in range(bins) if (which == b).any()]
+
+
+def best_in_hindsight(policy: Policy, arrays: LabelArrays, alpha: float) -> float:
+    """The most compute a policy's scores could save at violation rate <= alpha if the threshold
+    were tuned on these very requests: a ceiling for diagnosis, not a policy (no guarantee)."""
+    scores, best = policy.scores(arrays.features), 0.0
+    for lam in policy.lambdas:
+        m = policy_metrics(arrays, decide(scores, lam))
+        if m["violation_rate"] <= alpha:
+            best = max(best, m["compute_saved"])
+    return best
+
+
+def separability(policy: LearnedPolicy, arrays: LabelArrays) -> dict[str, float | None]:
+    """ROC AUC of P(safe at level) for 'label >= level', per sparse level."""
+    from sklearn.metrics import roc_auc_score
+    p = policy.scores(arrays.features)
+    out = {}
+    for k, level in enumerate(arrays.levels[1:], start=1):
+        y = arrays.label_index >= k
+        out[f"{level:g}"] = float(roc_auc_score(y, p[:, k])) if 0 < y.sum() < len(y) else None
+    return out

@@ -25,6 +25,7 @@ from data.models import LoadedModel, model_fingerprint
 from sparse_kernels import SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
 
 from .export import ControllerCheckpoint, load_checkpoint
+from .policies import controller_policy
 
 log = logging.getLogger(__name__)
 STRUCTURE = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
@@ -55,11 +56,13 @@ class ControllerHandle:
     def __init__(self, model, ckpt: ControllerCheckpoint, task: str | list[str] | None):
         self.model, self.ckpt, self.task = model, ckpt, task
         self.last_decisions: list[Decision] = []
+        self.last_features: list[np.ndarray | None] = []   # per row of the last prefill, as decided on
         rec = ckpt.record["sparse"]
         self.selection = SelectionSpec(method=rec["method"], block_size=rec["block_size"], sink_blocks=rec["sink_blocks"],
                                        local_blocks=rec["local_blocks"], last_queries=rec["last_queries"])
         self.dense_layers, self.probe_layers = frozenset(rec["dense_layers"]), frozenset(rec["probe_layers"])
         self.probe_window, self.backend = rec["probe_window"], rec["backend"]
+        self.policy = controller_policy(ckpt.net, ckpt.levels, ckpt.record["decision"])
         self._previous = enable_sparse_attention(model)
         self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                        model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
@@ -80,8 +83,9 @@ class ControllerHandle:
 
     def decide(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """features [B, F] -> (level index [B], P(safe) at it [B]): the calibrated decision."""
-        p = self.ckpt.net.safe_probability(torch.from_numpy(np.asarray(features, dtype=np.float32))).numpy()
-        idx = self.ckpt.calibration.decide(np.concatenate([np.full((len(p), 1), np.inf), p[:, 1:]], axis=1))
+        features = np.asarray(features, dtype=np.float32)
+        idx = self.ckpt.calibration.decide(self.policy.scores(features))
+        p = self.ckpt.net.safe_probability(torch.from_numpy(features)).numpy()
         return idx, p[np.arange(len(p)), idx]
 
     # ---------------------------------------------------------------- hooks
@@ -114,6 +118,7 @@ class ControllerHandle:
         for r, ids in enumerate(rows):
             try:
                 feats = feature_vector(compute_features(ids, collector.pooled(r), self._task_of(r)))
+                info[("features", r)] = feats
                 idx, prob = self.decide(feats[None])
                 levels[r] = self.ckpt.levels[idx[0]]
                 info[r] = (float(prob[0]), None)
@@ -135,6 +140,7 @@ class ControllerHandle:
             prob, fallback = info.get(r, (1.0, "no probe layer ran"))
             decisions.append(Decision(float(levels[r]), prob, float(achieved[r]) if r < len(achieved) else 0.0, fallback))
         self.last_decisions = decisions
+        self.last_features = [info.get(("features", r)) for r in range(len(rows))]
         return None
 
 

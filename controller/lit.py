@@ -30,6 +30,7 @@ from .net import SafetyNet
 
 TASK_COLUMNS = [FEATURE_NAMES.index(n) for n in TASK_FEATURES]
 UNKNOWN_COLUMN = FEATURE_NAMES.index("task_unknown")
+LOG_LENGTH_COLUMN = FEATURE_NAMES.index("log_length")
 
 
 def targets(arrays: LabelArrays) -> np.ndarray:
@@ -71,23 +72,30 @@ class LabelDataModule(L.LightningDataModule):
 
 
 class SafetyModule(L.LightningModule):
-    def __init__(self, net: SafetyNet, lr: float, weight_decay: float, task_dropout: float):
+    def __init__(self, net: SafetyNet, lr: float, weight_decay: float, task_dropout: float,
+                 compute_weight: float = 0.0, max_log_length: float = 0.0):
         super().__init__()
         self.net, self.lr, self.weight_decay, self.task_dropout = net, lr, weight_decay, task_dropout
+        self.compute_weight, self.max_log_length = compute_weight, max_log_length
         self.save_hyperparameters(ignore=["net"])
+
+    def loss(self, features: torch.Tensor, raw: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """BCE per request (mean over levels), weighted by (n / max n)^compute_weight, normalised."""
+        per_request = F.binary_cross_entropy_with_logits(self.net(features), y, reduction="none").mean(1)
+        w = torch.exp(self.compute_weight * (raw[:, LOG_LENGTH_COLUMN] - self.max_log_length))
+        return (per_request * w).sum() / w.sum()
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         drop = torch.rand(x.shape[0], device=x.device) < self.task_dropout
-        loss = F.binary_cross_entropy_with_logits(self.net(mask_task(x, drop)), y)
+        loss = self.loss(mask_task(x, drop), x, y)
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=x.shape[0])
         return loss
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         for name, feats in (("val_loss", x), ("val_loss_unknown_task", mask_task(x, torch.ones(len(x), dtype=torch.bool)))):
-            loss = F.binary_cross_entropy_with_logits(self.net(feats), y)
-            self.log(name, loss, prog_bar=name == "val_loss", batch_size=x.shape[0])
+            self.log(name, self.loss(feats, x, y), prog_bar=name == "val_loss", batch_size=x.shape[0])
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -121,7 +129,8 @@ def fit_net(job: ControllerJobConfig, data: LabelDataModule, out: str) -> tuple[
     train = data.arrays.subset(data.splits["train"])
     net = SafetyNet(len(FEATURE_NAMES), len(data.arrays.levels) - 1, job.net.hidden, job.net.depth, job.net.dropout)
     net.set_normalisation(*map(torch.from_numpy, normalisation(train.features)))
-    module = SafetyModule(net, job.train.lr, job.train.weight_decay, job.train.task_dropout)
+    module = SafetyModule(net, job.train.lr, job.train.weight_decay, job.train.task_dropout,
+                          job.train.compute_weight, float(train.features[:, LOG_LENGTH_COLUMN].max()))
     best = KeepBest()
     trainer = L.Trainer(max_epochs=job.train.max_epochs, accelerator="cpu", devices=1, deterministic=True,
                         logger=make_loggers(job, out), enable_checkpointing=False, enable_progress_bar=False,

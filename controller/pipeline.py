@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +23,11 @@ from data.features import FEATURE_NAMES, FEATURE_VERSION
 from .calibrate import calibrate
 from .config import ControllerJobConfig
 from .dataset import LabelArrays, arrays_from_store, split_groups, store_hash
-from .evaluate import alpha_sweep, evaluate_all, reliability
+from .evaluate import alpha_sweep, best_in_hindsight, evaluate_all, reliability, separability
 from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
 from .lit import LabelDataModule, fit_net
-from .policies import FixedPolicy, LearnedPolicy, LengthLawPolicy, Policy, SklearnPolicy
-from .report import write_report
+from .policies import ComputeAware, LearnedPolicy, FixedPolicy, LengthLawPolicy, Policy, SklearnPolicy, controller_policy
+from .report import why_short, write_report
 
 
 def versions() -> dict:
@@ -66,10 +66,17 @@ def resolve_labels(job: ControllerJobConfig) -> str:
     return str(store.root)
 
 
-def build_policies(net, train: LabelArrays, seed: int) -> list[Policy]:
-    return [LearnedPolicy(net), LearnedPolicy(net, "controller_unknown_task", hide_task=True),
-            SklearnPolicy("logistic", seed).fit(train), SklearnPolicy("gbm", seed).fit(train),
-            FixedPolicy(train.levels), LengthLawPolicy(train.levels).fit(train)]
+def build_policies(net, train: LabelArrays, seed: int, rule: str) -> list[Policy]:
+    """The controller first, then its variants and the baselines; every P(safe) policy decides
+    with the same rule, so the comparison is of predictors, not of decision rules."""
+    levels = train.levels
+    same_rule = (lambda p: ComputeAware(p, levels, p.name)) if rule == "compute_aware" else (lambda p: p)
+    policies = [controller_policy(net, levels, rule),
+                controller_policy(net, levels, rule, hide_task=True, name="controller_unknown_task")]
+    if rule == "compute_aware":
+        policies.append(controller_policy(net, levels, "threshold", name="controller_plain_threshold"))
+    return policies + [same_rule(SklearnPolicy("logistic", seed).fit(train)), same_rule(SklearnPolicy("gbm", seed).fit(train)),
+                       FixedPolicy(levels), LengthLawPolicy(levels).fit(train)]
 
 
 def _splits(arrays: LabelArrays, split: dict) -> dict[str, np.ndarray]:
@@ -85,14 +92,21 @@ def make_record(job: ControllerJobConfig, meta: dict, labels: str, net, cal, inf
         "calibration": cal.to_json(), "alpha": cal.alpha, "delta": cal.delta,
         "model": {"name": meta.get("model_name"), "fingerprint": meta["identity"]["model"]},
         "label_store": {"path": labels, "sha256": store_hash(labels), "samples": len(arrays)},
-        "criterion": asdict(job.criterion), "split": asdict(job.split), "sweep": list(job.calibration.sweep),
+        "criterion": asdict(job.criterion), "split": asdict(job.split), "sweep": list(job.calibration.sweep), "decision": job.calibration.decision,
         "net": {"n_features": len(FEATURE_NAMES), "n_sparse_levels": len(arrays.levels) - 1, **asdict(job.net)},
         "training": {**info, **asdict(job.train)}, "versions": versions(), "git_sha": _git_sha(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 
-def train_controller(job: ControllerJobConfig) -> Path:
-    """Label (or reuse) -> train -> calibrate -> export. Returns the checkpoint folder."""
+@dataclass
+class Trained:
+    checkpoint: Path
+    net: object          # the in-memory SafetyNet
+    calibration: object  # its Calibration
+
+
+def train_controller(job: ControllerJobConfig) -> Trained:
+    """Label (or reuse) -> train -> calibrate -> export."""
     labels = resolve_labels(job)
     arrays, meta = arrays_from_store(labels, job.criterion)
     splits = _splits(arrays, asdict(job.split))
@@ -100,11 +114,13 @@ def train_controller(job: ControllerJobConfig) -> Path:
         raise UserError(f"label store {labels} has {len(arrays)} samples: too few for train/val/calibration/test splits")
     out = Path(job.out)
     net, info = fit_net(job, LabelDataModule(arrays, splits, job.train.batch_size, job.train.seed), str(out))
-    cal = calibrate(LearnedPolicy(net), arrays.subset(splits["calibration"]), job.calibration.alpha, job.calibration.delta)
+    policy = controller_policy(net, arrays.levels, job.calibration.decision)
+    cal = calibrate(policy, arrays.subset(splits["calibration"]), job.calibration.alpha, job.calibration.delta)
     if not cal.passed:
         print(f"warning: no threshold passes Learn-then-Test at alpha={cal.alpha}, delta={cal.delta} on "
               f"{cal.n} calibration requests; the controller falls back to dense for every request")
-    return export_checkpoint(out / "checkpoint", net, make_record(job, meta, labels, net, cal, info, arrays))
+    path = export_checkpoint(out / "checkpoint", net, make_record(job, meta, labels, net, cal, info, arrays))
+    return Trained(path, net, cal)
 
 
 def _label_ruler(ckpt: ControllerCheckpoint, ruler: str, out: Path) -> str:
@@ -138,16 +154,19 @@ def evaluate_checkpoint(checkpoint: str, out: str, labels: str | None = None, ru
         store_arrays, _ = arrays_from_store(labels, rec["criterion"])
         test = store_arrays.subset(_splits(store_arrays, rec["split"])["test"])
         where = f"label store {labels}, test split"
-    policies = build_policies(ckpt.net, train, rec["split"]["seed"])
+    policies = build_policies(ckpt.net, train, rec["split"]["seed"], rec["decision"])
     alpha, delta = rec["alpha"], rec["delta"]
     cals = {p.name: calibrate(p, cal, alpha, delta) for p in policies[1:]}
     cals["controller"] = ckpt.calibration
     metrics = {"alpha": alpha, "delta": delta, "n": len(test), "n_calibration": len(cal), "evaluated_on": where,
                "policies": evaluate_all(policies, cals, test),
                "alpha_sweep": alpha_sweep(policies, cal, test, [*rec.get("sweep", []), alpha], delta),
-               "reliability": reliability(policies[0], test),
+               "reliability": reliability(LearnedPolicy(ckpt.net), test),
                "provenance": {"checkpoint": str(checkpoint), "model": rec["model"], "label_store": rec["label_store"],
                               "sparse": rec["sparse"], "grid": rec["grid"], "versions": versions()}}
+    metrics["diagnostics"] = {"best_in_hindsight": {p.name: best_in_hindsight(p, test, alpha) for p in policies[:1]},
+                               "auc_p_safe": separability(LearnedPolicy(ckpt.net), test)}
+    metrics["why"] = why_short(metrics)
     header = (f"Model {rec['model']['name']} ({rec['model']['fingerprint']['id']}), {rec['sparse']['method']} "
               f"block {rec['sparse']['block_size']}, grid {rec['grid']}.")
     return write_report(out_dir, metrics, test, header)

@@ -4,7 +4,10 @@ Owns the `Policy` interface: `scores(features)` -> [n, L] safety scores, non-inc
 grid, +inf at level 0, and `lambdas`, the thresholds ordered from conservative to aggressive; the
 decision at threshold lam is the largest level whose score is >= lam (`decide`). Policies:
 `LearnedPolicy` (the SafetyNet's P(safe); optionally with the task hidden), `SklearnPolicy`
-(logistic regression, gradient boosting: one classifier per level, made monotone), `FixedPolicy`
+(logistic regression, gradient boosting: one classifier per level, made monotone),
+`ComputeAware` (a wrapper for any P(safe) policy: a request moves up to level k while the attention
+it would save there, level x (n / 4096)^2, is at least lam times its risk 1 - P; long requests,
+which hold most of the compute, may take a little more risk than short ones), `FixedPolicy`
 (one level for all), `LengthLawPolicy` (level = a + b log n fitted on training labels, shifted by
 lam) and `oracle_decisions` (the labels). Imports `data` and `controller` modules below it.
 """
@@ -47,7 +50,7 @@ class LearnedPolicy(Policy):
         self.lambdas = PROBABILITY_LAMBDAS
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.asarray(features, dtype=np.float32))
+        x = torch.tensor(np.asarray(features, dtype=np.float32))
         if self.hide_task:
             x = mask_task(x, torch.ones(len(x), dtype=torch.bool))
         p = self.net.safe_probability(x).numpy().astype(np.float64)
@@ -85,6 +88,35 @@ class SklearnPolicy(Policy):
         cols = [np.full(len(features), m) if isinstance(m, float) else m.predict_proba(features)[:, 1]
                 for m in self.models]
         return _with_dense(np.stack(cols, axis=1))
+
+
+class ComputeAware(Policy):
+    """score_k = min over j <= k of saved_j / (1 - P_j): a knapsack-like ratio of compute saved to
+    risk taken, made non-increasing; lam is scanned geometrically from conservative to aggressive."""
+    REFERENCE_TOKENS = 4096
+
+    def __init__(self, base: Policy, levels: np.ndarray, name: str | None = None):
+        self.base, self.levels = base, np.asarray(levels, dtype=np.float64)
+        self.name = name or f"{base.name}_compute_aware"
+        self.lambdas = np.logspace(3, -4, 561)
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        p = self.base.scores(features)[:, 1:]
+        n2 = np.exp(2 * (np.asarray(features)[:, LOG_LENGTH].astype(np.float64) - np.log(self.REFERENCE_TOKENS)))
+        saved = self.levels[None, 1:] * n2[:, None]
+        return _with_dense(saved / np.maximum(1.0 - p, 1e-6))
+
+
+DECISION_RULES = ("compute_aware", "threshold")
+
+
+def controller_policy(net: SafetyNet, levels: np.ndarray, rule: str, hide_task: bool = False,
+                      name: str = "controller") -> Policy:
+    """The controller as deployed: its net under the decision rule its checkpoint records."""
+    if rule not in DECISION_RULES:
+        raise ValueError(f"unknown decision rule {rule!r}; choose one of {DECISION_RULES}")
+    base = LearnedPolicy(net, name, hide_task)
+    return ComputeAware(base, levels, name) if rule == "compute_aware" else base
 
 
 class FixedPolicy(Policy):

@@ -52,3 +52,36 @@ def test_good_run_prints_the_store_path_last(capsys, tmp_path):
                        "data.tasks=[{name: niah_single}]", "data.samples_per_length=1"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and lines[-1] == str(out) and (out / "meta.json").is_file()
+
+
+DEMO = str(ROOT / "configs/demo_smollm2.yaml")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("labels=data/labels/missing", "label store data/labels/missing does not exist"),
+    ("calibration.alpha=1.5", "calibration.alpha must lie in (0, 1)"),
+    ("trian.lr=0.1", "unknown key(s) ['trian']"),
+    ("sparse.block_size=32", "other sparse settings or grid"),
+])
+def test_controller_job_bad_input_one_line_exit_2(capsys, tmp_path, override, needle):
+    out = tmp_path / "out"
+    code = train.main(["--config", DEMO, f"out={out}", override])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and needle in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_controller_job_on_the_committed_store_prints_the_report_folder_last(capsys, tmp_path):
+    import json
+    out = tmp_path / "run"
+    assert train.main(["--config", DEMO, f"out={out}", "train.max_epochs=3", "calibration.sweep=[0.1]"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == str(out / "report")
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["alpha"] == 0.05 and metrics["delta"] == 0.1
+    assert {"controller", "fixed", "length_law", "oracle", "sklearn_logistic", "sklearn_gbm"} <= set(metrics["policies"])
+    for m in metrics["policies"].values():
+        assert {"violation_rate", "compute_saved", "mean_level", "accuracy_vs_dense", "n"} <= set(m)
+        assert 0 <= m["compute_saved"] <= 1 and m["n"] == metrics["n"] > 300
+    assert metrics["policies"]["oracle"]["violation_rate"] == 0
+    assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "logs" / "metrics.csv").is_file()

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.config import ControllerJobConfig
 from data.config import LabelJobConfig, load_config
 from data.errors import UserError
 
@@ -15,19 +16,37 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads(path):
-    cfg = load_config(LabelJobConfig, path)
+    cfg = load_config(ControllerJobConfig, path)
     assert cfg.labeling.levels[0] == 0.0 and cfg.data.tasks
+    assert isinstance(cfg.label_job(), LabelJobConfig)
+    if "train" in cfg.stages and cfg.labels is not None:  # a reused store must match the config
+        from controller.pipeline import resolve_labels
+        assert resolve_labels(cfg) == cfg.labels
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("calibration.alpha=1.5", "calibration.alpha must lie in (0, 1)"),
+    ("calibration.delta=0", "calibration.delta must lie in (0, 1)"),
+    ("split.train=0.9", "split fractions"),
+    ("stages=[fit]", "stages must be"),
+    ("train.task_dropout=2", "task_dropout"),
+    ("calibration.decision=magic", "calibration.decision"),
+])
+def test_controller_settings_are_validated(override, needle):
+    with pytest.raises(UserError) as e:
+        load_config(ControllerJobConfig, CONFIGS[0], [override])
+    assert needle in str(e.value)
 
 
 def test_dotted_overrides_are_typed(tmp_path):
-    cfg = load_config(LabelJobConfig, CONFIGS[0], ["data.seed=3", "labeling.grid=[0, 0.5]", "sparse.block_size=32"])
+    cfg = load_config(ControllerJobConfig, CONFIGS[0], ["data.seed=3", "labeling.grid=[0, 0.5]", "sparse.block_size=32"])
     assert cfg.data.seed == 3 and cfg.labeling.grid == (0.0, 0.5) and cfg.sparse.block_size == 32
 
 
 def test_wrong_types_and_bad_yaml(tmp_path):
     with pytest.raises(UserError, match="data.seed must be int"):
-        load_config(LabelJobConfig, CONFIGS[0], ["data.seed=abc"])
+        load_config(ControllerJobConfig, CONFIGS[0], ["data.seed=abc"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
-        load_config(LabelJobConfig, bad)
+        load_config(ControllerJobConfig, bad)

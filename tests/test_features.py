@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from controller.config import ControllerJobConfig
 from data.config import LabelJobConfig, load_config
 from data.features import FEATURE_NAMES, ProbeCollector, compute_features, feature_vector, text_statistics
 from data.labeling import Labeler, build_samples
@@ -12,7 +13,7 @@ from sparse_kernels import SparsePlan, enable_sparse_attention, use_plan
 
 
 def test_labeling_features_equal_single_request_features(tiny_lm):
-    job = load_config(LabelJobConfig, "configs/test_tiny.yaml", ["data.samples_per_length=1"])
+    job = load_config(ControllerJobConfig, "configs/test_tiny.yaml", ["data.samples_per_length=1"]).label_job()
     labeler = Labeler(tiny_lm, job)
     for sample in build_samples(job.data, tiny_lm.tokenizer):
         rows = labeler.label_sample(sample)

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from controller.config import ControllerJobConfig
 from data.config import LabelJobConfig, load_config
 from data.errors import UserError
 from data.features import FEATURE_NAMES
@@ -15,7 +16,7 @@ from data.store import LabelStore, apply_criterion, load_labels, sample_labels
 
 def tiny_job(out, **data):
     overrides = [f"labeling.out={out}"] + [f"data.{k}={v}" for k, v in data.items()]
-    return load_config(LabelJobConfig, "configs/test_tiny.yaml", overrides)
+    return load_config(ControllerJobConfig, "configs/test_tiny.yaml", overrides).label_job()
 
 
 def test_labels_every_sample_at_every_level(tiny_lm, tmp_path):
@@ -118,8 +119,8 @@ def test_store_meta_describes_itself(tiny_lm, tmp_path):
 def test_two_gloo_ranks_write_exactly_the_rows_of_one_process(tiny_lm, tmp_path):
     """DDP on CPU (gloo): disjoint per-rank shares, per-rank shards, merged without loss or duplicates."""
     one = run_labeling(tiny_job(tmp_path / "one"), tiny_lm).table()
-    job = load_config(LabelJobConfig, "configs/test_tiny.yaml",
-                      [f"labeling.out={tmp_path / 'two'}", "labeling.devices=2", "labeling.strategy=ddp_spawn"])
+    job = load_config(ControllerJobConfig, "configs/test_tiny.yaml",
+                      [f"labeling.out={tmp_path / 'two'}", "labeling.devices=2", "labeling.strategy=ddp_spawn"]).label_job()
     run_labeling(job, tiny_lm)
     store = LabelStore(tmp_path / "two")
     names = sorted(p.name for p in store.shards())
@@ -137,7 +138,7 @@ def test_planned_ids_match_generated_samples_and_workers_change_nothing(tiny_lm,
     plan = plan_samples(job.data)
     assert [p.sample_id for p in plan] == [realize(p, tiny_lm.tokenizer).sample_id for p in plan]
     base = run_labeling(job, tiny_lm).table()
-    workers = load_config(LabelJobConfig, "configs/test_tiny.yaml",
-                          [f"labeling.out={tmp_path / 'b'}", "labeling.loader_workers=1"])
+    workers = load_config(ControllerJobConfig, "configs/test_tiny.yaml",
+                          [f"labeling.out={tmp_path / 'b'}", "labeling.loader_workers=1"]).label_job()
     pd.testing.assert_frame_equal(run_labeling(workers, tiny_lm).table()[["sample_id", "level", "nll_gold", "answer"]],
                                   base[["sample_id", "level", "nll_gold", "answer"]])

@@ -1,0 +1,148 @@
+"""The controller's parts on synthetic and committed labels: net, splits, calibration, policies,
+metrics, checkpoint files."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from controller.calibrate import Calibration, calibrate, violations
+from controller.dataset import LabelArrays, arrays_from_store, split_groups
+from controller.evaluate import policy_metrics
+from controller.export import export_checkpoint, load_checkpoint
+from controller.net import SafetyNet
+from controller.policies import ComputeAware, FixedPolicy, LengthLawPolicy, Policy, controller_policy, decide
+from data.errors import UserError
+from data.features import FEATURE_NAMES
+
+STORE = "data/labels/smollm2-135m/v1"
+LEVELS = np.array([0.0, 0.5, 0.7, 0.9])
+
+
+def synthetic(n: int, rng: np.random.Generator, safe: np.ndarray | None = None) -> LabelArrays:
+    L = len(LEVELS)
+    feats = rng.normal(size=(n, len(FEATURE_NAMES))).astype(np.float32)
+    feats[:, FEATURE_NAMES.index("log_length")] = rng.uniform(6, 9, n)
+    if safe is None:
+        safe = np.ones((n, L), dtype=bool)
+        safe[:, 1:] = rng.uniform(size=(n, L - 1)) < 0.8
+    causal = np.exp(2 * feats[:, 0].astype(np.float64))
+    return LabelArrays(sample_ids=np.array([f"s{i}" for i in range(n)]), groups=np.array([f"g{i}" for i in range(n)]),
+                       tasks=np.array(["qa"] * n), n_tokens=np.exp(feats[:, 0]).astype(int), target_length=np.full(n, 1024),
+                       features=feats, levels=LEVELS, safe=safe, kept=causal[:, None] * (1 - LEVELS[None]),
+                       causal=causal, score=np.ones((n, L)), achieved=np.tile(LEVELS, (n, 1)))
+
+
+def test_net_probabilities_never_increase_with_level(gen):
+    net = SafetyNet(len(FEATURE_NAMES), 8, hidden=16, depth=2)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=3.0, generator=gen)
+    p = net.safe_probability(torch.randn(64, len(FEATURE_NAMES), generator=gen) * 5)
+    assert p.shape == (64, 9) and (p[:, 0] == 1).all()
+    assert (p[:, 1:] <= p[:, :-1] + 1e-7).all()
+
+
+def test_label_index_is_the_monotone_closure():
+    a = synthetic(3, np.random.default_rng(0), safe=np.array([[1, 1, 0, 1], [1, 1, 1, 1], [1, 0, 1, 1]], dtype=bool))
+    assert a.label_index.tolist() == [1, 3, 0]
+
+
+def test_splits_are_grouped_deterministic_and_stable():
+    groups = np.array([f"doc{i // 3}" for i in range(600)])  # three requests per document
+    s = split_groups(groups, (0.5, 0.1, 0.2), seed=0)
+    assert sorted(np.concatenate(list(s.values())).tolist()) == list(range(600))
+    owner = {g: name for name, idx in s.items() for g in groups[idx]}
+    assert all((groups[idx] == g).sum() == 3 for name, idx in s.items() for g in set(groups[idx]))  # never split
+    assert abs(len(s["train"]) / 600 - 0.5) < 0.1
+    grown = split_groups(np.concatenate([groups, [f"new{i}" for i in range(50)]]), (0.5, 0.1, 0.2), seed=0)
+    assert {g: name for name, idx in grown.items() for g in np.concatenate([groups, [f"new{i}" for i in range(50)]])[idx]
+            if g.startswith("doc")} == owner
+
+
+class NoisyOracle(Policy):
+    """P(safe) = truth blurred by noise: a policy whose risk rises as the threshold falls."""
+    name = "noisy"
+    lambdas = np.round(np.linspace(1, 0, 101), 3)
+
+    def __init__(self, arrays: LabelArrays, rng):
+        self.p = np.clip(arrays.safe[:, 1:].astype(float) * 0.6 + rng.uniform(0, 0.4, (len(arrays), 3)), 0, 1)
+
+    def scores(self, features):
+        return np.concatenate([np.full((len(self.p), 1), np.inf), np.minimum.accumulate(self.p, axis=1)], axis=1)
+
+
+def test_learn_then_test_guarantee_holds_over_repeated_draws():
+    """P(test violation rate > alpha) must stay <= delta (plus sampling slack) across calibration draws."""
+    rng = np.random.default_rng(1)
+    alpha, delta, failures, trials = 0.1, 0.2, 0, 150
+    for _ in range(trials):
+        cal, test = synthetic(200, rng), synthetic(4000, rng)
+        c = calibrate(NoisyOracle(cal, rng), cal, alpha, delta)
+        risk = violations(test, c.decide(NoisyOracle(test, rng).scores(test.features))).mean()
+        failures += risk > alpha
+    assert failures / trials <= delta + 0.05
+
+
+def test_no_passing_threshold_falls_back_to_dense():
+    a = synthetic(100, np.random.default_rng(2))
+    a.safe[:, 1:] = False
+    c = calibrate(FixedPolicy(LEVELS), a, 0.05, 0.1)
+    assert not c.passed and math.isinf(c.threshold)
+    assert (c.decide(FixedPolicy(LEVELS).scores(a.features)) == 0).all()
+    assert Calibration.from_json(json.loads(json.dumps(c.to_json()))) == c
+
+
+def test_policies_are_monotone_and_decide_as_documented():
+    a = synthetic(50, np.random.default_rng(3))
+    law = LengthLawPolicy(LEVELS).fit(a)
+    net = SafetyNet(len(FEATURE_NAMES), 3)
+    for policy in (FixedPolicy(LEVELS), law, controller_policy(net, LEVELS, "threshold"),
+                   ComputeAware(controller_policy(net, LEVELS, "threshold"), LEVELS)):
+        s = policy.scores(a.features)
+        assert s.shape == (50, 4) and np.isinf(s[:, 0]).all() and (np.diff(s, axis=1) <= 1e-12).all()
+        chosen = [decide(s, lam) for lam in policy.lambdas]
+        assert (np.diff(np.stack(chosen), axis=0) >= 0).all(), policy.name  # conservative -> aggressive
+    assert decide(FixedPolicy(LEVELS).scores(a.features), 1 - 0.7).tolist() == [2] * 50
+
+
+def test_compute_saved_counts_kept_blocks_over_dense_blocks():
+    a = synthetic(2, np.random.default_rng(4))
+    a.causal[:] = [100.0, 300.0]
+    a.kept[:] = [[100, 50, 30, 10], [300, 150, 90, 30]]
+    a.safe[:] = True
+    m = policy_metrics(a, np.array([1, 3]))
+    assert m["compute_saved"] == pytest.approx(1 - (50 + 30) / 400)
+    assert m["violation_rate"] == 0 and m["mean_level"] == pytest.approx(0.7)
+
+
+def test_checkpoint_round_trip_and_bad_files(tmp_path, gen):
+    net = SafetyNet(len(FEATURE_NAMES), 3, hidden=8, depth=1)
+    record = {"feature_version": 1, "feature_names": list(FEATURE_NAMES), "grid": LEVELS.tolist(),
+              "net": {"n_features": len(FEATURE_NAMES), "n_sparse_levels": 3, "hidden": 8, "depth": 1, "dropout": 0.1},
+              "calibration": Calibration(0.5, True, 0.05, 0.1, 10, 0.0, 3).to_json()}
+    path = export_checkpoint(tmp_path / "ckpt", net, record)
+    x = torch.randn(5, len(FEATURE_NAMES), generator=gen)
+    assert torch.equal(load_checkpoint(path).net.safe_probability(x), net.eval().safe_probability(x))
+    assert not list(tmp_path.glob("*.tmp"))
+    raw = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UserError, match="corrupt or incompatible"):
+        load_checkpoint(path)
+    (path / "model.safetensors").write_bytes(raw)
+    (path / "controller.json").write_text(json.dumps({**json.loads((path / "controller.json").read_text()), "feature_version": 0}))
+    with pytest.raises(UserError, match="feature version"):
+        load_checkpoint(path)
+    (path / "controller.json").write_text("{not json")
+    with pytest.raises(UserError, match="unreadable"):
+        load_checkpoint(path)
+    with pytest.raises(UserError, match="not a controller checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_committed_store_loads_as_arrays():
+    a, meta = arrays_from_store(STORE)
+    assert len(a) == 2000 and a.levels.tolist() == list(meta["identity"]["levels"])
+    assert a.safe[:, 0].all() and (a.kept[:, 0] == a.causal).all()
+    with pytest.raises(UserError, match="does not exist"):
+        arrays_from_store("data/labels/nope")

@@ -1,0 +1,165 @@
+"""The inference hook on the tiny model: attach/detach, features equal labeling's, decisions equal
+the in-memory controller after export -> load -> attach -> generate, failures fall back to dense,
+wrong models are refused; eval.py on RULER files labeled on the fly."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import eval as eval_cli
+from controller.config import ControllerJobConfig
+from controller.export import RECORD_FILE, load_checkpoint
+from controller.hook import attach
+from controller.pipeline import train_controller
+from controller.policies import controller_policy
+from data.config import load_config
+from data.errors import UserError
+from data.features import FEATURE_NAMES
+from data.labeling import build_samples
+from data.runner import run_labeling
+from data.store import LabelStore
+from data.tasks import prompt_ids
+from data.tiny import tiny_random_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_lm, tmp_path_factory):
+    """A controller trained on a tiny-model label store; its threshold is then moved to the median
+    score so that decisions are mixed (the tiny model's labels are noise; this tests mechanics)."""
+    root = tmp_path_factory.mktemp("tiny_controller")
+    job = load_config(ControllerJobConfig, "configs/test_tiny_controller.yaml",
+                      [f"labeling.out={root / 'labels'}", f"out={root / 'run'}"])
+    store = run_labeling(job.label_job(), tiny_lm)
+    trained = train_controller(dataclasses.replace(job, labels=str(store.root)))
+    table = store.table()
+    feats = table[table["level"] == 0][[f"f_{n}" for n in FEATURE_NAMES]].to_numpy(np.float32)
+    policy = controller_policy(trained.net, np.array(job.labeling.levels), job.calibration.decision)
+    scores = policy.scores(feats)[:, 1:]
+    threshold = float(np.median(scores[np.isfinite(scores)]))
+    record = json.loads((trained.checkpoint / RECORD_FILE).read_text())
+    record["calibration"].update(threshold=threshold, passed=True)
+    (trained.checkpoint / RECORD_FILE).write_text(json.dumps(record))
+    calibration = dataclasses.replace(trained.calibration, threshold=threshold, passed=True)
+    return job, store, trained.checkpoint, trained.net, calibration
+
+
+def _prompt(job, tokenizer, i):
+    sample = build_samples(job.data, tokenizer)[i]
+    return sample, torch.tensor([prompt_ids(tokenizer, sample, job.data.chat_template)])
+
+
+def test_detach_restores_the_model(tiny_lm, tiny_trained):
+    job, _, ckpt, _, _ = tiny_trained
+    _, ids = _prompt(job, tiny_lm.tokenizer, 0)
+    model = tiny_lm.model
+    before = model(input_ids=ids).logits
+    impl = model.config._attn_implementation
+    handle = attach(tiny_lm, ckpt)
+    model(input_ids=ids)
+    handle.detach()
+    assert model.config._attn_implementation == impl
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_hook_features_equal_labeling_features(tiny_lm, tiny_trained):
+    job, store, ckpt, _, _ = tiny_trained
+    table = store.table().query("level == 0").set_index("sample_id")
+    with attach(tiny_lm, ckpt) as handle:
+        for i in (0, 4, 9):
+            sample, ids = _prompt(job, tiny_lm.tokenizer, i)
+            handle.task = sample.task
+            tiny_lm.model(input_ids=ids)
+            offline = table.loc[sample.sample_id, [f"f_{n}" for n in FEATURE_NAMES]].to_numpy(np.float32)
+            np.testing.assert_allclose(handle.last_features[0], offline, rtol=1e-5, atol=1e-6)
+
+
+def test_export_load_attach_generate_gives_the_in_memory_decisions(tiny_lm, tiny_trained):
+    job, store, ckpt, net, calibration = tiny_trained
+    in_memory = controller_policy(net, np.array(job.labeling.levels), job.calibration.decision)
+    levels, seen = np.array(job.labeling.levels), set()
+    with attach(tiny_lm, str(ckpt)) as handle:
+        for i in range(len(build_samples(job.data, tiny_lm.tokenizer))):
+            sample, ids = _prompt(job, tiny_lm.tokenizer, i)
+            handle.task = sample.task
+            out = tiny_lm.model.generate(ids, max_new_tokens=3, do_sample=False)
+            assert out.shape[1] > ids.shape[1]
+            (decision,) = handle.last_decisions
+            expected = calibration.decide(in_memory.scores(handle.last_features[0][None]))[0]
+            assert decision.level == levels[expected] and decision.fallback is None
+            assert decision.achieved_sparsity >= 0 and (decision.level == 0) == (decision.achieved_sparsity == 0)
+            seen.add(decision.level)
+    assert len(seen) > 1, "the test needs both dense and sparse decisions"
+
+
+def test_batched_requests_get_their_own_levels(tiny_lm, tiny_trained):
+    job, _, ckpt, _, _ = tiny_trained
+    tok = tiny_lm.tokenizer
+    texts = [tok.decode(_prompt(job, tok, i)[1][0]) for i in (0, 7)]
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with attach(tiny_lm, ckpt) as handle:
+        tiny_lm.model.generate(**batch, max_new_tokens=2, do_sample=False)
+        assert len(handle.last_decisions) == 2 and all(d.fallback is None for d in handle.last_decisions)
+
+
+def test_a_failing_controller_runs_the_request_dense(tiny_lm, tiny_trained, caplog):
+    job, _, ckpt, _, _ = tiny_trained
+    _, ids = _prompt(job, tiny_lm.tokenizer, 0)
+    dense = tiny_lm.model(input_ids=ids).logits
+
+    class Broken:
+        def scores(self, features):
+            raise RuntimeError("boom")
+
+    with attach(tiny_lm, ckpt) as handle:
+        handle.policy = Broken()
+        logits = tiny_lm.model(input_ids=ids).logits
+        tiny_lm.model.generate(ids, max_new_tokens=2, do_sample=False)
+        assert handle.last_decisions[0].level == 0.0 and "boom" in handle.last_decisions[0].fallback
+    assert torch.allclose(logits, dense, atol=1e-5)
+    assert "running it dense" in caplog.text
+
+
+def test_attach_to_a_different_model_fails_clearly(tiny_trained):
+    _, _, ckpt, _, _ = tiny_trained
+    with pytest.raises(UserError, match="num_layers"):
+        attach(tiny_random_llama(num_layers=2)[0], ckpt)
+    other = tiny_random_llama(seed=1)[0]
+    with pytest.raises(UserError, match="weights are"):
+        attach(other, ckpt)
+    assert other.config._attn_implementation != "sparse_prefill"
+
+
+def test_eval_on_ruler_files_labels_them_and_reports_every_policy(tiny_trained, tmp_path, capsys):
+    job, _, ckpt, _, _ = tiny_trained
+    ruler = tmp_path / "ruler" / "niah_single"
+    ruler.mkdir(parents=True)
+    lines = [{"input": f"Remember: the magic number for key-{i} is {1000 + i}. " * 12 + f"What is the magic number for key-{i}?",
+              "outputs": [str(1000 + i)], "length": 200} for i in range(6)]
+    (ruler / "validation.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "report"
+    assert eval_cli.main(["--checkpoint", str(ckpt), "--ruler", str(tmp_path / "ruler"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"controller", "fixed", "length_law", "oracle", "sklearn_logistic", "sklearn_gbm"} <= set(metrics["policies"])
+    for m in metrics["policies"].values():
+        assert m["n"] == 6 and {"violation_rate", "compute_saved", "mean_level", "accuracy_vs_dense"} <= set(m)
+    assert LabelStore(out / "labels").table()["sample_id"].nunique() == 6
+    assert all((out / f).is_file() for f in ("report.md", "tradeoff.png", "reliability.png", "label_vs_length.png"))
+
+
+def test_eval_bad_input_is_one_line_exit_2(tiny_trained, tmp_path, capsys):
+    _, store, ckpt, _, _ = tiny_trained
+    cases = [(["--checkpoint", str(tmp_path), "--labels", str(store.root)], "not a controller checkpoint"),
+             (["--checkpoint", str(ckpt), "--labels", str(tmp_path / "none")], "does not exist"),
+             (["--checkpoint", str(ckpt), "--ruler", str(tmp_path / "none")], "does not exist")]
+    for args, needle in cases:
+        assert eval_cli.main([*args, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
