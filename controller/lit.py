@@ -140,4 +140,6 @@ def fit_net(job: ControllerJobConfig, data: LabelDataModule, out: str) -> tuple[
     net.load_state_dict(best.state)
     for logger in trainer.loggers:
         logger.finalize("success")
+        if type(logger).__name__ == "WandbLogger":  # finish now, so its summary does not print after ours
+            logger.experiment.finish()
     return net.eval(), {"best_val_loss": best.best, "best_epoch": best.epoch, "epochs": trainer.current_epoch}
