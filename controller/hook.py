@@ -13,6 +13,7 @@ Imports `sparse_kernels`, `data` and `controller` modules below it.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,8 @@ class ControllerHandle:
         self.model, self.ckpt, self.task = model, ckpt, task
         self.last_decisions: list[Decision] = []
         self.last_features: list[np.ndarray | None] = []   # per row of the last prefill, as decided on
+        self.last_decision_seconds = 0.0   # features + controller for the last prefill (all rows)
+        self.force_level: float | None = None   # benchmarks: run this level, still computing the decision
         rec = ckpt.record["sparse"]
         self.selection = SelectionSpec(method=rec["method"], block_size=rec["block_size"], sink_blocks=rec["sink_blocks"],
                                        local_blocks=rec["local_blocks"], last_queries=rec["last_queries"])
@@ -114,6 +117,7 @@ class ControllerHandle:
         collector(layer, stats)
         if layer != max(self.probe_layers):
             return
+        start = time.perf_counter()
         levels = np.zeros(len(rows))
         for r, ids in enumerate(rows):
             try:
@@ -125,6 +129,9 @@ class ControllerHandle:
             except Exception as e:  # noqa: BLE001 - a controller failure must never reach generate()
                 log.warning("controller failed on request %d (%s: %s); running it dense", r, type(e).__name__, e)
                 info[r] = (1.0, f"{type(e).__name__}: {e}")
+        if self.force_level is not None:
+            levels[:] = self.force_level
+        self.last_decision_seconds = time.perf_counter() - start
         plan.set_levels(torch.from_numpy(levels))
 
     def _after(self, module, args, kwargs, output):

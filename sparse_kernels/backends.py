@@ -1,7 +1,9 @@
-"""Attention backends for a block mask, by name: `reference`, `flex` (and, later, `triton`).
+"""Attention backends for a block mask, by name: `reference`, `flex`, `triton`.
 
-Owns the registry and `resolve_backend` (what `auto` means on a device). A new backend is one
-function with the signature of `reference_attention` plus one line in BACKENDS.
+Owns the registry and `resolve_backend` (what `auto` means on a device: `triton` on CUDA when
+Triton is installed, else `flex`; `reference` on CPU). `triton` hands shapes its kernel does not
+cover (padding masks, other head dims or dtypes) to `flex` on CUDA and `reference` elsewhere.
+A new backend is one function with the signature of `_reference` plus one line in BACKENDS.
 Imports nothing from `data/` or `controller/`.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 
 from .flex import flex_block_attention
 from .reference import reference_attention
+from . import triton_attention
 
 
 def _reference(q, k, v, block_mask, block_size, scale, attn_mask, key_valid):
@@ -22,14 +25,23 @@ def _flex(q, k, v, block_mask, block_size, scale, attn_mask, key_valid):
     return flex_block_attention(q, k, v, block_mask, block_size, scale, key_valid)
 
 
-BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": _reference, "flex": _flex}
+def _triton(q, k, v, block_mask, block_size, scale, attn_mask, key_valid):
+    if not triton_attention.supports(q, block_size, key_valid):
+        fallback = _flex if q.is_cuda else _reference
+        return fallback(q, k, v, block_mask, block_size, scale, attn_mask, key_valid)
+    return triton_attention.triton_block_attention(q, k, v, block_mask, block_size, scale)
+
+
+BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": _reference, "flex": _flex, "triton": _triton}
 BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
     """`auto` -> the fastest available on `device`; an explicit name is checked and returned."""
     if name == "auto":
-        return "flex" if device.type == "cuda" else "reference"
+        if device.type != "cuda":
+            return "reference"
+        return "triton" if triton_attention.available(device) else "flex"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {list(BACKEND_CHOICES)}")
     return name
