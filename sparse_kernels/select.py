@@ -94,19 +94,25 @@ def topk_block_mask(scores: torch.Tensor, counts: torch.Tensor, forced: torch.Te
     s = scores.float().masked_fill(~causal, float("-inf"))
     s = s.masked_fill(forced[:, None], float("inf"))
     s = torch.nan_to_num(s, nan=float("-inf"))
-    order = s.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    ar = torch.arange(nq, device=scores.device).expand_as(order)
-    rank.scatter_(-1, order, ar)
-    return (rank < counts[:, None, :, None]) & causal
+    kmax = max(int(counts.max()), 1)
+    top = s.topk(kmax, dim=-1, sorted=True).indices  # best first; a full argsort cost 4x more on GPU
+    keep = torch.arange(kmax, device=scores.device) < counts[:, None, :, None]
+    mask = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, top, keep.expand_as(top))
+    return mask & causal
 
 
 def pool_blocks(x: torch.Tensor, block_size: int, valid: torch.Tensor | None) -> torch.Tensor:
     """Mean over each block of the sequence axis: [B, H, N, D] -> [B, H, nb, D], padding excluded."""
     b, h, n, d = x.shape
     nb = num_blocks(n, block_size)
-    w = torch.ones(b, n, device=x.device, dtype=torch.float32) if valid is None else valid.float()
     pad = nb * block_size - n
+    if valid is None:  # sum in float32 without materialising a float32 copy of x
+        xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+        sums = xp.view(b, h, nb, block_size, d).sum(3, dtype=torch.float32)
+        cnt = torch.full((nb,), float(block_size), device=x.device)
+        cnt[-1] = block_size - pad
+        return sums / cnt[:, None]
+    w = valid.float()
     xf = torch.nn.functional.pad(x.float() * w[:, None, :, None], (0, 0, 0, pad))
     wf = torch.nn.functional.pad(w, (0, pad))
     sums = xf.view(b, h, nb, block_size, d).sum(3)

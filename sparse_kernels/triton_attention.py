@@ -50,8 +50,9 @@ def _configs():
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4),
-                               (128, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)]]
+            for m, n, w, s in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3),
+                               (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 64, 8, 3),
+                               (64, 32, 4, 3), (32, 32, 4, 2)]]
 
 
 def _prune(configs, named_args, **kwargs):
