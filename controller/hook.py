@@ -109,7 +109,7 @@ class ControllerHandle:
                           probe_window=self.probe_window)
         ctx = use_plan(plan)
         ctx.__enter__()
-        self._active = (ctx, plan, collector, [r.tolist() for r in rows], {})
+        self._active = (ctx, plan, collector, [r.cpu().numpy() for r in rows], {})
         return None
 
     def _probe(self, layer: int, stats: dict) -> None:

@@ -42,15 +42,16 @@ class ProbeCollector:
         return {s: float(np.mean([st[s][row].item() for st in self.layers.values()])) for s in PROBE_STATS}
 
 
-def text_statistics(token_ids: Sequence[int]) -> dict[str, float]:
+def text_statistics(token_ids: Sequence[int] | np.ndarray) -> dict[str, float]:
+    """zlib ratio of the int32 ids, distinct-token share, repeated-bigram share (numpy, ~1 ms at 8K)."""
     ids = np.asarray(token_ids, dtype=np.int32)
     raw = ids.tobytes()
     n = max(len(ids), 1)
-    bigrams = set(zip(ids[:-1].tolist(), ids[1:].tolist()))
+    pairs = (ids[:-1].astype(np.int64) << 32) | ids[1:].astype(np.int64)
     return {
         "compression_ratio": len(zlib.compress(raw, 6)) / max(len(raw), 1),
-        "unique_token_ratio": len(set(ids.tolist())) / n,
-        "repeated_bigram_ratio": 1.0 - len(bigrams) / max(len(ids) - 1, 1),
+        "unique_token_ratio": np.unique(ids).size / n,
+        "repeated_bigram_ratio": 1.0 - np.unique(pairs).size / max(len(ids) - 1, 1),
     }
 
 

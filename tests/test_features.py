@@ -49,3 +49,21 @@ def test_text_statistics_see_repetition():
     assert repeated["compression_ratio"] < varied["compression_ratio"]
     assert repeated["repeated_bigram_ratio"] > varied["repeated_bigram_ratio"]
     assert repeated["unique_token_ratio"] < varied["unique_token_ratio"]
+
+
+def test_text_statistics_equal_their_plain_python_definition():
+    import random
+    import zlib
+
+    import numpy as np
+
+    from data.features import text_statistics
+    rng = random.Random(0)
+    for n in (1, 2, 17, 500):
+        ids = [rng.randrange(0, 60) for _ in range(n)]
+        raw = np.asarray(ids, dtype=np.int32).tobytes()
+        want = {"compression_ratio": len(zlib.compress(raw, 6)) / len(raw),
+                "unique_token_ratio": len(set(ids)) / n,
+                "repeated_bigram_ratio": 1.0 - len(set(zip(ids[:-1], ids[1:]))) / max(n - 1, 1)}
+        assert text_statistics(ids) == want
+        assert text_statistics(np.asarray(ids)) == want

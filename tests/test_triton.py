@@ -123,3 +123,21 @@ def test_full_size_on_gpu(hq, hkv, d, block, dtype):
     out, lse = block_sparse_attention(q, k, v, counts, idx, block)
     ref = reference_attention(q.float(), k.float(), v.float(), mask, block, 1 / math.sqrt(d))
     assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_benchmark_rows_carry_the_promised_fields(monkeypatch, capsys):
+    """The benchmark's row builder on CPU (interpreter, eager flex, a stub timer): fields and the
+    triton-vs-flex agreement check. Timing itself happens only on the GPU."""
+    import sparse_kernels.bench as bench
+    from torch.nn.attention.flex_attention import flex_attention
+    monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench, "_compiled_flex", lambda: flex_attention)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 200, 16, generator=gen) for h in (4, 2, 2))
+    row = bench.bench_point(q, k, v, None, None, 0.3, 32, 2.0)
+    assert {"N", "kept", "hq", "hkv", "d", "ms_sdpa", "ms_flex", "ms_triton", "ms_select", "triton_over_ideal"} <= set(row)
+    assert 0.3 <= row["kept"] < 1 and row["rel_diff_triton_flex"] < 1e-4 and "errors" not in row
+    assert bench.kernel_table([row]).count("\n") == 2
+    import controller.benchmark as cli
+    if not torch.cuda.is_available():
+        assert cli.main(["--out", "unused.json"]) == 2 and "needs a CUDA GPU" in capsys.readouterr().err
