@@ -44,7 +44,7 @@ class BlockCounts:
     causal_all: int = 0
 
     def add(self, kept: torch.Tensor, causal: int, sparse: bool) -> None:
-        kept = kept.detach().to("cpu", torch.float64)
+        kept = kept.detach().to(torch.float64)  # stays on its device: no host sync per layer
         self.kept_all = kept if self.kept_all is None else self.kept_all + kept
         self.causal_all += causal
         if sparse:
@@ -56,7 +56,7 @@ class BlockCounts:
         if self.kept_sparse is None or self.causal_sparse == 0:
             n = 0 if self.kept_all is None else self.kept_all.shape[0]
             return torch.zeros(n, dtype=torch.float64)
-        return 1.0 - self.kept_sparse / self.causal_sparse
+        return (1.0 - self.kept_sparse / self.causal_sparse).cpu()
 
 
 @dataclass
@@ -144,7 +144,7 @@ def _count_dense(plan: SparsePlan, query: torch.Tensor, sparse: bool) -> None:
     b, h, n, _ = query.shape
     nq = -(-n // plan.selection.block_size)
     causal = h * nq * (nq + 1) // 2
-    plan.counts.add(torch.full((b,), float(causal)), causal, sparse)
+    plan.counts.add(torch.full((b,), float(causal), device=query.device), causal, sparse)
 
 
 def register() -> None:

@@ -84,17 +84,19 @@ def causal_block_mask(n_blocks: int, device) -> torch.Tensor:
     return idx[None, :] <= idx[:, None]
 
 
-def topk_block_mask(scores: torch.Tensor, counts: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+def topk_block_mask(scores: torch.Tensor, counts: torch.Tensor, forced: torch.Tensor,
+                    kmax: int | None = None) -> torch.Tensor:
     """Keep, per (row, head, query block), the `counts` best causal blocks; forced ones first.
 
-    scores [B, H, nq, nk]; counts [B, nq]; forced [B, nq, nk]. Returns bool [B, H, nq, nk].
+    scores [B, H, nq, nk]; counts [B, nq]; forced [B, nq, nk]; kmax >= counts.max() if known
+    (saves a host sync). Returns bool [B, H, nq, nk].
     """
     nq = scores.shape[-2]
     causal = causal_block_mask(nq, scores.device)
     s = scores.float().masked_fill(~causal, float("-inf"))
     s = s.masked_fill(forced[:, None], float("inf"))
     s = torch.nan_to_num(s, nan=float("-inf"))
-    kmax = max(int(counts.max()), 1)
+    kmax = max(int(counts.max()) if kmax is None else min(kmax, nq), 1)
     top = s.topk(kmax, dim=-1, sorted=True).indices  # best first; a full argsort cost 4x more on GPU
     keep = torch.arange(kmax, device=scores.device) < counts[:, None, :, None]
     mask = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, top, keep.expand_as(top))
@@ -194,7 +196,9 @@ def select_blocks(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float
     forced = forced_block_mask(nb, spec, sink)
     counts = kept_block_counts(density.to(q.device), nb, forced.sum(-1))
     scores = METHODS[spec.method](q, k, spec, scale, key_valid)
-    return topk_block_mask(scores, counts, forced)
+    # counts <= max(ceil(density * nb), sink + local): a bound known on the host when density is
+    kmax = max(math.ceil(float(density.max()) * nb), spec.sink_blocks + spec.local_blocks) if density.device.type == "cpu" else None
+    return topk_block_mask(scores, counts, forced, kmax)
 
 
 def block_accounting(block_mask: torch.Tensor) -> tuple[torch.Tensor, int]:

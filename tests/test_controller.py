@@ -146,3 +146,17 @@ def test_committed_store_loads_as_arrays():
     assert a.safe[:, 0].all() and (a.kept[:, 0] == a.causal).all()
     with pytest.raises(UserError, match="does not exist"):
         arrays_from_store("data/labels/nope")
+
+
+def test_training_is_seeded_and_deterministic_on_cpu(tmp_path):
+    from dataclasses import replace
+
+    from controller.config import ControllerJobConfig
+    from controller.lit import LabelDataModule, fit_net
+    a, _ = arrays_from_store(STORE)
+    splits = split_groups(a.groups, (0.5, 0.1, 0.2), seed=0)
+    job = ControllerJobConfig()
+    job = replace(job, train=replace(job.train, max_epochs=2))
+    nets = [fit_net(job, LabelDataModule(a, splits, 64, 0), str(tmp_path / f"run{i}"))[0] for i in range(2)]
+    for (name, x), (_, y) in zip(nets[0].state_dict().items(), nets[1].state_dict().items()):
+        assert torch.equal(x, y), name
