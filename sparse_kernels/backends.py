@@ -3,7 +3,8 @@
 Owns the registry and `resolve_backend` (what `auto` means on a device: `triton` on CUDA when
 Triton is installed, else `flex`; `reference` on CPU). `triton` hands shapes its kernel does not
 cover (padding masks, other head dims or dtypes) to `flex` on CUDA and `reference` elsewhere.
-A new backend is one function with the signature of `_reference` plus one line in BACKENDS.
+A new backend is one function with the signature of `_reference` plus one line in BACKENDS;
+`index` (counts, indices), when the caller has it, saves the Triton backend a sort of the mask.
 Imports nothing from `data/` or `controller/`.
 """
 from __future__ import annotations
@@ -17,19 +18,22 @@ from .reference import reference_attention
 from . import triton_attention
 
 
-def _reference(q, k, v, block_mask, block_size, scale, attn_mask, key_valid):
+def _reference(q, k, v, block_mask, block_size, scale, attn_mask, key_valid, index=None):
     return reference_attention(q, k, v, block_mask, block_size, scale, attn_mask)
 
 
-def _flex(q, k, v, block_mask, block_size, scale, attn_mask, key_valid):
+def _flex(q, k, v, block_mask, block_size, scale, attn_mask, key_valid, index=None):
     return flex_block_attention(q, k, v, block_mask, block_size, scale, key_valid)
 
 
-def _triton(q, k, v, block_mask, block_size, scale, attn_mask, key_valid):
+def _triton(q, k, v, block_mask, block_size, scale, attn_mask, key_valid, index=None):
+    """`index` = (counts, indices) from `select_blocks_with_index`, else derived from the mask."""
     if not triton_attention.supports(q, block_size, key_valid):
         fallback = _flex if q.is_cuda else _reference
         return fallback(q, k, v, block_mask, block_size, scale, attn_mask, key_valid)
-    return triton_attention.triton_block_attention(q, k, v, block_mask, block_size, scale)
+    if index is None:
+        return triton_attention.triton_block_attention(q, k, v, block_mask, block_size, scale)
+    return triton_attention.block_sparse_attention(q, k, v, *index, block_size, scale)[0]
 
 
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": _reference, "flex": _flex, "triton": _triton}

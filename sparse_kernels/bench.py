@@ -3,8 +3,9 @@
 Owns `bench_kernels` (rows of timings, medians of `triton.testing.do_bench`) and `kernel_table`.
 For each shape (Hq, Hkv, D, block), length N and target kept fraction, the block index comes from
 the real selector (`select_blocks`, block_topk at density = kept) on random q/k, and is timed on its
-own (`ms_select`); FlexAttention gets it as a prebuilt `BlockMask` (full blocks below the diagonal,
-partial diagonal blocks), the Triton kernel as counts + indices, so both time attention only.
+own (`ms_select`: mask + the kernel's index, as the adapter computes them); FlexAttention gets it as
+a prebuilt `BlockMask` (full blocks below the diagonal, partial diagonal blocks), the Triton kernel
+as counts + indices straight from top-k, so both time attention only.
 `kept` is the achieved fraction of causal blocks computed. Dense SDPA gets K/V expanded to Hq
 heads outside the timing (its fastest path). The command line lives in `controller/benchmark.py`
 (it adds the end-to-end model rows). Imports nothing from `data/` or `controller/`.
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .flex import _compiled_flex, _split_full_partial, kv_index
-from .select import SelectionSpec, block_accounting, select_blocks
+from .select import SelectionSpec, block_accounting, select_blocks_with_index
 from .triton_attention import block_sparse_attention
 
 SHAPES = ((32, 8, 128, 128), (9, 3, 64, 64))   # (Hq, Hkv, D, block)
@@ -58,15 +59,14 @@ def bench_point(q, k, v, k_dense, v_dense, kept_target: float, block: int, ms_sd
     hq, hkv, n, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     spec = SelectionSpec(block_size=block)
     density = torch.tensor([kept_target], dtype=torch.float64)
-    select = lambda: select_blocks(q, k, density, spec, 1 / math.sqrt(d))  # noqa: E731
-    mask = select()
+    select = lambda: select_blocks_with_index(q, k, density, spec, 1 / math.sqrt(d))  # noqa: E731
+    mask, counts, idx = select()
     kept_blocks, causal = block_accounting(mask)
     row = {"N": n, "hq": hq, "hkv": hkv, "d": d, "block": block, "kept_target": kept_target,
            "kept": round(float(kept_blocks[0]) / causal, 4), "ms_sdpa": ms_sdpa}
     _timed(row, "ms_select", select)
     flex = _flex_call(q, k, v, mask, block)
     _timed(row, "ms_flex", flex)
-    counts, idx = kv_index(mask)
     triton_fn = lambda: block_sparse_attention(q, k, v, counts, idx, block)[0]  # noqa: E731
     _timed(row, "ms_triton", triton_fn)
     if row["ms_flex"] and row["ms_triton"]:  # the two kernels compute the same thing

@@ -29,7 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .backends import BACKENDS, resolve_backend
 from .probes import attention_probe
-from .select import SelectionSpec, block_accounting, select_blocks
+from .select import SelectionSpec, block_accounting, select_blocks, select_blocks_with_index
 
 ATTENTION_NAME = "sparse_prefill"
 _CURRENT: contextvars.ContextVar["SparsePlan | None"] = contextvars.ContextVar("sparse_plan", default=None)
@@ -131,12 +131,16 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if levels.shape[0] != query.shape[0]:
         raise ValueError(f"plan has {levels.shape[0]} levels for a batch of {query.shape[0]} rows")
-    block_mask = select_blocks(query, key, 1.0 - levels, plan.selection, scale, key_valid)
+    backend = resolve_backend(plan.backend, query.device)
+    index = None
+    if backend == "triton":  # the kernel reads top-k's index directly
+        block_mask, *index = select_blocks_with_index(query, key, 1.0 - levels, plan.selection, scale, key_valid)
+    else:
+        block_mask = select_blocks(query, key, 1.0 - levels, plan.selection, scale, key_valid)
     kept, causal = block_accounting(block_mask)
     plan.counts.add(kept, causal, sparse=True)
-    backend = resolve_backend(plan.backend, query.device)
     out = BACKENDS[backend](query, key, value, block_mask, plan.selection.block_size, scale,
-                            attention_mask, key_valid)
+                            attention_mask, key_valid, index=index)
     return out.transpose(1, 2).contiguous(), None
 
 

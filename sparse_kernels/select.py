@@ -84,12 +84,13 @@ def causal_block_mask(n_blocks: int, device) -> torch.Tensor:
     return idx[None, :] <= idx[:, None]
 
 
-def topk_block_mask(scores: torch.Tensor, counts: torch.Tensor, forced: torch.Tensor,
-                    kmax: int | None = None) -> torch.Tensor:
-    """Keep, per (row, head, query block), the `counts` best causal blocks; forced ones first.
+def topk_block_index(scores: torch.Tensor, counts: torch.Tensor, forced: torch.Tensor,
+                     kmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, head, query block), the `counts` best causal blocks, forced ones first.
 
     scores [B, H, nq, nk]; counts [B, nq]; forced [B, nq, nk]; kmax >= counts.max() if known
-    (saves a host sync). Returns bool [B, H, nq, nk].
+    (saves a host sync). Returns (bool mask [B, H, nq, nk], top [B, H, nq, kmax] block ids, best
+    first: the first counts[b, i] of row (b, h, i) are the kept ones, the rest unused).
     """
     nq = scores.shape[-2]
     causal = causal_block_mask(nq, scores.device)
@@ -100,7 +101,13 @@ def topk_block_mask(scores: torch.Tensor, counts: torch.Tensor, forced: torch.Te
     top = s.topk(kmax, dim=-1, sorted=True).indices  # best first; a full argsort cost 4x more on GPU
     keep = torch.arange(kmax, device=scores.device) < counts[:, None, :, None]
     mask = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, top, keep.expand_as(top))
-    return mask & causal
+    return mask & causal, top
+
+
+def topk_block_mask(scores: torch.Tensor, counts: torch.Tensor, forced: torch.Tensor,
+                    kmax: int | None = None) -> torch.Tensor:
+    """The bool mask of `topk_block_index`."""
+    return topk_block_index(scores, counts, forced, kmax)[0]
 
 
 def pool_blocks(x: torch.Tensor, block_size: int, valid: torch.Tensor | None) -> torch.Tensor:
@@ -185,20 +192,38 @@ def vertical_slash_scores(q, k, spec: SelectionSpec, scale: float, key_valid=Non
     return vertical[:, :, None, :] + slash.gather(-1, diag).view(b, hq, nb, nb)
 
 
-def select_blocks(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float,
-                  key_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B, Hq, N, D], k [B, Hkv, N, D], density [B] -> bool block mask [B, Hq, nq, nk]."""
-    b, _, n, _ = q.shape
+def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_valid):
+    """(mask [B, Hq, nq, nk], counts [B, nq] | None, top [B, Hq, nq, K] | None); None = all dense."""
+    b, hq, n, _ = q.shape
     nb = num_blocks(n, spec.block_size)
     if bool((density >= 1).all()):
-        return causal_block_mask(nb, q.device).expand(b, q.shape[1], nb, nb).clone()
+        return causal_block_mask(nb, q.device).expand(b, hq, nb, nb).clone(), None, None
     sink = first_valid_block(key_valid, b, spec.block_size, q.device)
     forced = forced_block_mask(nb, spec, sink)
     counts = kept_block_counts(density.to(q.device), nb, forced.sum(-1))
     scores = METHODS[spec.method](q, k, spec, scale, key_valid)
     # counts <= max(ceil(density * nb), sink + local): a bound known on the host when density is
     kmax = max(math.ceil(float(density.max()) * nb), spec.sink_blocks + spec.local_blocks) if density.device.type == "cpu" else None
-    return topk_block_mask(scores, counts, forced, kmax)
+    mask, top = topk_block_index(scores, counts, forced, kmax)
+    return mask, counts, top
+
+
+def select_blocks(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float,
+                  key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, N, D], k [B, Hkv, N, D], density [B] -> bool block mask [B, Hq, nq, nk]."""
+    return _select(q, k, density, spec, scale, key_valid)[0]
+
+
+def select_blocks_with_index(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float,
+                             key_valid: torch.Tensor | None = None):
+    """As `select_blocks`, plus the index the Triton kernel reads, straight from top-k (no sort of
+    the mask): (mask [B, Hq, nq, nk], counts [B, Hq, nq] int32, indices [B, Hq, nq, K] int32)."""
+    mask, counts, top = _select(q, k, density, spec, scale, key_valid)
+    b, hq, nb = mask.shape[:3]
+    if counts is None:  # every row dense: query block i reads blocks 0..i
+        counts = torch.arange(1, nb + 1, device=mask.device, dtype=torch.int32).expand(b, nb)
+        top = torch.arange(nb, device=mask.device, dtype=torch.int32).expand(b, hq, nb, nb)
+    return mask, counts.to(torch.int32)[:, None].expand(b, hq, nb).contiguous(), top.to(torch.int32).contiguous()
 
 
 def block_accounting(block_mask: torch.Tensor) -> tuple[torch.Tensor, int]:

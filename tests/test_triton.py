@@ -141,3 +141,35 @@ def test_benchmark_rows_carry_the_promised_fields(monkeypatch, capsys):
     import controller.benchmark as cli
     if not torch.cuda.is_available():
         assert cli.main(["--out", "unused.json"]) == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_index_from_topk_gives_the_mask_path_result(gen):
+    """The index straight from top-k (best-first order) and the sorted index of the mask agree."""
+    from sparse_kernels.select import select_blocks_with_index
+    b, hq, hkv, n, d = 3, 4, 2, 170, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for h in (hq, hkv, hkv))
+    for density in (torch.tensor([1.0, 0.5, 0.2]), torch.ones(3)):
+        mask, counts, idx = select_blocks_with_index(q, k, density, SelectionSpec(block_size=32), 0.25)
+        assert torch.equal(counts.long(), mask.sum(-1))
+        assert torch.equal(torch.zeros_like(mask).scatter_(-1, idx.long(), torch.arange(idx.shape[-1]) < counts[..., None]), mask)
+        a = block_sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), counts.to(DEVICE), idx.to(DEVICE), 32, 0.25)[0]
+        c, i = kv_index(mask)
+        ref = block_sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), c.to(DEVICE), i.to(DEVICE), 32, 0.25)[0]
+        assert ((a - ref).norm() / ref.norm()) < FP32_TOL
+
+
+def test_model_forward_on_the_triton_backend_matches_reference(tiny_lm, gen):
+    """The transformers adapter with backend=triton (per-row levels) against backend=reference."""
+    from sparse_kernels import SparsePlan, enable_sparse_attention, use_plan
+    enable_sparse_attention(tiny_lm.model)
+    ids = torch.randint(0, 1000, (1, 150), generator=gen).expand(3, -1)
+    logits = {}
+    for backend in ("reference", "triton"):
+        plan = SparsePlan(levels=torch.tensor([0.0, 0.5, 0.9]), selection=SelectionSpec(block_size=32),
+                          dense_layers=frozenset({0}), backend=backend)
+        with use_plan(plan), torch.no_grad():
+            logits[backend] = tiny_lm.model(input_ids=ids).logits
+        logits[backend + "_achieved"] = plan.counts.achieved_sparsity()
+    assert torch.allclose(logits["triton"], logits["reference"], atol=1e-3, rtol=1e-3)
+    assert torch.equal(logits["triton_achieved"], logits["reference_achieved"])
+    assert logits["triton_achieved"][2] > logits["triton_achieved"][1] > 0
