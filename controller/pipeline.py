@@ -46,6 +46,9 @@ def versions() -> dict:
 
 def _check_reuse(meta: dict, job: ControllerJobConfig, root: str) -> None:
     ident = meta["identity"]
+    if meta.get("model_name") != job.model.name:
+        raise UserError(f"label store {root} was labeled for model {meta.get('model_name')!r}, the config names "
+                        f"{job.model.name!r}; point `labels` at that model's store or set labels: null to label anew")
     want = {"sparse": asdict(job.sparse), "levels": list(job.labeling.levels)}
     have = {"sparse": ident.get("sparse"), "levels": ident.get("levels")}
     if json.loads(json.dumps(want)) != have:

@@ -62,6 +62,7 @@ DEMO = str(ROOT / "configs/demo_smollm2.yaml")
     ("calibration.alpha=1.5", "calibration.alpha must lie in (0, 1)"),
     ("trian.lr=0.1", "unknown key(s) ['trian']"),
     ("sparse.block_size=32", "other sparse settings or grid"),
+    ("model.name=tiny-random-llama", "was labeled for model 'smollm2-135m'"),
 ])
 def test_controller_job_bad_input_one_line_exit_2(capsys, tmp_path, override, needle):
     out = tmp_path / "out"
