@@ -3,7 +3,8 @@
 Owns `bench_kernels` (rows of timings, medians of `triton.testing.do_bench`) and `kernel_table`.
 For each shape (Hq, Hkv, D, block), length N and target kept fraction, the block index comes from
 the real selector (`select_blocks`, block_topk at density = kept) on random q/k, and is timed on its
-own (`ms_select`: mask + the kernel's index, as the adapter computes them); FlexAttention gets it as
+own (`ms_select`: mask + the kernel's index, as the adapter computes them; `ms_select_fused`: the
+same with the fused Triton top-k of `triton_select.py`); FlexAttention gets it as
 a prebuilt `BlockMask` (full blocks below the diagonal, partial diagonal blocks), the Triton kernel
 as counts + indices straight from top-k, so both time attention only.
 `kept` is the achieved fraction of causal blocks computed. Dense SDPA gets K/V expanded to Hq
@@ -13,6 +14,7 @@ heads outside the timing (its fastest path). The command line lives in `controll
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,12 @@ def bench_point(q, k, v, k_dense, v_dense, kept_target: float, block: int, ms_sd
     row = {"N": n, "hq": hq, "hkv": hkv, "d": d, "block": block, "kept_target": kept_target,
            "kept": round(float(kept_blocks[0]) / causal, 4), "ms_sdpa": ms_sdpa}
     _timed(row, "ms_select", select)
+    os.environ["SPARSE_FUSED_TOPK"] = "1"  # the fused Triton top-k (triton_select.py), same index
+    try:
+        _timed(row, "ms_select_fused", select)
+        row["fused_select_equal"] = bool(torch.equal(select()[0], mask))
+    finally:
+        os.environ.pop("SPARSE_FUSED_TOPK", None)
     flex = _flex_call(q, k, v, mask, block)
     _timed(row, "ms_flex", flex)
     triton_fn = lambda: block_sparse_attention(q, k, v, counts, idx, block)[0]  # noqa: E731
@@ -105,6 +113,7 @@ def bench_kernels(shapes=SHAPES, lengths=LENGTHS, kept=KEPT, dtype=torch.bfloat1
 
 
 COLUMNS = ("N", "hq", "hkv", "d", "block", "kept", "ms_sdpa", "ms_flex", "ms_triton", "ms_ideal", "ms_select",
+           "ms_select_fused",
            "tflops_flex", "tflops_triton", "triton_over_flex", "triton_over_ideal")
 
 

@@ -11,6 +11,7 @@ Imports nothing from `data/` or `controller/`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -192,8 +193,15 @@ def vertical_slash_scores(q, k, spec: SelectionSpec, scale: float, key_valid=Non
     return vertical[:, :, None, :] + slash.gather(-1, diag).view(b, hq, nb, nb)
 
 
+def _fused_topk(device: torch.device) -> bool:
+    """The Triton fused top-k (triton_select.py) is opt-in until it has been timed on a GPU."""
+    from .triton_attention import available
+    return os.environ.get("SPARSE_FUSED_TOPK") == "1" and available(device)
+
+
 def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_valid):
-    """(mask [B, Hq, nq, nk], counts [B, nq] | None, top [B, Hq, nq, K] | None); None = all dense."""
+    """(mask [B, Hq, nq, nk], counts [B, Hq, nq] int32 | None, index [B, Hq, nq, K] int32 | None);
+    None = every row dense."""
     b, hq, n, _ = q.shape
     nb = num_blocks(n, spec.block_size)
     if bool((density >= 1).all()):
@@ -202,10 +210,13 @@ def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_
     forced = forced_block_mask(nb, spec, sink)
     counts = kept_block_counts(density.to(q.device), nb, forced.sum(-1))
     scores = METHODS[spec.method](q, k, spec, scale, key_valid)
+    if _fused_topk(q.device):
+        from .triton_select import topk_block_index_triton
+        return topk_block_index_triton(scores, counts, sink, spec.sink_blocks, spec.local_blocks)
     # counts <= max(ceil(density * nb), sink + local): a bound known on the host when density is
     kmax = max(math.ceil(float(density.max()) * nb), spec.sink_blocks + spec.local_blocks) if density.device.type == "cpu" else None
     mask, top = topk_block_index(scores, counts, forced, kmax)
-    return mask, counts, top
+    return mask, counts.to(torch.int32)[:, None].expand(b, hq, nb).contiguous(), top.to(torch.int32).contiguous()
 
 
 def select_blocks(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float,
@@ -218,12 +229,12 @@ def select_blocks_with_index(q, k, density: torch.Tensor, spec: SelectionSpec, s
                              key_valid: torch.Tensor | None = None):
     """As `select_blocks`, plus the index the Triton kernel reads, straight from top-k (no sort of
     the mask): (mask [B, Hq, nq, nk], counts [B, Hq, nq] int32, indices [B, Hq, nq, K] int32)."""
-    mask, counts, top = _select(q, k, density, spec, scale, key_valid)
-    b, hq, nb = mask.shape[:3]
+    mask, counts, index = _select(q, k, density, spec, scale, key_valid)
     if counts is None:  # every row dense: query block i reads blocks 0..i
-        counts = torch.arange(1, nb + 1, device=mask.device, dtype=torch.int32).expand(b, nb)
-        top = torch.arange(nb, device=mask.device, dtype=torch.int32).expand(b, hq, nb, nb)
-    return mask, counts.to(torch.int32)[:, None].expand(b, hq, nb).contiguous(), top.to(torch.int32).contiguous()
+        b, hq, nb = mask.shape[:3]
+        counts = torch.arange(1, nb + 1, device=mask.device, dtype=torch.int32).expand(b, hq, nb).contiguous()
+        index = torch.arange(nb, device=mask.device, dtype=torch.int32).expand(b, hq, nb, nb).contiguous()
+    return mask, counts, index
 
 
 def block_accounting(block_mask: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -137,6 +137,7 @@ def test_benchmark_rows_carry_the_promised_fields(monkeypatch, capsys):
     row = bench.bench_point(q, k, v, None, None, 0.3, 32, 2.0)
     assert {"N", "kept", "hq", "hkv", "d", "ms_sdpa", "ms_flex", "ms_triton", "ms_select", "triton_over_ideal"} <= set(row)
     assert 0.3 <= row["kept"] < 1 and row["rel_diff_triton_flex"] < 1e-4 and "errors" not in row
+    assert row["fused_select_equal"] and row["ms_select_fused"] == 1.0
     assert bench.kernel_table([row]).count("\n") == 2
     import controller.benchmark as cli
     if not torch.cuda.is_available():
@@ -173,3 +174,33 @@ def test_model_forward_on_the_triton_backend_matches_reference(tiny_lm, gen):
     assert torch.allclose(logits["triton"], logits["reference"], atol=1e-3, rtol=1e-3)
     assert torch.equal(logits["triton_achieved"], logits["reference_achieved"])
     assert logits["triton_achieved"][2] > logits["triton_achieved"][1] > 0
+
+
+@pytest.mark.parametrize("b,h,nq,sinks", [(2, 3, 13, (0, 2)), (1, 2, 40, (5,)), (3, 1, 1, (0, 0, 0))])
+def test_fused_topk_equals_the_torch_selection(b, h, nq, sinks, gen):
+    from sparse_kernels.select import forced_block_mask, kept_block_counts, topk_block_index
+    from sparse_kernels.triton_select import topk_block_index_triton
+    spec = SelectionSpec(block_size=32, sink_blocks=1, local_blocks=2)
+    scores = torch.randn(b, h, nq, nq, generator=gen)
+    scores[0, 0, -1, 0] = float("nan")
+    sink = torch.tensor(sinks)
+    forced = forced_block_mask(nq, spec, sink)
+    counts = kept_block_counts(torch.rand(b, generator=gen), nq, forced.sum(-1))
+    want, top = topk_block_index(scores, counts, forced)
+    mask, c, idx = topk_block_index_triton(scores.to(DEVICE), counts.to(DEVICE), sink.to(DEVICE), 1, 2)
+    assert torch.equal(mask.cpu(), want) and torch.equal(c.cpu().long(), want.sum(-1))
+    for bb in range(b):
+        for hh in range(h):
+            for i in range(nq):
+                n = int(counts[bb, i])
+                assert set(idx[bb, hh, i, :n].tolist()) == set(top[bb, hh, i, :n].tolist())
+
+
+def test_selection_with_the_fused_topk_switch(monkeypatch, gen):
+    from sparse_kernels.select import select_blocks_with_index
+    q, k = torch.randn(2, 4, 300, 16, generator=gen), torch.randn(2, 2, 300, 16, generator=gen)
+    density = torch.tensor([0.3, 0.6])
+    plain = select_blocks_with_index(q, k, density, SelectionSpec(block_size=32), 0.25)
+    monkeypatch.setenv("SPARSE_FUSED_TOPK", "1")
+    fused = select_blocks_with_index(q.to(DEVICE), k.to(DEVICE), density, SelectionSpec(block_size=32), 0.25)
+    assert torch.equal(fused[0].cpu(), plain[0]) and torch.equal(fused[1].cpu(), plain[1])
