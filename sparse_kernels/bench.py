@@ -44,7 +44,7 @@ def _flex_call(q, k, v, mask: torch.Tensor, block: int):
                                   seq_lengths=(n, n))
     options = {"BLOCK_M": min(block, 128), "BLOCK_N": min(block, 128)}
     if q.shape[-1] >= 128 and block >= 128:
-        options = {"BLOCK_M": 128, "BLOCK_N": 64}  # 128 x 128 tiles at D=128 exceed shared memory
+        options = {"BLOCK_M": 128, "BLOCK_N": 64}  # at D = 128 (128 x 128 tiles not tried for flex)
     flex = _compiled_flex()
     return lambda: flex(q, k, v, block_mask=bm, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)
 
