@@ -200,8 +200,9 @@ def _fused_topk(device: torch.device) -> bool:
 
 
 def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_valid):
-    """(mask [B, Hq, nq, nk], counts [B, Hq, nq] int32 | None, index [B, Hq, nq, K] int32 | None);
-    None = every row dense."""
+    """(mask [B, Hq, nq, nk], counts, index [B, Hq, nq, K]): counts [B, nq] from the torch top-k or
+    [B, Hq, nq] from the fused one; both None when every row is dense. Only
+    `select_blocks_with_index` converts them, so mask-only callers pay nothing for the index."""
     b, hq, n, _ = q.shape
     nb = num_blocks(n, spec.block_size)
     if bool((density >= 1).all()):
@@ -216,7 +217,7 @@ def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_
     # counts <= max(ceil(density * nb), sink + local): a bound known on the host when density is
     kmax = max(math.ceil(float(density.max()) * nb), spec.sink_blocks + spec.local_blocks) if density.device.type == "cpu" else None
     mask, top = topk_block_index(scores, counts, forced, kmax)
-    return mask, counts.to(torch.int32)[:, None].expand(b, hq, nb).contiguous(), top.to(torch.int32).contiguous()
+    return mask, counts, top
 
 
 def select_blocks(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float,
@@ -234,7 +235,10 @@ def select_blocks_with_index(q, k, density: torch.Tensor, spec: SelectionSpec, s
         b, hq, nb = mask.shape[:3]
         counts = torch.arange(1, nb + 1, device=mask.device, dtype=torch.int32).expand(b, hq, nb).contiguous()
         index = torch.arange(nb, device=mask.device, dtype=torch.int32).expand(b, hq, nb, nb).contiguous()
-    return mask, counts, index
+    elif counts.dim() == 2:  # torch top-k: one count per (row, query block), the same for every head
+        b, hq, nb = mask.shape[:3]
+        counts = counts.to(torch.int32)[:, None].expand(b, hq, nb).contiguous()
+    return mask, counts, index.to(torch.int32).contiguous()
 
 
 def block_accounting(block_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
