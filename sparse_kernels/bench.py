@@ -3,8 +3,9 @@
 Owns `bench_kernels` (rows of timings, medians of `triton.testing.do_bench`) and `kernel_table`.
 For each shape (Hq, Hkv, D, block), length N and target kept fraction, the block index comes from
 the real selector (`select_blocks`, block_topk at density = kept) on random q/k, and is timed on its
-own (`ms_select`: mask + the kernel's index, as the adapter computes them; `ms_select_fused`: the
-same with the fused Triton top-k of `triton_select.py`); FlexAttention gets it as
+own (`ms_select`: the Triton selection of `triton_select.py` writing only the kernel's index, as the
+adapter runs it for the triton backend; `ms_select_torch`: the plain-torch selection with its mask,
+for comparison; `fused_select_equal`: both pick the same blocks); FlexAttention gets it as
 a prebuilt `BlockMask` (full blocks below the diagonal, partial diagonal blocks), the Triton kernel
 as counts + indices straight from top-k, so both time attention only.
 `kept` is the achieved fraction of causal blocks computed. Dense SDPA gets K/V expanded to Hq
@@ -57,22 +58,29 @@ def _timed(row: dict, key: str, fn) -> None:
         row.setdefault("errors", {})[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
+def _with_fused(flag: str, fn):
+    """Run fn with SPARSE_FUSED_TOPK set to flag ("0": torch selection, "1": Triton selection)."""
+    before = os.environ.get("SPARSE_FUSED_TOPK")
+    os.environ["SPARSE_FUSED_TOPK"] = flag
+    try:
+        return fn()
+    finally:
+        os.environ.pop("SPARSE_FUSED_TOPK") if before is None else os.environ.__setitem__("SPARSE_FUSED_TOPK", before)
+
+
 def bench_point(q, k, v, k_dense, v_dense, kept_target: float, block: int, ms_sdpa: float) -> dict:
     hq, hkv, n, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     spec = SelectionSpec(block_size=block)
     density = torch.tensor([kept_target], dtype=torch.float64)
     select = lambda: select_blocks_with_index(q, k, density, spec, 1 / math.sqrt(d))  # noqa: E731
-    mask, counts, idx = select()
+    index_only = lambda: select_blocks_with_index(q, k, density, spec, 1 / math.sqrt(d), with_mask=False)  # noqa: E731
+    mask, counts, idx = _with_fused("0", select)
     kept_blocks, causal = block_accounting(mask)
     row = {"N": n, "hq": hq, "hkv": hkv, "d": d, "block": block, "kept_target": kept_target,
            "kept": round(float(kept_blocks[0]) / causal, 4), "ms_sdpa": ms_sdpa}
-    _timed(row, "ms_select", select)
-    os.environ["SPARSE_FUSED_TOPK"] = "1"  # the fused Triton top-k (triton_select.py), same index
-    try:
-        _timed(row, "ms_select_fused", select)
-        row["fused_select_equal"] = bool(torch.equal(select()[0], mask))
-    finally:
-        os.environ.pop("SPARSE_FUSED_TOPK", None)
+    _timed(row, "ms_select_torch", lambda: _with_fused("0", select))
+    _timed(row, "ms_select", lambda: _with_fused("1", index_only))  # what the adapter runs for triton
+    row["fused_select_equal"] = bool(torch.equal(_with_fused("1", select)[0], mask))
     flex = _flex_call(q, k, v, mask, block)
     _timed(row, "ms_flex", flex)
     triton_fn = lambda: block_sparse_attention(q, k, v, counts, idx, block)[0]  # noqa: E731
@@ -91,6 +99,7 @@ def bench_point(q, k, v, k_dense, v_dense, kept_target: float, block: int, ms_sd
     if row.get("ms_triton"):
         row["triton_over_ideal"] = round(row["ms_triton"] / ideal, 3)
         row["select_share"] = round(row["ms_select"] / row["ms_triton"], 3) if row.get("ms_select") else None
+        row["select_share_torch"] = round(row["ms_select_torch"] / row["ms_triton"], 3) if row.get("ms_select_torch") else None
     return row
 
 
@@ -113,7 +122,7 @@ def bench_kernels(shapes=SHAPES, lengths=LENGTHS, kept=KEPT, dtype=torch.bfloat1
 
 
 COLUMNS = ("N", "hq", "hkv", "d", "block", "kept", "ms_sdpa", "ms_flex", "ms_triton", "ms_ideal", "ms_select",
-           "ms_select_fused",
+           "ms_select_torch",
            "tflops_flex", "tflops_triton", "triton_over_flex", "triton_over_ideal")
 
 

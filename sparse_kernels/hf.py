@@ -29,7 +29,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .backends import BACKENDS, resolve_backend
 from .probes import attention_probe
-from .select import SelectionSpec, block_accounting, select_blocks, select_blocks_with_index
+from . import triton_attention
+from .select import (SelectionSpec, block_accounting, index_accounting, select_blocks,
+                     select_blocks_with_index)
 
 ATTENTION_NAME = "sparse_prefill"
 _CURRENT: contextvars.ContextVar["SparsePlan | None"] = contextvars.ContextVar("sparse_plan", default=None)
@@ -133,11 +135,14 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         raise ValueError(f"plan has {levels.shape[0]} levels for a batch of {query.shape[0]} rows")
     backend = resolve_backend(plan.backend, query.device)
     index = None
-    if backend == "triton":  # the kernel reads top-k's index directly
-        block_mask, *index = select_blocks_with_index(query, key, 1.0 - levels, plan.selection, scale, key_valid)
+    if backend == "triton" and triton_attention.supports(query, plan.selection.block_size, key_valid):
+        # the kernel reads top-k's index directly; blocks are counted from it (no mask is built)
+        block_mask, *index = select_blocks_with_index(query, key, 1.0 - levels, plan.selection, scale,
+                                                      key_valid, with_mask=False)
+        kept, causal = block_accounting(block_mask) if block_mask is not None else index_accounting(index[0])
     else:
         block_mask = select_blocks(query, key, 1.0 - levels, plan.selection, scale, key_valid)
-    kept, causal = block_accounting(block_mask)
+        kept, causal = block_accounting(block_mask)
     plan.counts.add(kept, causal, sparse=True)
     out = BACKENDS[backend](query, key, value, block_mask, plan.selection.block_size, scale,
                             attention_mask, key_valid, index=index)

@@ -95,9 +95,11 @@ def topk_block_index(scores: torch.Tensor, counts: torch.Tensor, forced: torch.T
     """
     nq = scores.shape[-2]
     causal = causal_block_mask(nq, scores.device)
-    s = scores.float().masked_fill(~causal, float("-inf"))
+    # causal blocks without a score (all padding: -inf, or NaN) still rank above non-causal ones, so
+    # every row keeps exactly `counts` causal blocks (the fused Triton top-k does the same)
+    lowest = torch.finfo(torch.float32).min
+    s = torch.nan_to_num(scores.float(), nan=lowest, neginf=lowest).masked_fill(~causal, float("-inf"))
     s = s.masked_fill(forced[:, None], float("inf"))
-    s = torch.nan_to_num(s, nan=float("-inf"))
     kmax = max(int(counts.max()) if kmax is None else min(kmax, nq), 1)
     top = s.topk(kmax, dim=-1, sorted=True).indices  # best first; a full argsort cost 4x more on GPU
     keep = torch.arange(kmax, device=scores.device) < counts[:, None, :, None]
@@ -194,28 +196,45 @@ def vertical_slash_scores(q, k, spec: SelectionSpec, scale: float, key_valid=Non
 
 
 def _fused_topk(device: torch.device) -> bool:
-    """The Triton fused top-k (triton_select.py) is opt-in until it has been timed on a GPU."""
+    """The Triton selection (triton_select.py): on by default on CUDA with Triton installed;
+    SPARSE_FUSED_TOPK=0 turns it off, =1 turns it on wherever Triton runs (the interpreter in tests)."""
     from .triton_attention import available
-    return os.environ.get("SPARSE_FUSED_TOPK") == "1" and available(device)
+    flag = os.environ.get("SPARSE_FUSED_TOPK")
+    if flag is not None and flag not in ("0", "1"):
+        raise ValueError(f"SPARSE_FUSED_TOPK must be 0 or 1, got {flag!r}")
+    wanted = device.type == "cuda" if flag is None else flag == "1"
+    return wanted and available(device)
 
 
-def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_valid):
-    """(mask [B, Hq, nq, nk], counts, index [B, Hq, nq, K]): counts [B, nq] from the torch top-k or
-    [B, Hq, nq] from the fused one; both None when every row is dense. Only
+def _fused_select(q, k, density, spec: SelectionSpec, scale: float, key_valid, sink, kmax: int, with_mask: bool):
+    """Triton path: block means and scores (unscaled: a positive scale does not change the order)
+    for block_topk, then one fused top-k that writes counts, index and, if asked, the mask."""
+    from .triton_select import pool_blocks_triton, topk_index_triton
+    if spec.method == "block_topk" and key_valid is None:
+        scores = group_scores(pool_blocks_triton(q, spec.block_size), pool_blocks_triton(k, spec.block_size))
+    else:
+        scores = METHODS[spec.method](q, k, spec, scale, key_valid)
+    return topk_index_triton(scores, density, sink, spec.sink_blocks, spec.local_blocks, kmax, with_mask)
+
+
+def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_valid, with_mask: bool = True):
+    """(mask [B, Hq, nq, nk] or None, counts, index [B, Hq, nq, K]): counts [B, nq] from the torch
+    top-k or [B, Hq, nq] from the fused one; both None when every row is dense. Only
     `select_blocks_with_index` converts them, so mask-only callers pay nothing for the index."""
     b, hq, n, _ = q.shape
     nb = num_blocks(n, spec.block_size)
     if bool((density >= 1).all()):
         return causal_block_mask(nb, q.device).expand(b, hq, nb, nb).clone(), None, None
     sink = first_valid_block(key_valid, b, spec.block_size, q.device)
+    # counts <= max(ceil(density * nb), sink + local): a bound known on the host when density is
+    kmax = nb
+    if density.device.type == "cpu":
+        kmax = min(nb, max(math.ceil(float(density.max()) * nb), spec.sink_blocks + spec.local_blocks))
+    if _fused_topk(q.device):
+        return _fused_select(q, k, density, spec, scale, key_valid, sink, kmax, with_mask)
     forced = forced_block_mask(nb, spec, sink)
     counts = kept_block_counts(density.to(q.device), nb, forced.sum(-1))
     scores = METHODS[spec.method](q, k, spec, scale, key_valid)
-    if _fused_topk(q.device):
-        from .triton_select import topk_block_index_triton
-        return topk_block_index_triton(scores, counts, sink, spec.sink_blocks, spec.local_blocks)
-    # counts <= max(ceil(density * nb), sink + local): a bound known on the host when density is
-    kmax = max(math.ceil(float(density.max()) * nb), spec.sink_blocks + spec.local_blocks) if density.device.type == "cpu" else None
     mask, top = topk_block_index(scores, counts, forced, kmax)
     return mask, counts, top
 
@@ -227,10 +246,12 @@ def select_blocks(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float
 
 
 def select_blocks_with_index(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float,
-                             key_valid: torch.Tensor | None = None):
+                             key_valid: torch.Tensor | None = None, with_mask: bool = True):
     """As `select_blocks`, plus the index the Triton kernel reads, straight from top-k (no sort of
-    the mask): (mask [B, Hq, nq, nk], counts [B, Hq, nq] int32, indices [B, Hq, nq, K] int32)."""
-    mask, counts, index = _select(q, k, density, spec, scale, key_valid)
+    the mask): (mask [B, Hq, nq, nk], counts [B, Hq, nq] int32, indices [B, Hq, nq, K] int32).
+    with_mask=False: the fused path skips writing the mask (None then; count blocks with
+    `index_accounting`)."""
+    mask, counts, index = _select(q, k, density, spec, scale, key_valid, with_mask)
     if counts is None:  # every row dense: query block i reads blocks 0..i
         b, hq, nb = mask.shape[:3]
         counts = torch.arange(1, nb + 1, device=mask.device, dtype=torch.int32).expand(b, hq, nb).contiguous()
@@ -239,6 +260,12 @@ def select_blocks_with_index(q, k, density: torch.Tensor, spec: SelectionSpec, s
         b, hq, nb = mask.shape[:3]
         counts = counts.to(torch.int32)[:, None].expand(b, hq, nb).contiguous()
     return mask, counts, index.to(torch.int32).contiguous()
+
+
+def index_accounting(counts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """As `block_accounting`, from the index's counts [B, Hq, nq]."""
+    _, h, nq = counts.shape
+    return counts.sum(dim=(1, 2)), h * nq * (nq + 1) // 2
 
 
 def block_accounting(block_mask: torch.Tensor) -> tuple[torch.Tensor, int]:

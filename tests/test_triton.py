@@ -48,15 +48,16 @@ SHAPES = [  # (B, Hq, Hkv, N, D, block, dtype)
 ]
 
 
+@pytest.mark.parametrize("loads", ["pointer", "tma"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s[:6])) + str(s[6])[-4:])
-def test_kernel_matches_brute_force_and_reference(shape, gen):
+def test_kernel_matches_brute_force_and_reference(shape, loads, gen):
     b, hq, hkv, n, d, block, dtype = shape
     q, k, v = (torch.randn(b, h, n, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
     mask = random_block_mask(b, hq, n, block, 0.5, gen)
     scale = 1 / math.sqrt(d)
     counts, idx = kv_index(mask)
     q, k, v, counts, idx = (t.to(DEVICE) for t in (q, k, v, counts, idx))
-    out, lse = block_sparse_attention(q, k, v, counts, idx, block, scale)
+    out, lse = block_sparse_attention(q, k, v, counts, idx, block, scale, loads=loads)
     want, want_lse = brute_force(q.cpu(), k.cpu(), v.cpu(), mask, block, scale)
     tol = FP32_TOL if dtype == torch.float32 else 1e-2
     assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
@@ -114,13 +115,14 @@ def test_bad_shapes_are_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("hq,hkv,d,block", [(32, 8, 128, 128), (32, 8, 128, 64), (9, 3, 64, 64), (9, 3, 64, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_full_size_on_gpu(hq, hkv, d, block, dtype):
+@pytest.mark.parametrize("loads", ["pointer", "tma"])
+def test_full_size_on_gpu(hq, hkv, d, block, dtype, loads):
     gen = torch.Generator().manual_seed(hq * d + block)
     n = 4096 + 37
     q, k, v = (torch.randn(1, h, n, d, generator=gen).to("cuda", dtype) for h in (hq, hkv, hkv))
     mask = random_block_mask(1, hq, n, block, 0.2, gen).cuda()
     counts, idx = kv_index(mask)
-    out, lse = block_sparse_attention(q, k, v, counts, idx, block)
+    out, lse = block_sparse_attention(q, k, v, counts, idx, block, loads=loads)
     ref = reference_attention(q.float(), k.float(), v.float(), mask, block, 1 / math.sqrt(d))
     assert torch.isfinite(out).all() and ((out.float() - ref).norm() / ref.norm()) < 1e-2
 
@@ -137,7 +139,7 @@ def test_benchmark_rows_carry_the_promised_fields(monkeypatch, capsys):
     row = bench.bench_point(q, k, v, None, None, 0.3, 32, 2.0)
     assert {"N", "kept", "hq", "hkv", "d", "ms_sdpa", "ms_flex", "ms_triton", "ms_select", "triton_over_ideal"} <= set(row)
     assert 0.3 <= row["kept"] < 1 and row["rel_diff_triton_flex"] < 1e-4 and "errors" not in row
-    assert row["fused_select_equal"] and row["ms_select_fused"] == 1.0
+    assert row["fused_select_equal"] and row["ms_select_torch"] == 1.0 and row["select_share"] == 1.0
     assert bench.kernel_table([row]).count("\n") == 2
     import controller.benchmark as cli
     if not torch.cuda.is_available():
@@ -178,29 +180,65 @@ def test_model_forward_on_the_triton_backend_matches_reference(tiny_lm, gen):
 
 @pytest.mark.parametrize("b,h,nq,sinks", [(2, 3, 13, (0, 2)), (1, 2, 40, (5,)), (3, 1, 1, (0, 0, 0))])
 def test_fused_topk_equals_the_torch_selection(b, h, nq, sinks, gen):
+    """Counts (computed in the kernel from the densities), mask and kept ids against the torch top-k;
+    the index is only as wide as the host-side bound and the mask can be skipped."""
     from sparse_kernels.select import forced_block_mask, kept_block_counts, topk_block_index
-    from sparse_kernels.triton_select import topk_block_index_triton
+    from sparse_kernels.triton_select import topk_index_triton
     spec = SelectionSpec(block_size=32, sink_blocks=1, local_blocks=2)
     scores = torch.randn(b, h, nq, nq, generator=gen)
     scores[0, 0, -1, 0] = float("nan")
     sink = torch.tensor(sinks)
     forced = forced_block_mask(nq, spec, sink)
-    counts = kept_block_counts(torch.rand(b, generator=gen), nq, forced.sum(-1))
+    density = torch.rand(b, generator=gen, dtype=torch.float64)
+    density[0] = 0.2  # 0.2 * 5 is 1.0000000149 in float32: the kernel must count in float64
+    counts = kept_block_counts(density, nq, forced.sum(-1))
     want, top = topk_block_index(scores, counts, forced)
-    mask, c, idx = topk_block_index_triton(scores.to(DEVICE), counts.to(DEVICE), sink.to(DEVICE), 1, 2)
-    assert torch.equal(mask.cpu(), want) and torch.equal(c.cpu().long(), want.sum(-1))
+    kmax = int(counts.max())
+    mask, c, idx = topk_index_triton(scores.to(DEVICE), density, sink, 1, 2, kmax)
+    assert idx.shape[-1] == kmax and torch.equal(mask.cpu(), want)
+    assert torch.equal(c.cpu().long(), want.sum(-1)) and torch.equal(c.cpu().long(), counts[:, None].expand(b, h, nq))
     for bb in range(b):
         for hh in range(h):
             for i in range(nq):
                 n = int(counts[bb, i])
                 assert set(idx[bb, hh, i, :n].tolist()) == set(top[bb, hh, i, :n].tolist())
+    no_mask, c2, idx2 = topk_index_triton(scores.to(DEVICE), density, sink, 1, 2, kmax, with_mask=False)
+    assert no_mask is None and torch.equal(c2, c)
 
 
-def test_selection_with_the_fused_topk_switch(monkeypatch, gen):
-    from sparse_kernels.select import select_blocks_with_index
+def test_pooling_kernel_equals_torch_pooling(gen):
+    from sparse_kernels.select import pool_blocks
+    from sparse_kernels.triton_select import pool_blocks_triton
+    for n, block, dtype in ((100, 32, torch.float32), (64, 16, torch.float16)):
+        x = torch.randn(2, 3, n, 16, generator=gen).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        got = pool_blocks_triton(x.to(DEVICE), block).cpu()
+        assert got.dtype == torch.float32 and torch.allclose(got, pool_blocks(x, block, None), atol=1e-5)
+
+
+@pytest.mark.parametrize("method,padded", [("block_topk", False), ("vertical_slash", False), ("block_topk", True)])
+def test_selection_with_the_fused_topk_switch(method, padded, monkeypatch, gen):
+    """Whole selection, torch path vs Triton path (pooling + fused top-k), per-row densities."""
+    from sparse_kernels.select import block_accounting, index_accounting, select_blocks_with_index
     q, k = torch.randn(2, 4, 300, 16, generator=gen), torch.randn(2, 2, 300, 16, generator=gen)
     density = torch.tensor([0.3, 0.6])
-    plain = select_blocks_with_index(q, k, density, SelectionSpec(block_size=32), 0.25)
+    valid = torch.ones(2, 300, dtype=torch.bool)
+    if padded:
+        valid[1, :70] = False
+    spec = SelectionSpec(method=method, block_size=32)
+    monkeypatch.setenv("SPARSE_FUSED_TOPK", "0")
+    plain = select_blocks_with_index(q, k, density, spec, 0.25, valid if padded else None)
     monkeypatch.setenv("SPARSE_FUSED_TOPK", "1")
-    fused = select_blocks_with_index(q.to(DEVICE), k.to(DEVICE), density, SelectionSpec(block_size=32), 0.25)
-    assert torch.equal(fused[0].cpu(), plain[0]) and torch.equal(fused[1].cpu(), plain[1])
+    fused = select_blocks_with_index(q.to(DEVICE), k.to(DEVICE), density, spec, 0.25,
+                                     valid.to(DEVICE) if padded else None)
+    # ties among empty (all-padding, score -inf) blocks may break either way: compare the others
+    nonempty = torch.nn.functional.pad(valid, (0, 20)).view(2, -1, 32).any(-1)[:, None, None, :] if padded else torch.ones(1, dtype=torch.bool)
+    assert torch.equal(fused[0].cpu() & nonempty, plain[0] & nonempty) and torch.equal(fused[1].cpu(), plain[1])
+    index_only = select_blocks_with_index(q.to(DEVICE), k.to(DEVICE), density, spec, 0.25,
+                                          valid.to(DEVICE) if padded else None, with_mask=False)
+    assert index_only[0] is None and torch.equal(index_only[1].cpu(), plain[1])
+    kept, causal = index_accounting(index_only[1].cpu())
+    want_kept, want_causal = block_accounting(plain[0])
+    assert torch.equal(kept.long(), want_kept) and causal == want_causal
+    monkeypatch.setenv("SPARSE_FUSED_TOPK", "yes")
+    with pytest.raises(ValueError, match="SPARSE_FUSED_TOPK must be 0 or 1"):
+        select_blocks_with_index(q, k, density, spec, 0.25)
