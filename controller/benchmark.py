@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="controller checkpoint for the end-to-end rows (skipped without)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--lengths", default=None, help="comma-separated kernel lengths (default 8K,32K,64K,128K)")
+    p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end rows (needs --checkpoint)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU; run it on the GPU machine", file=sys.stderr)
@@ -101,7 +102,10 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out)
 
-    result["kernels"] = bench_kernels(lengths=lengths)
+    if args.skip_kernels and not args.checkpoint:
+        print("error: --skip-kernels leaves nothing to run without --checkpoint", file=sys.stderr)
+        return 2
+    result["kernels"] = [] if args.skip_kernels else bench_kernels(lengths=lengths)
     save()
     if args.checkpoint:
         result["end_to_end"] = bench_end_to_end(args.checkpoint, args.model)

@@ -195,6 +195,16 @@ def vertical_slash_scores(q, k, spec: SelectionSpec, scale: float, key_valid=Non
     return vertical[:, :, None, :] + slash.gather(-1, diag).view(b, hq, nb, nb)
 
 
+def density_on(density: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """density [B] as float64 on `device`. From the CPU it goes through pinned memory without
+    blocking: a plain copy would make the host wait for every kernel queued before it (a full
+    sync per sparse layer)."""
+    density = density.to(torch.float64)
+    if density.device.type == "cpu" and device.type == "cuda":
+        return density.pin_memory().to(device, non_blocking=True)
+    return density.to(device)
+
+
 def _fused_topk(device: torch.device) -> bool:
     """The Triton selection (triton_select.py): on by default on CUDA with Triton installed;
     SPARSE_FUSED_TOPK=0 turns it off, =1 turns it on wherever Triton runs (the interpreter in tests)."""
@@ -214,7 +224,8 @@ def _fused_select(q, k, density, spec: SelectionSpec, scale: float, key_valid, s
         scores = group_scores(pool_blocks_triton(q, spec.block_size), pool_blocks_triton(k, spec.block_size))
     else:
         scores = METHODS[spec.method](q, k, spec, scale, key_valid)
-    return topk_index_triton(scores, density, sink, spec.sink_blocks, spec.local_blocks, kmax, with_mask)
+    return topk_index_triton(scores, density_on(density, q.device), sink, spec.sink_blocks, spec.local_blocks,
+                             kmax, with_mask)
 
 
 def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_valid, with_mask: bool = True):
@@ -233,7 +244,7 @@ def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_
     if _fused_topk(q.device):
         return _fused_select(q, k, density, spec, scale, key_valid, sink, kmax, with_mask)
     forced = forced_block_mask(nb, spec, sink)
-    counts = kept_block_counts(density.to(q.device), nb, forced.sum(-1))
+    counts = kept_block_counts(density_on(density, q.device), nb, forced.sum(-1))
     scores = METHODS[spec.method](q, k, spec, scale, key_valid)
     mask, top = topk_block_index(scores, counts, forced, kmax)
     return mask, counts, top

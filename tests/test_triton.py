@@ -135,7 +135,7 @@ def test_benchmark_rows_carry_the_promised_fields(monkeypatch, capsys):
     monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), 1.0)[1])
     monkeypatch.setattr(bench, "_compiled_flex", lambda: flex_attention)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, h, 200, 16, generator=gen) for h in (4, 2, 2))
+    q, k, v = (torch.randn(1, h, 200, 16, generator=gen).to(DEVICE) for h in (4, 2, 2))
     row = bench.bench_point(q, k, v, None, None, 0.3, 32, 2.0)
     assert {"N", "kept", "hq", "hkv", "d", "ms_sdpa", "ms_flex", "ms_triton", "ms_select", "triton_over_ideal"} <= set(row)
     assert 0.3 <= row["kept"] < 1 and row["rel_diff_triton_flex"] < 1e-4 and "errors" not in row
