@@ -3,8 +3,9 @@ transformers model, inside plain `model(...)` and `model.generate(...)` calls.
 
 Owns `attach(model, checkpoint)` -> `ControllerHandle` (`detach()` restores the model) and
 `Decision`. On every fresh prefill a forward pre-hook makes a `SparsePlan` current with no levels
-yet; the dense probe layers run and call back; after the last probe layer the handle computes each
-row's features with `data.features.compute_features` (THE extractor labeling used), asks the net
+yet, and a worker thread starts the token-id statistics; the dense probe layers run and call back;
+after the last probe layer the handle computes each row's features with
+`data.features.compute_features` (THE extractor labeling used), asks the net
 for P(safe), applies the calibrated threshold and sets the row levels, so the later (sparse)
 layers of the same forward run at those levels. Decode and cached continuations stay dense. Any
 failure while deciding a row makes that row dense and is logged, never raised.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from data.errors import UserError
-from data.features import ProbeCollector, compute_features, feature_vector
+from data.features import ProbeCollector, compute_features, feature_vector, text_statistics
 from data.models import LoadedModel, model_fingerprint
 from sparse_kernels import SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
 
@@ -69,13 +71,16 @@ class ControllerHandle:
         self._previous = enable_sparse_attention(model)
         self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                        model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
-        self._active = None   # (context manager, plan, collector, rows) during a prefill
+        self._active = None   # (context manager, plan, collector, rows, info, text futures) during a prefill
+        # the token-id statistics need only the ids: a worker computes them while the probe layers run
+        self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-features")
 
     # ---------------------------------------------------------------- public
     def detach(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._text_worker.shutdown(wait=False, cancel_futures=True)
         disable_sparse_attention(self.model, self._previous)
 
     def __enter__(self) -> "ControllerHandle":
@@ -85,10 +90,11 @@ class ControllerHandle:
         self.detach()
 
     def decide(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """features [B, F] -> (level index [B], P(safe) at it [B]): the calibrated decision."""
+        """features [B, F] -> (level index [B], P(safe) at it [B]): the calibrated decision (one
+        pass of the net gives both the scores and the reported probability)."""
         features = np.asarray(features, dtype=np.float32)
-        idx = self.ckpt.calibration.decide(self.policy.scores(features))
-        p = self.ckpt.net.safe_probability(torch.from_numpy(features)).numpy()
+        p = self.policy.probabilities(features)
+        idx = self.ckpt.calibration.decide(self.policy.scores_from(p, features))
         return idx, p[np.arange(len(p)), idx]
 
     # ---------------------------------------------------------------- hooks
@@ -109,11 +115,13 @@ class ControllerHandle:
                           probe_window=self.probe_window)
         ctx = use_plan(plan)
         ctx.__enter__()
-        self._active = (ctx, plan, collector, [r.cpu().numpy() for r in rows], {})
+        rows = [r.cpu().numpy() for r in rows]
+        text = [self._text_worker.submit(text_statistics, ids) for ids in rows]
+        self._active = (ctx, plan, collector, rows, {}, text)
         return None
 
     def _probe(self, layer: int, stats: dict) -> None:
-        ctx, plan, collector, rows, info = self._active
+        ctx, plan, collector, rows, info, text = self._active
         collector(layer, stats)
         if layer != max(self.probe_layers):
             return
@@ -121,7 +129,8 @@ class ControllerHandle:
         levels = np.zeros(len(rows))
         for r, ids in enumerate(rows):
             try:
-                feats = feature_vector(compute_features(ids, collector.pooled(r), self._task_of(r)))
+                feats = feature_vector(compute_features(ids, collector.pooled(r), self._task_of(r),
+                                                        text_stats=text[r].result()))
                 info[("features", r)] = feats
                 idx, prob = self.decide(feats[None])
                 levels[r] = self.ckpt.levels[idx[0]]
@@ -137,7 +146,7 @@ class ControllerHandle:
     def _after(self, module, args, kwargs, output):
         if self._active is None:
             return None
-        ctx, plan, collector, rows, info = self._active
+        ctx, plan, collector, rows, info, _ = self._active
         self._active = None
         ctx.__exit__(None, None, None)
         levels = plan.levels.tolist() if plan.levels is not None else [0.0] * len(rows)

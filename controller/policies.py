@@ -49,12 +49,19 @@ class LearnedPolicy(Policy):
         self.net, self.name, self.hide_task = net.eval(), name, hide_task
         self.lambdas = PROBABILITY_LAMBDAS
 
-    def scores(self, features: np.ndarray) -> np.ndarray:
-        x = torch.tensor(np.asarray(features, dtype=np.float32))
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """[B, 1 + K] the net's P(safe) at every grid level (1 at level 0), float64."""
+        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
         if self.hide_task:
             x = mask_task(x, torch.ones(len(x), dtype=torch.bool))
-        p = self.net.safe_probability(x).numpy().astype(np.float64)
+        with torch.inference_mode():
+            return self.net.safe_probability(x).numpy().astype(np.float64)
+
+    def scores_from(self, p: np.ndarray, features: np.ndarray) -> np.ndarray:
         return _with_dense(p[:, 1:])
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        return self.scores_from(self.probabilities(features), features)
 
 
 class SklearnPolicy(Policy):
@@ -100,11 +107,21 @@ class ComputeAware(Policy):
         self.name = name or f"{base.name}_compute_aware"
         self.lambdas = np.logspace(3, -4, 561)
 
-    def scores(self, features: np.ndarray) -> np.ndarray:
-        p = self.base.scores(features)[:, 1:]
+    def _from_base(self, base_scores: np.ndarray, features: np.ndarray) -> np.ndarray:
+        p = base_scores[:, 1:]
         n2 = np.exp(2 * (np.asarray(features)[:, LOG_LENGTH].astype(np.float64) - np.log(self.REFERENCE_TOKENS)))
         saved = self.levels[None, 1:] * n2[:, None]
         return _with_dense(saved / np.maximum(1.0 - p, 1e-6))
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        return self._from_base(self.base.scores(features), features)
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """The base's P(safe) (learned bases only): with `scores_from`, one net pass serves both."""
+        return self.base.probabilities(features)
+
+    def scores_from(self, p: np.ndarray, features: np.ndarray) -> np.ndarray:
+        return self._from_base(self.base.scores_from(p, features), features)
 
 
 DECISION_RULES = ("compute_aware", "threshold")

@@ -55,11 +55,14 @@ def text_statistics(token_ids: Sequence[int] | np.ndarray) -> dict[str, float]:
     }
 
 
-def compute_features(token_ids: Sequence[int], probe: dict[str, float], task: str | None) -> dict[str, float]:
-    """All features of one request, keyed by FEATURE_NAMES (same order)."""
+def compute_features(token_ids: Sequence[int], probe: dict[str, float], task: str | None,
+                     text_stats: dict[str, float] | None = None) -> dict[str, float]:
+    """All features of one request, keyed by FEATURE_NAMES (same order). `text_stats`: the result of
+    `text_statistics(token_ids)` if the caller computed it already (the hook does, on a worker
+    thread while the probe layers run)."""
     task = task if task in TASK_TYPES else UNKNOWN_TASK
     feats = {"log_length": math.log(max(len(token_ids), 1))}
-    feats.update(text_statistics(token_ids))
+    feats.update(text_statistics(token_ids) if text_stats is None else {k: text_stats[k] for k in TEXT_STATS})
     feats.update({f"probe_{s}": float(probe[s]) for s in PROBE_STATS})
     feats.update({name: float(name == f"task_{task}") for name in TASK_FEATURES})
     return {name: feats[name] for name in FEATURE_NAMES}

@@ -160,3 +160,15 @@ def test_training_is_seeded_and_deterministic_on_cpu(tmp_path):
     nets = [fit_net(job, LabelDataModule(a, splits, 64, 0), str(tmp_path / f"run{i}"))[0] for i in range(2)]
     for (name, x), (_, y) in zip(nets[0].state_dict().items(), nets[1].state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def test_one_net_pass_gives_the_same_decision_as_two():
+    """The hook's decision reads the scores and the reported P(safe) off one pass of the net."""
+    torch.manual_seed(0)
+    net = SafetyNet(len(FEATURE_NAMES), len(LEVELS) - 1)
+    x = np.random.default_rng(0).normal(size=(16, len(FEATURE_NAMES))).astype(np.float32)
+    for rule in ("threshold", "compute_aware"):
+        policy = controller_policy(net, LEVELS, rule)
+        p = policy.probabilities(x)
+        assert np.allclose(policy.scores_from(p, x), policy.scores(x))
+        assert np.allclose(p, net.safe_probability(torch.from_numpy(x)).detach().numpy(), atol=1e-7)

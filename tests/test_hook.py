@@ -113,8 +113,9 @@ def test_a_failing_controller_runs_the_request_dense(tiny_lm, tiny_trained, capl
     dense = tiny_lm.model(input_ids=ids).logits
 
     class Broken:
-        def scores(self, features):
+        def probabilities(self, features):
             raise RuntimeError("boom")
+        scores = scores_from = probabilities
 
     with attach(tiny_lm, ckpt) as handle:
         handle.policy = Broken()
