@@ -139,7 +139,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         # the kernel reads top-k's index directly; blocks are counted from it (no mask is built)
         block_mask, *index = select_blocks_with_index(query, key, 1.0 - levels, plan.selection, scale,
                                                       key_valid, with_mask=False)
-        kept, causal = block_accounting(block_mask) if block_mask is not None else index_accounting(index[0])
+        kept, causal = index_accounting(index[0])
     else:
         block_mask = select_blocks(query, key, 1.0 - levels, plan.selection, scale, key_valid)
         kept, causal = block_accounting(block_mask)
