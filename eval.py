@@ -3,10 +3,15 @@ and figures into --out, and print that folder as the last line.
 
   python eval.py --checkpoint runs/demo/checkpoint --labels data/labels/smollm2-135m/v1 --out runs/demo/eval
   python eval.py --checkpoint runs/demo/checkpoint --ruler path/to/ruler_dir --out runs/ruler_eval
+  python eval.py --checkpoint runs/mine/checkpoint --prompts my_prompts.jsonl --out runs/mine/eval  # label-free
 
 --labels evaluates on that label store's test split; --ruler labels a RULER-format JSONL file (or
-every *.jsonl under a folder) with the checkpoint's model and settings first. Baselines are fitted
-and calibrated on the checkpoint's own label store. Errors print one line and exit with code 2.
+every *.jsonl under a folder) with the checkpoint's model and settings first; --prompts does the
+same for prompts without answers (judged by the label-free `fidelity` criterion). Baselines are
+fitted on the checkpoint's training store and calibrated on the requests the checkpoint was
+calibrated on. The report says which criterion judged the violations, what share of the requests
+the shift guard flagged, and whether the traffic looks exchangeable with the calibration requests.
+Errors print one line and exit with code 2.
 """
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--labels", help="a label store (its test split is evaluated)")
     src.add_argument("--ruler", help="a RULER JSONL file or a folder of them (searched recursively)")
+    src.add_argument("--prompts", help="prompts without answers: JSONL file or folder, or a folder of .txt files")
+    p.add_argument("--criterion", choices=["gold", "fidelity"],
+                   help="criterion that judges violations (default: the checkpoint's; --prompts needs fidelity)")
     p.add_argument("--out", required=True, help="report folder")
     return p.parse_args(argv)
 
@@ -30,7 +38,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         from controller.pipeline import evaluate_checkpoint
-        out = evaluate_checkpoint(args.checkpoint, args.out, labels=args.labels, ruler=args.ruler)
+        criterion = "fidelity" if args.prompts and args.criterion is None else args.criterion
+        out = evaluate_checkpoint(args.checkpoint, args.out, labels=args.labels, ruler=args.ruler,
+                                  prompts=args.prompts, criterion=criterion)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

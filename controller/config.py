@@ -72,8 +72,15 @@ class CalibrationConfig:
     delta: float = 0.1
     sweep: tuple[float, ...] = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)   # alphas of the trade-off curve
     decision: str = "compute_aware"   # compute_aware or threshold (see controller/policies.py)
+    guard_p: float = 0.01      # shift guard: requests whose conformal p-value is below this run at `fallback`
+    guard_k: int = 5           # shift guard: k of the k-th nearest calibration request
+    fallback: float = 0.0      # the level flagged requests run at (0 = dense, the only one that is always safe)
 
     def __post_init__(self):
+        if math.isnan(self.guard_p) or not 0 <= self.guard_p < 1 or self.guard_k < 1:
+            raise UserError(f"calibration.guard_p must lie in [0, 1) and guard_k be >= 1, got {self.guard_p}, {self.guard_k}")
+        if math.isnan(self.fallback) or not 0 <= self.fallback < 1:
+            raise UserError(f"calibration.fallback must be a grid level in [0, 1), got {self.fallback}")
         if self.decision not in ("compute_aware", "threshold"):
             raise UserError(f"calibration.decision must be compute_aware or threshold, got {self.decision!r}")
         for name, v in [("alpha", self.alpha), ("delta", self.delta), *(("sweep", a) for a in self.sweep)]:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from data.errors import UserError
 from data.features import FEATURE_NAMES, FEATURE_VERSION
-from data.store import LabelStore, apply_criterion
+from data.store import LabelStore, apply_criterion, criterion_dict, missing_outputs
 
 SPLITS = ("train", "val", "calibration", "test")
 
@@ -88,8 +88,13 @@ def arrays_from_store(root: str | Path, criterion=None) -> tuple[LabelArrays, di
         raise UserError(f"label store {root} does not exist; run labeling first or fix the path")
     meta = store.meta()
     check_feature_version(meta, f"label store {root}")
-    crit = criterion if criterion is not None else meta["criterion"]
-    return arrays_from_frame(apply_criterion(store.table(), crit)), meta
+    crit = criterion_dict(criterion if criterion is not None else meta["criterion"])
+    table = store.table()
+    missing = missing_outputs(table) if crit["name"] == "gold" else 0
+    if missing:
+        raise UserError(f"label store {root}: {missing} requests have no reference outputs, which the gold criterion "
+                        "needs; use the label-free criterion (--criterion fidelity or criterion.name=fidelity)")
+    return arrays_from_frame(apply_criterion(table, crit)), meta
 
 
 def store_hash(root: str | Path) -> str:

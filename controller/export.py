@@ -45,9 +45,17 @@ class ControllerCheckpoint:
     def fingerprint(self) -> dict:
         return self.record["model"]["fingerprint"]
 
+    @property
+    def guard(self):
+        """The shift guard (None for checkpoints written before it existed: no guard)."""
+        from .guard import ShiftGuard
+        g = self.record.get("guard")
+        return None if g is None else ShiftGuard.from_json(g, len(FEATURE_NAMES), self.levels)
 
-def export_checkpoint(path: str | Path, net: SafetyNet, record: dict) -> Path:
-    """Write the checkpoint folder atomically; an existing folder at `path` is replaced."""
+
+def export_checkpoint(path: str | Path, net: SafetyNet, record: dict, texts: dict[str, str] | None = None) -> Path:
+    """Write the checkpoint folder atomically; an existing folder at `path` is replaced (moved aside
+    first and deleted only after the new one is in place). `texts`: extra text files (a report)."""
     from safetensors.torch import save_file
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -55,9 +63,14 @@ def export_checkpoint(path: str | Path, net: SafetyNet, record: dict) -> Path:
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS_FILE))
     (tmp / RECORD_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, **record}, indent=1, sort_keys=True))
+    for name, text in (texts or {}).items():
+        (tmp / name).write_text(text)
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if path.exists():
-        shutil.rmtree(path)
+        os.replace(path, old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -88,6 +101,7 @@ def load_checkpoint(path: str | Path) -> ControllerCheckpoint:
         net = SafetyNet(cfg["n_features"], cfg["n_sparse_levels"], cfg["hidden"], cfg["depth"], cfg["dropout"])
         net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
         Calibration.from_json(record["calibration"])
+        ControllerCheckpoint(net, record).guard
     except (SafetensorError, RuntimeError, KeyError, TypeError, ValueError) as e:
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise UserError(f"checkpoint {path} is corrupt or incompatible ({msg}); re-export it") from None

@@ -7,7 +7,9 @@ yet, and a worker thread starts the token-id statistics; the dense probe layers 
 after the last probe layer the handle computes each row's features with
 `data.features.compute_features` (THE extractor labeling used), asks the net
 for P(safe), applies the calibrated threshold and sets the row levels, so the later (sparse)
-layers of the same forward run at those levels. Decode and cached continuations stay dense. Any
+layers of the same forward run at those levels. A request outside the checkpoint's calibrated
+support (its `ShiftGuard`: length range, conformal p-value of its features) runs at the guard's
+fallback level (dense by default) and its `Decision` says `ood=True` and why. Decode and cached continuations stay dense. Any
 failure while deciding a row makes that row dense and is logged, never raised.
 Imports `sparse_kernels`, `data` and `controller` modules below it.
 """
@@ -39,7 +41,9 @@ class Decision:
     level: float                 # nominal grid level chosen for the request
     probability: float           # the controller's P(safe) at that level (1 for dense)
     achieved_sparsity: float     # measured from the block index of the sparse layers
-    fallback: str | None = None  # why the request ran dense despite the controller, if it did
+    fallback: str | None = None  # why the request ran at the fallback level instead of the controller's, if it did
+    ood: bool = False            # the shift guard flagged it: outside the calibrated length range or feature support
+    p_value: float | None = None  # the guard's conformal p-value of its features (None without a guard)
 
 
 def check_model(model, ckpt: ControllerCheckpoint, strict: bool = True) -> None:
@@ -68,6 +72,7 @@ class ControllerHandle:
         self.dense_layers, self.probe_layers = frozenset(rec["dense_layers"]), frozenset(rec["probe_layers"])
         self.probe_window, self.backend = rec["probe_window"], rec["backend"]
         self.policy = controller_policy(ckpt.net, ckpt.levels, ckpt.record["decision"])
+        self.guard = ckpt.guard   # None: a checkpoint without one (every request is decided by the controller)
         self._previous = enable_sparse_attention(model)
         self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                        model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
@@ -120,6 +125,20 @@ class ControllerHandle:
         self._active = (ctx, plan, collector, rows, {}, text)
         return None
 
+    def _decide_row(self, r: int, ids: np.ndarray, pooled: dict, text_stats: dict, info: dict) -> float:
+        """The level of one request: the calibrated decision, or the guard's fallback when the
+        request is outside the calibrated support. Records what happened in `info`."""
+        feats = feature_vector(compute_features(ids, pooled, self._task_of(r), text_stats=text_stats))
+        info[("features", r)] = feats
+        if self.guard is not None:
+            flagged, p, reasons = self.guard.check(feats[None])
+            if flagged[0]:
+                info[r] = (1.0, reasons[0], True, float(p[0]))
+                return self.guard.fallback
+        idx, prob = self.decide(feats[None])
+        info[r] = (float(prob[0]), None, False, None if self.guard is None else float(p[0]))
+        return float(self.ckpt.levels[idx[0]])
+
     def _probe(self, layer: int, stats: dict) -> None:
         ctx, plan, collector, rows, info, text = self._active
         collector(layer, stats)
@@ -129,15 +148,11 @@ class ControllerHandle:
         levels = np.zeros(len(rows))
         for r, ids in enumerate(rows):
             try:
-                feats = feature_vector(compute_features(ids, collector.pooled(r), self._task_of(r),
-                                                        text_stats=text[r].result()))
-                info[("features", r)] = feats
-                idx, prob = self.decide(feats[None])
-                levels[r] = self.ckpt.levels[idx[0]]
-                info[r] = (float(prob[0]), None)
+                levels[r] = self._decide_row(r, ids, collector.pooled(r), text[r].result(), info)
             except Exception as e:  # noqa: BLE001 - a controller failure must never reach generate()
                 log.warning("controller failed on request %d (%s: %s); running it dense", r, type(e).__name__, e)
-                info[r] = (1.0, f"{type(e).__name__}: {e}")
+                levels[r] = 0.0
+                info[r] = (1.0, f"{type(e).__name__}: {e}", False, None)
         if self.force_level is not None:
             levels[:] = self.force_level
         self.last_decision_seconds = time.perf_counter() - start
@@ -153,8 +168,9 @@ class ControllerHandle:
         achieved = plan.counts.achieved_sparsity().tolist()
         decisions = []
         for r in range(len(rows)):
-            prob, fallback = info.get(r, (1.0, "no probe layer ran"))
-            decisions.append(Decision(float(levels[r]), prob, float(achieved[r]) if r < len(achieved) else 0.0, fallback))
+            prob, fallback, ood, p_value = info.get(r, (1.0, "no probe layer ran", False, None))
+            decisions.append(Decision(float(levels[r]), prob, float(achieved[r]) if r < len(achieved) else 0.0,
+                                      fallback, ood, p_value))
         self.last_decisions = decisions
         self.last_features = [info.get(("features", r)) for r in range(len(rows))]
         return None

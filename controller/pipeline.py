@@ -19,12 +19,14 @@ import numpy as np
 from data.config import DataConfig, LabelingConfig, LabelJobConfig, ModelConfig, SparseConfig, CriterionConfig
 from data.errors import UserError
 from data.features import FEATURE_NAMES, FEATURE_VERSION
+from data.store import criterion_dict, describe_criterion
 
 from .calibrate import calibrate
 from .config import ControllerJobConfig
 from .dataset import LabelArrays, arrays_from_store, split_groups, store_hash
 from .evaluate import alpha_sweep, best_in_hindsight, evaluate_all, reliability, separability
 from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
+from .guard import Guarded, ShiftGuard, exchangeability_words, two_sample_test
 from .lit import LabelDataModule, fit_net
 from .policies import ComputeAware, LearnedPolicy, FixedPolicy, LengthLawPolicy, Policy, SklearnPolicy, controller_policy
 from .report import why_short, write_report
@@ -69,13 +71,16 @@ def resolve_labels(job: ControllerJobConfig) -> str:
     return str(store.root)
 
 
-def build_policies(net, train: LabelArrays, seed: int, rule: str) -> list[Policy]:
-    """The controller first, then its variants and the baselines; every P(safe) policy decides
-    with the same rule, so the comparison is of predictors, not of decision rules."""
+def build_policies(net, train: LabelArrays, seed: int, rule: str, guard: ShiftGuard | None = None) -> list[Policy]:
+    """The controller first (behind its shift guard, as the hook runs it), then its variants and the
+    baselines; every P(safe) policy decides with the same rule, so the comparison is of predictors,
+    not of decision rules. Only the controller is guarded."""
     levels = train.levels
     same_rule = (lambda p: ComputeAware(p, levels, p.name)) if rule == "compute_aware" else (lambda p: p)
-    policies = [controller_policy(net, levels, rule),
-                controller_policy(net, levels, rule, hide_task=True, name="controller_unknown_task")]
+    controller = controller_policy(net, levels, rule)
+    policies = [controller] if guard is None else [
+        Guarded(controller, guard, levels), controller_policy(net, levels, rule, name="controller_unguarded")]
+    policies += [controller_policy(net, levels, rule, hide_task=True, name="controller_unknown_task")]
     if rule == "compute_aware":
         policies.append(controller_policy(net, levels, "threshold", name="controller_plain_threshold"))
     return policies + [same_rule(SklearnPolicy("logistic", seed).fit(train)), same_rule(SklearnPolicy("gbm", seed).fit(train)),
@@ -86,16 +91,33 @@ def _splits(arrays: LabelArrays, split: dict) -> dict[str, np.ndarray]:
     return split_groups(arrays.groups, (split["train"], split["val"], split["calibration"]), split["seed"])
 
 
-def make_record(job: ControllerJobConfig, meta: dict, labels: str, net, cal, info: dict, arrays: LabelArrays) -> dict:
+def fit_guard(net, cal: LabelArrays, calibration: dict) -> ShiftGuard:
+    """The shift guard of a checkpoint calibrated on `cal` (settings from a CalibrationConfig dict)."""
+    if not np.isclose(cal.levels, calibration["fallback"]).any():
+        raise UserError(f"calibration.fallback {calibration['fallback']} is not a grid level {list(cal.levels)}")
+    return ShiftGuard.fit(cal.features, cal.n_tokens, net.feature_mean.numpy(), net.feature_std.numpy(),
+                          calibration["guard_k"], calibration["guard_p"], calibration["fallback"])
+
+
+def calibration_data(source: str, cal: LabelArrays, criterion: dict, store: str, files: list | None = None) -> dict:
+    """What a checkpoint's guarantee was calibrated on, for its record and reports."""
+    return {"source": source, "requests": len(cal), "criterion": criterion, "criterion_text": describe_criterion(criterion),
+            "tokens": [int(cal.n_tokens.min()), int(cal.n_tokens.max())], "label_store": store,
+            "label_store_sha256": store_hash(store), "files": files or [],
+            "tasks": {str(t): int(c) for t, c in zip(*np.unique(cal.tasks, return_counts=True))}}
+
+
+def make_record(job: ControllerJobConfig, meta: dict, labels: str, net, cal, info: dict, arrays: LabelArrays,
+                guard: ShiftGuard, cal_data: dict) -> dict:
     from data.labeling import _git_sha
-    return {
+    return {"guard": guard.to_json(), "calibration_data": cal_data,
         "feature_version": FEATURE_VERSION, "feature_names": list(FEATURE_NAMES),
         "normalisation": {"mean": net.feature_mean.tolist(), "std": net.feature_std.tolist()},
         "grid": [float(x) for x in arrays.levels], "sparse": meta["identity"]["sparse"],
         "calibration": cal.to_json(), "alpha": cal.alpha, "delta": cal.delta,
         "model": {"name": meta.get("model_name"), "fingerprint": meta["identity"]["model"]},
         "label_store": {"path": labels, "sha256": store_hash(labels), "samples": len(arrays)},
-        "criterion": asdict(job.criterion), "split": asdict(job.split), "sweep": list(job.calibration.sweep), "decision": job.calibration.decision,
+        "criterion": criterion_dict(job.criterion), "split": asdict(job.split), "sweep": list(job.calibration.sweep), "decision": job.calibration.decision,
         "net": {"n_features": len(FEATURE_NAMES), "n_sparse_levels": len(arrays.levels) - 1, **asdict(job.net)},
         "training": {**info, **asdict(job.train)}, "versions": versions(), "git_sha": _git_sha(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
@@ -112,60 +134,110 @@ def train_controller(job: ControllerJobConfig) -> Trained:
     """Label (or reuse) -> train -> calibrate -> export."""
     labels = resolve_labels(job)
     arrays, meta = arrays_from_store(labels, job.criterion)
+    return train_on_arrays(job, arrays, meta, labels)
+
+
+def train_on_arrays(job: ControllerJobConfig, arrays: LabelArrays, meta: dict, labels: str) -> Trained:
+    """Split `arrays` (rows of the store `labels`) -> train -> calibrate -> fit the guard -> export."""
     splits = _splits(arrays, asdict(job.split))
     if min(len(v) for v in splits.values()) == 0:
         raise UserError(f"label store {labels} has {len(arrays)} samples: too few for train/val/calibration/test splits")
     out = Path(job.out)
     net, info = fit_net(job, LabelDataModule(arrays, splits, job.train.batch_size, job.train.seed), str(out))
     policy = controller_policy(net, arrays.levels, job.calibration.decision)
-    cal = calibrate(policy, arrays.subset(splits["calibration"]), job.calibration.alpha, job.calibration.delta)
+    cal_arrays = arrays.subset(splits["calibration"])
+    cal = calibrate(policy, cal_arrays, job.calibration.alpha, job.calibration.delta)
     if not cal.passed:
         print(f"warning: no threshold passes Learn-then-Test at alpha={cal.alpha}, delta={cal.delta} on "
               f"{cal.n} calibration requests; the controller falls back to dense for every request")
-    path = export_checkpoint(out / "checkpoint", net, make_record(job, meta, labels, net, cal, info, arrays))
+    guard = fit_guard(net, cal_arrays, asdict(job.calibration))
+    cal_data = calibration_data(f"calibration split of label store {labels}", cal_arrays, criterion_dict(job.criterion), labels)
+    path = export_checkpoint(out / "checkpoint", net, make_record(job, meta, labels, net, cal, info, arrays, guard, cal_data))
     return Trained(path, net, cal)
 
 
-def _label_ruler(ckpt: ControllerCheckpoint, ruler: str, out: Path) -> str:
+def label_requests(ckpt: ControllerCheckpoint, data: DataConfig, out: Path, criterion: dict,
+                   devices: int = 1, batch_samples: int = 1, progress: bool = False) -> str:
+    """Label requests with the checkpoint's model, sparse settings and grid into `out` (resumable);
+    refuses a model whose weights differ from the checkpoint's."""
     from data.runner import run_labeling
     rec = ckpt.record
     job = LabelJobConfig(model=ModelConfig(name=rec["model"]["name"]), sparse=SparseConfig(**rec["sparse"]),
-                         data=DataConfig(tasks=(), ruler=(ruler,)), criterion=CriterionConfig(**rec["criterion"]),
-                         labeling=LabelingConfig(grid=tuple(rec["grid"]), out=str(out / "labels"), progress=False))
+                         data=data, criterion=CriterionConfig(**criterion),
+                         labeling=LabelingConfig(grid=tuple(rec["grid"]), out=str(out), progress=progress,
+                                                 devices=devices, batch_samples=batch_samples))
     store = run_labeling(job)
+    if store is None:   # a non-zero rank of a distributed run
+        return ""
     if store.meta()["identity"]["model"]["id"] != ckpt.fingerprint["id"]:
         raise UserError(f"model {rec['model']['name']} here is not the model the controller was trained for "
-                        f"({ckpt.fingerprint['id']}); evaluate where that model is available")
+                        f"({ckpt.fingerprint['id']}); use that model's checkpoint or train one for this model")
     return str(store.root)
 
 
-def evaluate_checkpoint(checkpoint: str, out: str, labels: str | None = None, ruler: str | None = None) -> Path:
-    """Every policy, calibrated on the checkpoint's calibration split, evaluated on `labels`' test
-    split or on every request of `ruler` (labeled here with the checkpoint's settings)."""
-    ckpt = load_checkpoint(checkpoint)
-    rec, out_dir = ckpt.record, Path(out)
+def calibration_arrays(rec: dict, criterion: dict) -> tuple[LabelArrays, LabelArrays, str]:
+    """(training split, calibration requests, where they come from) of a checkpoint: the requests it
+    was last calibrated on (its own store's calibration split, or a recalibration's label store)."""
     train_root = rec["label_store"]["path"]
     if not Path(train_root).is_dir():
         raise UserError(f"the checkpoint's training label store {train_root} is missing; baselines are fitted on it")
-    arrays, _ = arrays_from_store(train_root, rec["criterion"])
+    arrays, _ = arrays_from_store(train_root, criterion)
     splits = _splits(arrays, rec["split"])
     train, cal = arrays.subset(splits["train"]), arrays.subset(splits["calibration"])
-    if ruler is not None:
-        test = arrays_from_store(_label_ruler(ckpt, ruler, out_dir), rec["criterion"])[0]
-        where = f"RULER files {ruler} (all requests)"
-    else:
-        store_arrays, _ = arrays_from_store(labels, rec["criterion"])
-        test = store_arrays.subset(_splits(store_arrays, rec["split"])["test"])
-        where = f"label store {labels}, test split"
-    policies = build_policies(ckpt.net, train, rec["split"]["seed"], rec["decision"])
+    data = rec.get("calibration_data", {})
+    if data.get("label_store") and data["label_store"] != train_root:
+        if not Path(data["label_store"]).is_dir():
+            raise UserError(f"the checkpoint's calibration label store {data['label_store']} is missing")
+        cal = arrays_from_store(data["label_store"], criterion)[0]
+    return train, cal, data.get("source", f"calibration split of label store {train_root}")
+
+
+def evaluated_arrays(ckpt: ControllerCheckpoint, out: Path, criterion: dict, labels: str | None,
+                     ruler: str | None, prompts: str | None) -> tuple[LabelArrays, str]:
+    if ruler is not None or prompts is not None:
+        data = DataConfig(tasks=(), ruler=(ruler,) if ruler else (), prompts=(prompts,) if prompts else ())
+        root = label_requests(ckpt, data, out / "labels", criterion)
+        return arrays_from_store(root, criterion)[0], f"{'RULER files ' + ruler if ruler else 'prompts ' + prompts} (all requests)"
+    store_arrays, _ = arrays_from_store(labels, criterion)
+    return store_arrays.subset(_splits(store_arrays, ckpt.record["split"])["test"]), f"label store {labels}, test split"
+
+
+def shift_report(ckpt: ControllerCheckpoint, test: LabelArrays) -> dict:
+    """Share of evaluated requests the guard flags, and a two-sample test against the calibration requests."""
+    guard = ckpt.guard
+    if guard is None:
+        return {"words": "This checkpoint has no shift guard (written before guards existed); retrain or recalibrate it."}
+    flagged, p, _ = guard.check(test.features)
+    test_std = (test.features.astype(np.float64) - guard.mean) / guard.std
+    two = two_sample_test(guard.reference, test_std)
+    return {"flagged_share": float(flagged.mean()), "median_p_value": float(np.median(p)), "two_sample": two,
+            "covered": guard.describe(), "words": exchangeability_words(two, float(flagged.mean()))}
+
+
+def evaluate_checkpoint(checkpoint: str, out: str, labels: str | None = None, ruler: str | None = None,
+                        prompts: str | None = None, criterion: str | None = None) -> Path:
+    """Every policy, calibrated on the checkpoint's calibration requests, evaluated on `labels`' test
+    split or on every request of `ruler` / `prompts` (labeled here with the checkpoint's settings);
+    violations judged by `criterion` (default: the checkpoint's)."""
+    ckpt = load_checkpoint(checkpoint)
+    rec, out_dir = ckpt.record, Path(out)
+    crit = criterion_dict(rec["criterion"])
+    if criterion is not None:
+        crit["name"] = criterion
+    train, cal, cal_source = calibration_arrays(rec, crit)
+    test, where = evaluated_arrays(ckpt, out_dir, crit, labels, ruler, prompts)
+    policies = build_policies(ckpt.net, train, rec["split"]["seed"], rec["decision"], ckpt.guard)
     alpha, delta = rec["alpha"], rec["delta"]
-    cals = {p.name: calibrate(p, cal, alpha, delta) for p in policies[1:]}
-    cals["controller"] = ckpt.calibration
+    deployed = ("controller", "controller_unguarded")   # the checkpoint's own threshold
+    cals = {p.name: ckpt.calibration if p.name in deployed else calibrate(p, cal, alpha, delta) for p in policies}
     metrics = {"alpha": alpha, "delta": delta, "n": len(test), "n_calibration": len(cal), "evaluated_on": where,
-               "policies": evaluate_all(policies, cals, test),
+               "criterion": crit, "criterion_text": describe_criterion(crit),
+               "checkpoint_criterion_text": describe_criterion(rec["criterion"]), "calibrated_on": cal_source,
+               "shift": shift_report(ckpt, test), "policies": evaluate_all(policies, cals, test),
                "alpha_sweep": alpha_sweep(policies, cal, test, [*rec.get("sweep", []), alpha], delta),
                "reliability": reliability(LearnedPolicy(ckpt.net), test),
                "provenance": {"checkpoint": str(checkpoint), "model": rec["model"], "label_store": rec["label_store"],
+                              "calibration_data": {k: v for k, v in rec.get("calibration_data", {}).items()},
                               "sparse": rec["sparse"], "grid": rec["grid"], "versions": versions()}}
     metrics["diagnostics"] = {"best_in_hindsight": {p.name: best_in_hindsight(p, test, alpha) for p in policies[:1]},
                                "auc_p_safe": separability(LearnedPolicy(ckpt.net), test)}

@@ -161,6 +161,11 @@ def goal_lines(metrics: dict) -> list[str]:
     return lines
 
 
+def shift_lines(shift: dict) -> str:
+    covered = f" The guarantee covers {shift['covered']}." if "covered" in shift else ""
+    return shift.get("words", "") + covered
+
+
 def report_markdown(metrics: dict, length_table: pd.DataFrame, header: str) -> str:
     p = metrics["policies"]
     parts = [f"# Controller report\n\n{header}\n",
@@ -168,6 +173,9 @@ def report_markdown(metrics: dict, length_table: pd.DataFrame, header: str) -> s
              f"alpha = {metrics['alpha']}, delta = {metrics['delta']}, {metrics['n_calibration']} calibration requests. "
              "A violation = the request fails the safety criterion at the level chosen for it. compute saved = 1 - "
              "attention blocks computed (all layers) / dense causal blocks, summed over requests.\n",
+             f"Violations are judged by the criterion {metrics['criterion_text']}. The controller's threshold was "
+             f"calibrated on the {metrics['calibrated_on']} under {metrics['checkpoint_criterion_text']}.\n",
+             "## Is this traffic covered by the guarantee?\n", shift_lines(metrics.get("shift", {})), "",
              "## Goals\n", *goal_lines(metrics), "", metrics.get("why", ""), "",
              "## Every policy\n", policy_table(p), "",
              "## Per task (compute saved / violation rate)\n", breakdown_table(p, "per_task"), "",

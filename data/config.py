@@ -71,12 +71,16 @@ class DataConfig:
     samples_per_length: int = 2
     seed: int = 0
     ruler: tuple[str, ...] = ()       # RULER JSONL files or folders, labeled as they are
+    prompts: tuple[str, ...] = ()     # prompts without answers (JSONL or .txt folders; see data.tasks.prompts)
+    max_prompts: int | None = None    # label only this many of the prompts (a seeded choice)
     chat_template: bool = True
 
     def __post_init__(self):
-        if not self.tasks and not self.ruler:
-            raise UserError("data.tasks is empty and no data.ruler path is given; list at least one task, "
-                            "e.g. tasks: [{name: niah_single}]")
+        if not self.tasks and not self.ruler and not self.prompts:
+            raise UserError("data.tasks is empty and no data.ruler or data.prompts path is given; list at least "
+                            "one task, e.g. tasks: [{name: niah_single}]")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise UserError(f"data.max_prompts must be >= 1 (or null for all), got {self.max_prompts}")
         for spec in self.tasks:
             build_task(spec)
         if self.tasks and (not self.lengths or min(self.lengths) < 64):
@@ -85,14 +89,23 @@ class DataConfig:
             raise UserError("data.samples_per_length must be >= 1")
 
 
+CRITERIA = ("gold", "fidelity")
+
+
 @dataclass(frozen=True)
 class CriterionConfig:
-    """safe(request, s): score not below dense (if required) and answer NLL rise <= tau."""
+    """safe(request, s). `gold` (needs reference outputs): the task score is not below dense (if
+    `require_score`) and the NLL of `nll_reference` rises by at most tau. `fidelity` (label-free, any
+    prompt): the sparse greedy answer equals the dense one after the task's normalisation and the NLL
+    of the dense answer rises by at most tau (`nll_reference` and `require_score` do not apply)."""
     tau: float = 0.1
     nll_reference: str = "gold"     # gold: the task's reference answer; dense: the dense model's answer
     require_score: bool = True
+    name: str = "gold"              # gold or fidelity
 
     def __post_init__(self):
+        if self.name not in CRITERIA:
+            raise UserError(f"criterion.name must be one of {list(CRITERIA)}, got {self.name!r}")
         if self.nll_reference not in ("gold", "dense"):
             raise UserError(f"criterion.nll_reference must be 'gold' or 'dense', got {self.nll_reference!r}")
         if not self.tau >= 0:

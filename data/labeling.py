@@ -10,6 +10,7 @@ Imports `sparse_kernels` and lower `data` modules; never `controller`.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import inspect
 import platform
 import re
@@ -27,7 +28,7 @@ from .decode import DecodeBatch, pad_rows
 from .features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features
 from .models import LoadedModel
 from .errors import UserError
-from .tasks import Sample, TaskSpec, build_task, generate_sample, prompt_ids, read_ruler, score
+from .tasks import Sample, TaskSpec, build_task, generate_sample, prompt_ids, read_prompts, read_ruler, score
 from .tasks.base import generated_sample_id
 
 
@@ -55,10 +56,20 @@ def plan_samples(cfg: DataConfig) -> list[PlannedSample | Sample]:
         for i in range(cfg.samples_per_length) for spec in cfg.tasks for length in cfg.lengths]
     for path in cfg.ruler:
         plan += read_ruler(path)
+    plan += choose_prompts([s for path in cfg.prompts for s in read_prompts(path)], cfg.max_prompts, cfg.seed)
     ids = [p.sample_id for p in plan]
     if len(set(ids)) != len(ids):
         raise UserError("duplicate sample ids: list each task once per config")
     return plan
+
+
+def choose_prompts(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]:
+    """`limit` of the prompts, chosen by a seeded hash of their ids (not file order), in file order."""
+    if limit is None or limit >= len(samples):
+        return samples
+    rank = sorted(range(len(samples)), key=lambda i: hashlib.sha256(f"{seed}:{samples[i].sample_id}".encode()).digest())
+    keep = set(rank[:limit])
+    return [s for i, s in enumerate(samples) if i in keep]
 
 
 def realize(item: PlannedSample | Sample, tokenizer) -> Sample:
@@ -189,7 +200,8 @@ class Labeler:
             p.cache = None  # the stacked cache holds every row now
         levels = len(self.levels)
         clock = PhaseClock(self.lm.device)
-        gold = [self.lm.tokenizer(gold_answer(p.sample), add_special_tokens=False)["input_ids"] for p in pre]
+        gold = [self.lm.tokenizer(gold_answer(p.sample), add_special_tokens=False)["input_ids"] if p.sample.outputs
+                else [] for p in pre]   # no reference answer: nll_gold is NaN
         nll_gold = self.answer_nll(batch, [g for g in gold for _ in range(levels)])
         answers = self.greedy(batch, [p.sample.max_new_tokens for p in pre for _ in range(levels)])
         clock.lap("decode")
@@ -210,12 +222,13 @@ class Labeler:
             text = self.lm.tokenizer.decode(answers[r], skip_special_tokens=True)
             records.append({
                 "sample_id": sample.sample_id, "task": sample.task, "group": sample.group,
-                "source": sample.source, "target_length": sample.target_length, "n_tokens": len(ids),
+                "source": sample.source, "target_length": sample.target_length or len(ids), "n_tokens": len(ids),
                 "level": level, "achieved_sparsity": float(achieved[r]),
                 "kept_blocks_sparse": float(c.kept_sparse[r]) if c.kept_sparse is not None else 0.0,
                 "causal_blocks_sparse": c.causal_sparse,
                 "kept_blocks_all": float(c.kept_all[r]), "causal_blocks_all": c.causal_all,
-                "score": score(sample.metric, text, sample.outputs), "metric": sample.metric,
+                "score": score(sample.metric, text, sample.outputs) if sample.outputs else float("nan"),
+                "metric": sample.metric,
                 "nll_gold": float(nll_gold[r]), "nll_dense_answer": float(nll_dense[r]),
                 "answer": text, "answer_tokens": len(answers[r]), "outputs": list(sample.outputs),
                 **{f"f_{k}": v for k, v in features.items()},
@@ -238,6 +251,7 @@ def store_meta(job: LabelJobConfig, lm: LoadedModel, device: torch.device) -> di
     import transformers
     data = asdict(job.data)
     data.pop("samples_per_length")  # more samples extend a store; they do not change its identity
+    data.pop("max_prompts")
     return {
         "identity": {"model": lm.fingerprint, "dtype": str(next(lm.model.parameters()).dtype),
                      "sparse": asdict(job.sparse), "levels": list(job.labeling.levels), "data": data,

@@ -1,5 +1,6 @@
 """Reading (and writing) RULER-format JSONL: one JSON object per line with `input`, `outputs`,
-`length` and optional `answer_prefix`; other fields are ignored.
+`length` and optional `answer_prefix`; other fields are ignored. `parse_request` also reads the
+label-free prompt format (only `input` required), which `data.tasks.prompts` builds on.
 
 Samples are keyed by file and line (RULER's `index` is not always unique). The task type comes
 from the file's folder or name where RULER puts it (`niah_single_1`, `vt`, `cwe`, `qa_2`, ...),
@@ -38,46 +39,80 @@ def jsonl_files(path: str | Path) -> list[Path]:
         if files:
             return files
         raise UserError(f"no *.jsonl files under {p}; pass a RULER JSONL file or a folder of them")
-    raise UserError(f"RULER path {p} does not exist")
+    raise UserError(f"path {p} does not exist; pass a JSONL file or a folder of them")
 
 
-def _parse_line(line: str, where: str, task: str, source: str) -> Sample:
+def _load_json(line: str, where: str):
     try:
-        row = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply; each line must be one flat JSON object") from None
+
+
+def _outputs_of(row: dict, where: str, required: bool) -> tuple[str, ...]:
+    if "outputs" not in row and not required:
+        return ()
+    outputs = row.get("outputs")
+    if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
+        raise UserError(f"{where}: `outputs` must be a non-empty list of strings"
+                        + ("" if required else " (or leave it out: the fidelity criterion needs no answers)"))
+    return tuple(outputs)
+
+
+def parse_request(line: str, where: str, task: str, source: str, require_outputs: bool = True) -> Sample:
+    """One JSONL line -> Sample. RULER lines need input, outputs and length; with
+    `require_outputs=False` only `input` is needed (`outputs`, `length`, `answer_prefix` and `task`
+    are optional; a `task` field overrides the one from the path)."""
+    row = _load_json(line, where)
     if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object with input/outputs/length")
-    missing = [k for k in ("input", "outputs", "length") if k not in row]
+        raise UserError(f"{where}: expected a JSON object with an `input` string")
+    required = ("input", "outputs", "length") if require_outputs else ("input",)
+    missing = [k for k in required if k not in row]
     if missing:
-        raise UserError(f"{where}: missing field(s) {missing}; RULER lines need input, outputs, length")
-    outputs = row["outputs"]
-    if not isinstance(row["input"], str) or not isinstance(outputs, list) or not outputs \
-            or not all(isinstance(o, str) for o in outputs):
-        raise UserError(f"{where}: `input` must be a string and `outputs` a non-empty list of strings")
-    if not isinstance(row["length"], int) or isinstance(row["length"], bool):
-        raise UserError(f"{where}: `length` must be an integer, got {row['length']!r}")
+        raise UserError(f"{where}: missing field(s) {missing}; " + ("RULER lines need input, outputs, length"
+                        if require_outputs else "each line needs at least an `input` string"))
+    if not isinstance(row["input"], str) or not row["input"].strip():
+        raise UserError(f"{where}: `input` must be a non-empty string")
+    outputs = _outputs_of(row, where, require_outputs)
+    length = row.get("length", 0)
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        raise UserError(f"{where}: `length` must be a non-negative integer, got {length!r}")
+    for key in ("answer_prefix", "task"):
+        if key in row and not isinstance(row[key], str):
+            raise UserError(f"{where}: `{key}` must be a string, got {row[key]!r}")
+    if "task" in row:
+        task = row["task"] if row["task"] in TASK_TYPES else UNKNOWN_TASK
     family = "niah" if task.startswith("niah") else task
-    return Sample(sample_id=where, task=task, input=row["input"], outputs=tuple(outputs),
-                  answer_prefix=str(row.get("answer_prefix", "")), target_length=row["length"],
+    return Sample(sample_id=where, task=task, input=row["input"], outputs=outputs,
+                  answer_prefix=row.get("answer_prefix", ""), target_length=length,
                   metric="part" if task == "qa" else "all", max_new_tokens=MAX_NEW_TOKENS[family],
                   group=where, source=source)
 
 
-def read_ruler(path: str | Path) -> list[Sample]:
-    """All samples of a RULER JSONL file or folder. Raises UserError on the first bad line."""
+def read_jsonl(path: str | Path, prefix: str, require_outputs: bool) -> list[Sample]:
+    """Every request of a JSONL file or folder of them, keyed `{prefix}:{relative path}:{line}`."""
     samples: list[Sample] = []
     root = Path(path)
     for f in jsonl_files(root):
         task = task_type_of(f)
         rel = f.name if root.is_file() else str(f.relative_to(root))
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if line.strip():
-                    samples.append(_parse_line(line, f"ruler:{rel}:{lineno}", task, str(f)))
+        try:
+            with open(f, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, start=1):
+                    if line.strip():
+                        samples.append(parse_request(line, f"{prefix}:{rel}:{lineno}", task, str(f), require_outputs))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{f}: not UTF-8 text (byte {e.start}); save the file as UTF-8 JSONL") from None
     if not samples:
         raise UserError(f"{path}: no samples found (empty file?)")
     return samples
+
+
+def read_ruler(path: str | Path) -> list[Sample]:
+    """All samples of a RULER JSONL file or folder. Raises UserError on the first bad line."""
+    return read_jsonl(path, "ruler", require_outputs=True)
 
 
 def write_ruler(samples: list[Sample], path: str | Path) -> None:

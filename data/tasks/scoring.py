@@ -1,6 +1,8 @@
 """Scoring as RULER does: string match `all` (share of references found in the prediction) and
 `part` (1 if any reference is found). Case-insensitive; the prediction is cleaned of control
-characters and newlines first. Imports nothing from this project."""
+characters and newlines first. Also `normalise_answer`, the task's normalisation that the
+label-free `fidelity` criterion compares a sparse answer with the dense one under.
+Imports nothing from this project."""
 from __future__ import annotations
 
 import re
@@ -24,6 +26,26 @@ def string_match_part(prediction: str, references: tuple[str, ...] | list[str]) 
     if not references:
         raise ValueError("a sample needs at least one reference output")
     return float(max(r.lower() in pred for r in references))
+
+
+_WORD = re.compile(r"[^\W_]+")
+# tasks whose answer is a collection of items scored by string match `all` (needles, variables, words)
+SET_ANSWER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
+SEQUENCE_ANSWER_TASKS = ("qa",)
+
+
+def normalise_answer(task: str, text: str):
+    """What two greedy answers must share to count as the same answer for `task`:
+    - item tasks (niah_*, vt, cwe, fwe): the set of lower-cased words (list markers, punctuation,
+      order and repeats do not matter; equal sets score equally under string match `all` for any
+      one-word reference);
+    - qa: the sequence of lower-cased words (SQuAD-style: punctuation and spacing dropped);
+    - any other task (`unknown` included): the exact text, stripped of surrounding whitespace."""
+    if task in SET_ANSWER_TASKS:
+        return frozenset(_WORD.findall(text.lower()))
+    if task in SEQUENCE_ANSWER_TASKS:
+        return tuple(_WORD.findall(text.lower()))
+    return text.strip()
 
 
 METRICS = {"all": string_match_all, "part": string_match_part}

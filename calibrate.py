@@ -1,0 +1,60 @@
+"""Calibrate a trained controller on your own traffic: label your prompts with the checkpoint's
+model (no answers needed under the `fidelity` criterion), re-run Learn-then-Test on them, fit a
+shift guard on them, and write a new checkpoint that says what it certifies. Prints that in one
+line, then the new checkpoint folder as the last line.
+
+  python calibrate.py --checkpoint runs/demo/checkpoint --prompts my_prompts.jsonl --out runs/mine/checkpoint
+  python calibrate.py --checkpoint C --prompts prompts_dir/ --out C2 --alpha 0.1 --max-requests 500 --devices 2
+
+--prompts: a JSONL file (or folder of them) of {"input": ..., "answer_prefix"?: ..., "task"?: ...}
+(RULER files work as they are; `outputs` optional), or a folder of .txt files, one prompt each.
+The labels go to OUT.labels (resumable; --labels DIR to choose). Errors print one line, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data.errors import UserError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by train.py (or calibrate.py)")
+    p.add_argument("--prompts", required=True, help="JSONL file or folder, or a folder of .txt prompts")
+    p.add_argument("--out", required=True, help="folder for the recalibrated checkpoint")
+    p.add_argument("--criterion", default="fidelity", choices=["fidelity", "gold"],
+                   help="fidelity: label-free (default); gold: needs `outputs` on every prompt")
+    p.add_argument("--alpha", type=float, help="target rate of unsafe decisions (default: the checkpoint's)")
+    p.add_argument("--delta", type=float, help="allowed probability that the certificate is wrong (default: the checkpoint's)")
+    p.add_argument("--max-requests", type=int, help="label at most this many prompts (a seeded choice)")
+    p.add_argument("--labels", help="label store folder (default: OUT.labels); rerunning resumes it")
+    p.add_argument("--devices", type=int, default=1, help="GPUs to label on (DDP)")
+    p.add_argument("--batch-samples", type=int, default=8, help="prompts decoded together while labeling")
+    p.add_argument("--guard-p", type=float, help="shift guard's conformal p-value level (default: the checkpoint's)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.max_requests is not None and args.max_requests < 1:
+            raise UserError(f"--max-requests must be >= 1, got {args.max_requests}")
+        if args.devices < 1 or args.batch_samples < 1:
+            raise UserError("--devices and --batch-samples must be >= 1")
+        from controller.recalibrate import recalibrate_checkpoint
+        result = recalibrate_checkpoint(args.checkpoint, args.prompts, args.out, args.criterion, args.alpha,
+                                        args.delta, args.max_requests, args.labels, args.devices,
+                                        args.batch_samples, args.guard_p)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result is not None:
+        path, line = result
+        print(line)
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The shift guard: requests unlike the calibration requests run at a safe fallback level.
+
+A calibrated threshold is certified only for traffic exchangeable with its calibration requests.
+`ShiftGuard` keeps a compact description of those requests (their token-length range and up to
+`MAX_REFERENCE` of their feature vectors, standardised with the controller's own normalisation) and
+flags a request when
+- its length lies outside the calibrated range, or
+- its conformal p-value is below `p_min`: the score is the distance to its k-th nearest calibration
+  request in standardised feature space; the p-value is the share of calibration requests whose own
+  leave-one-out score is at least as large (so an exchangeable request is flagged with probability
+  about `p_min`).
+Flagged requests run at `fallback` (default dense, which is always safe: the guard can only lower
+the violation rate of the calibrated policy). `Guarded` wraps a policy with it. Imports `data`
+and `controller` modules below it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from data.errors import UserError
+from data.features import FEATURE_NAMES
+
+from .policies import Policy
+
+LOG_LENGTH = FEATURE_NAMES.index("log_length")
+MAX_REFERENCE = 1000
+
+
+def _kth_distances(queries: np.ndarray, reference: np.ndarray, k: int, leave_one_out: bool = False) -> np.ndarray:
+    """[Q] distance from each query to its k-th nearest reference row (itself excluded if the
+    queries are the reference, `leave_one_out`)."""
+    d2 = (queries ** 2).sum(1)[:, None] + (reference ** 2).sum(1)[None] - 2.0 * queries @ reference.T
+    d2 = np.maximum(d2, 0.0)
+    if leave_one_out:
+        np.fill_diagonal(d2, np.inf)
+    k = min(k, d2.shape[1] - int(leave_one_out))
+    return np.sqrt(np.partition(d2, k - 1, axis=1)[:, k - 1])
+
+
+@dataclass(frozen=True)
+class ShiftGuard:
+    min_tokens: int
+    max_tokens: int
+    mean: np.ndarray          # [F] standardisation (the controller's feature normalisation)
+    std: np.ndarray           # [F]
+    reference: np.ndarray     # [m, F] standardised calibration features
+    reference_scores: np.ndarray  # [m] leave-one-out k-th neighbour distances
+    k: int = 5
+    p_min: float = 0.01
+    fallback: float = 0.0     # the grid level flagged requests run at
+
+    @classmethod
+    def fit(cls, features: np.ndarray, n_tokens: np.ndarray, mean: np.ndarray, std: np.ndarray, k: int = 5,
+            p_min: float = 0.01, fallback: float = 0.0, seed: int = 0) -> "ShiftGuard":
+        features = np.asarray(features, dtype=np.float64)
+        if len(features) < 2:
+            raise UserError("the shift guard needs at least 2 calibration requests")
+        if len(features) > MAX_REFERENCE:
+            features = features[np.random.default_rng(seed).choice(len(features), MAX_REFERENCE, replace=False)]
+        mean, std = np.asarray(mean, np.float64), np.maximum(np.asarray(std, np.float64), 1e-6)
+        reference = (features - mean) / std
+        scores = _kth_distances(reference, reference, k, leave_one_out=True)
+        return cls(int(np.min(n_tokens)), int(np.max(n_tokens)), mean, std, reference, scores, k, p_min, fallback)
+
+    def p_values(self, features: np.ndarray) -> np.ndarray:
+        """[B] conformal p-value of each request's distance to the calibration requests."""
+        x = (np.asarray(features, dtype=np.float64) - self.mean) / self.std
+        s = _kth_distances(x, self.reference, self.k)
+        return (1.0 + (self.reference_scores[None] >= s[:, None]).sum(1)) / (len(self.reference_scores) + 1.0)
+
+    def check(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """(flagged [B] bool, p-values [B], reason per request or None). Lengths come from the
+        features' log_length, so the guard works on stored features as well as in the hook."""
+        features = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        n = np.rint(np.exp(features[:, LOG_LENGTH])).astype(np.int64)
+        p = self.p_values(features)
+        reasons: list[str | None] = []
+        for ni, pi in zip(n, p):
+            if ni < self.min_tokens or ni > self.max_tokens:
+                reasons.append(f"length {ni} tokens is outside the calibrated range {self.min_tokens}-{self.max_tokens}")
+            elif pi < self.p_min:
+                reasons.append(f"features off the calibrated support (conformal p = {pi:.4f} < {self.p_min:g})")
+            else:
+                reasons.append(None)
+        return np.array([r is not None for r in reasons]), p, reasons
+
+    def describe(self) -> str:
+        return (f"requests of {self.min_tokens}-{self.max_tokens} tokens whose features are within the calibration "
+                f"requests' support (k = {self.k} nearest-neighbour conformal p-value >= {self.p_min:g}); others run "
+                f"at level {self.fallback:g}" + (" (dense)" if self.fallback == 0 else ""))
+
+    def to_json(self) -> dict:
+        return {"min_tokens": self.min_tokens, "max_tokens": self.max_tokens, "k": self.k, "p_min": self.p_min,
+                "fallback": self.fallback, "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "reference": np.round(self.reference, 5).tolist(),
+                "reference_scores": np.round(self.reference_scores, 6).tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict, n_features: int, levels: np.ndarray) -> "ShiftGuard":
+        """Parse and validate a checkpoint's guard record (ValueError on anything wrong)."""
+        ref = np.asarray(d["reference"], dtype=np.float64)
+        scores = np.asarray(d["reference_scores"], dtype=np.float64)
+        mean, std = np.asarray(d["mean"], dtype=np.float64), np.asarray(d["std"], dtype=np.float64)
+        if ref.ndim != 2 or ref.shape[1] != n_features or len(ref) < 2 or scores.shape != (len(ref),) \
+                or mean.shape != (n_features,) or std.shape != (n_features,):
+            raise ValueError("guard arrays have the wrong shapes")
+        if not (np.isfinite(ref).all() and np.isfinite(scores).all() and np.isfinite(mean).all() and (std > 0).all()):
+            raise ValueError("guard arrays hold non-finite values")
+        k, p_min, fallback = int(d["k"]), float(d["p_min"]), float(d["fallback"])
+        lo, hi = int(d["min_tokens"]), int(d["max_tokens"])
+        if k < 1 or not 0 <= p_min < 1 or not 1 <= lo <= hi or not any(math.isclose(fallback, x) for x in levels):
+            raise ValueError("guard settings out of range (k >= 1, 0 <= p_min < 1, 1 <= min <= max tokens, "
+                             "fallback a grid level)")
+        return cls(lo, hi, mean, std, ref, scores, k, p_min, fallback)
+
+
+class Guarded(Policy):
+    """A policy whose flagged requests decide the guard's fallback level at every threshold."""
+
+    def __init__(self, base: Policy, guard: ShiftGuard, levels: np.ndarray, name: str | None = None):
+        self.base, self.guard, self.name, self.lambdas = base, guard, name or base.name, base.lambdas
+        self.fallback_index = int(np.argmin(np.abs(np.asarray(levels) - guard.fallback)))
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        scores = self.base.scores(features).copy()
+        flagged = self.guard.check(features)[0]
+        scores[flagged, :self.fallback_index + 1] = np.inf
+        scores[flagged, self.fallback_index + 1:] = -np.inf
+        return scores
+
+
+def two_sample_test(reference: np.ndarray, evaluated: np.ndarray, seed: int = 0) -> dict:
+    """Classifier two-sample test: are `evaluated` requests' features exchangeable with the
+    calibration `reference`? Half of each set (seeded) trains a gradient-boosted classifier to tell
+    them apart; on the other half its scores are compared by a one-sided Mann-Whitney U test (valid:
+    the held-out half is independent of the fit). Returns the held-out ROC AUC and the p-value
+    (small = the sets differ)."""
+    from scipy.stats import mannwhitneyu
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    a, b = np.asarray(reference, np.float64), np.asarray(evaluated, np.float64)
+    if len(a) < 8 or len(b) < 8:
+        return {"auc": None, "p_value": None, "n_reference": len(a), "n_evaluated": len(b)}
+    rng = np.random.default_rng(seed)
+    ia, ib = rng.permutation(len(a)), rng.permutation(len(b))
+    fit_a, test_a, fit_b, test_b = a[ia[: len(a) // 2]], a[ia[len(a) // 2:]], b[ib[: len(b) // 2]], b[ib[len(b) // 2:]]
+    x = np.concatenate([fit_a, fit_b])
+    y = np.concatenate([np.zeros(len(fit_a)), np.ones(len(fit_b))])
+    clf = HistGradientBoostingClassifier(max_iter=100, max_depth=3, learning_rate=0.1, random_state=seed,
+                                         class_weight="balanced").fit(x, y)
+    sa, sb = clf.predict_proba(test_a)[:, 1], clf.predict_proba(test_b)[:, 1]
+    u = mannwhitneyu(sb, sa, alternative="greater")
+    return {"auc": float(u.statistic / (len(sa) * len(sb))), "p_value": float(u.pvalue),
+            "n_reference": len(a), "n_evaluated": len(b)}
+
+
+def exchangeability_words(test: dict, flagged_share: float, level: float = 0.01) -> str:
+    """The report's sentence on whether the guarantee's assumption looks plausible."""
+    flag = f"The shift guard flagged {100 * flagged_share:.1f}% of the evaluated requests (they run at the fallback level)."
+    if test.get("p_value") is None:
+        return flag + " Too few requests for a two-sample test between calibration and evaluated features."
+    stat = (f"a classifier two-sample test between the calibration requests' features and the evaluated ones gives "
+            f"held-out AUC {test['auc']:.2f}, p = {test['p_value']:.2g}")
+    if test["p_value"] < level:
+        return (f"{flag} Traffic looks SHIFTED: {stat} (< {level:g}). The guarantee assumes exchangeable traffic and "
+                f"does not cover these requests as a whole; recalibrate on them with calibrate.py --prompts.")
+    return (f"{flag} No evidence of shift: {stat} (>= {level:g}); the guarantee's exchangeability assumption looks "
+            f"plausible for this traffic (a test can only fail to find a shift, not prove there is none).")

@@ -1,0 +1,177 @@
+"""Calibrating a trained controller on the user's own traffic, without answers.
+
+Owns `min_requests` (the fewest requests with which Learn-then-Test can certify anything at
+alpha, delta), `recalibrate` (Learn-then-Test of a checkpoint's policy on labeled requests, a new
+shift guard fitted on them, the new record) and `recalibrate_checkpoint` (what `calibrate.py` runs:
+check the inputs, label the prompts with the checkpoint's model, sparse settings and grid under a
+criterion -- `fidelity` needs no answers -- recalibrate, and export a new checkpoint whose record
+names its calibration data: sha256 of the files, count, criterion, token range). The net is not
+retrained: only the threshold and the guard change. Imports `data` and `controller` modules below it.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.config import DataConfig
+from data.errors import UserError
+from data.store import criterion_dict, describe_criterion
+from data.tasks import read_prompts
+
+from .calibrate import Calibration, calibrate, ltt_p_values
+from .dataset import LabelArrays, arrays_from_store
+from .evaluate import policy_metrics
+from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
+from .guard import Guarded, ShiftGuard, two_sample_test
+from .policies import controller_policy
+
+
+def min_requests(alpha: float, delta: float) -> int:
+    """Fewest calibration requests for which zero observed violations pass Learn-then-Test."""
+    lo, hi = 1, 2
+    while ltt_p_values(np.array([0.0]), hi, alpha)[0] > delta:
+        lo, hi = hi, hi * 2
+        if hi > 10**8:
+            raise UserError(f"alpha={alpha}, delta={delta} need more than 10^8 requests; raise alpha or delta")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ltt_p_values(np.array([0.0]), mid, alpha)[0] <= delta else (mid, hi)
+    return hi
+
+
+def file_digests(path: str | Path) -> list[dict]:
+    """sha256 and size of every prompt file under `path` (what the calibration was made from)."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted([*p.rglob("*.jsonl"), *p.rglob("*.txt")])
+    return [{"path": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "bytes": f.stat().st_size}
+            for f in files]
+
+
+@dataclass
+class Recalibrated:
+    record: dict
+    calibration: Calibration
+    guard: ShiftGuard
+    summary: dict          # on the calibration requests: risk, saving, flagged share, shift vs the old calibration
+
+
+def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delta: float, criterion: dict,
+                source: dict, guard_p: float | None = None) -> Recalibrated:
+    """Learn-then-Test of the checkpoint's policy on `cal`, a guard fitted on `cal`, the new record."""
+    rec = ckpt.record
+    policy = controller_policy(ckpt.net, ckpt.levels, rec["decision"])
+    calibration = calibrate(policy, cal, alpha, delta)
+    old = ckpt.guard
+    k, p_min, fallback = (old.k, old.p_min, old.fallback) if old is not None else (5, 0.01, 0.0)
+    guard = ShiftGuard.fit(cal.features, cal.n_tokens, ckpt.net.feature_mean.numpy(), ckpt.net.feature_std.numpy(),
+                           k, p_min if guard_p is None else guard_p, fallback)
+    chosen = calibration.decide(Guarded(policy, guard, ckpt.levels).scores(cal.features))
+    m = policy_metrics(cal, chosen)
+    summary = {"violation_rate": m["violation_rate"], "compute_saved": m["compute_saved"],
+               "dense_requests": m["dense_requests"], "flagged_share": float(guard.check(cal.features)[0].mean())}
+    if old is not None:
+        summary["shift_from_previous"] = two_sample_test(old.reference, (cal.features - old.mean) / old.std)
+    record = copy.deepcopy(rec)
+    record.pop("format", None)
+    record.update({
+        "calibration": calibration.to_json(), "alpha": alpha, "delta": delta, "criterion": criterion,
+        "guard": guard.to_json(), "recalibrated_from": {"calibration": rec["calibration"],
+                                                        "calibration_data": rec.get("calibration_data")},
+        "calibration_data": {**source, "requests": len(cal), "criterion": criterion,
+                             "criterion_text": describe_criterion(criterion),
+                             "tokens": [int(cal.n_tokens.min()), int(cal.n_tokens.max())],
+                             "tasks": {str(t): int(c) for t, c in zip(*np.unique(cal.tasks, return_counts=True))}},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+    return Recalibrated(record, calibration, guard, summary)
+
+
+def certified_line(r: Recalibrated) -> str:
+    """What was certified, in one line."""
+    c, d, s = r.calibration, r.record["calibration_data"], r.summary
+    what = (f"on traffic exchangeable with the {d['requests']} calibration requests ({d['tokens'][0]}-{d['tokens'][1]} "
+            f"tokens), P(unsafe-decision rate <= {c.alpha:g}) >= {1 - c.delta:g} under criterion {r.record['criterion']['name']}")
+    if not c.passed:
+        return (f"certified: nothing -- no threshold passed Learn-then-Test {what}; every request runs dense "
+                f"(more calibration requests or a larger alpha would help)")
+    return (f"certified: {what}; threshold {c.threshold:.4g}, {100 * s['violation_rate']:.1f}% unsafe and "
+            f"{100 * s['compute_saved']:.1f}% attention compute saved on the calibration requests; requests outside "
+            f"that length range or feature support run at level {r.guard.fallback:g}")
+
+
+def _check_out(out: Path, checkpoint: Path) -> None:
+    if out.resolve() == checkpoint.resolve():
+        raise UserError(f"--out {out} is the input checkpoint; write the recalibrated one to a new folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file; give a folder path for the new checkpoint")
+    parent = next((p for p in out.resolve().parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise UserError(f"--out {out} lies under a file; give a folder path for the new checkpoint")
+
+
+def _prompt_count(prompts: str, criterion: dict, max_requests: int | None) -> int:
+    samples = read_prompts(prompts)
+    if criterion["name"] == "gold" and any(not s.outputs for s in samples):
+        raise UserError(f"{prompts}: some prompts have no `outputs`, which the gold criterion needs; "
+                        "use --criterion fidelity (label-free)")
+    return len(samples) if max_requests is None else min(len(samples), max_requests)
+
+
+def calibration_report(r: Recalibrated, checkpoint: str, prompts: str) -> str:
+    s = r.summary
+    lines = ["# Recalibration", "", certified_line(r), "",
+             f"- Checkpoint recalibrated: `{checkpoint}`; prompts: `{prompts}` "
+             f"({len(r.record['calibration_data']['files'])} files, sha256 in controller.json).",
+             f"- Criterion: {r.record['calibration_data']['criterion_text']}.",
+             f"- On the calibration requests: {100 * s['violation_rate']:.1f}% unsafe, {100 * s['compute_saved']:.1f}% "
+             f"attention compute saved, {100 * s['dense_requests']:.1f}% run dense, {100 * s['flagged_share']:.1f}% "
+             "flagged by the new guard (leave-one-out).",
+             f"- Covered traffic: {r.guard.describe()}.",
+             "- Not covered: traffic that is not exchangeable with these requests (other sources, other lengths, "
+             "drift over time). Check with `eval.py`, which reports the guard's flagged share and a two-sample test."]
+    prev = s.get("shift_from_previous")
+    if prev and prev.get("p_value") is not None:
+        lines.append(f"- These requests against the previous calibration requests: two-sample test AUC "
+                     f"{prev['auc']:.2f}, p = {prev['p_value']:.2g}"
+                     + (" (your traffic differs from what the controller was calibrated on before)." if prev["p_value"] < 0.01 else "."))
+    return "\n".join(lines) + "\n"
+
+
+def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: str = "fidelity",
+                           alpha: float | None = None, delta: float | None = None, max_requests: int | None = None,
+                           labels: str | None = None, devices: int = 1, batch_samples: int = 8,
+                           guard_p: float | None = None, progress: bool = True) -> tuple[Path, str] | None:
+    """calibrate.py: check everything, label the prompts, recalibrate, export. Returns (checkpoint
+    folder, certified line), or None on a non-zero rank of a distributed labeling run."""
+    from .pipeline import label_requests
+    out_path, ckpt_path = Path(out), Path(checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    _check_out(out_path, ckpt_path)
+    crit = {**criterion_dict(ckpt.record["criterion"]), "name": criterion}
+    alpha = ckpt.record["alpha"] if alpha is None else alpha
+    delta = ckpt.record["delta"] if delta is None else delta
+    if not (0 < alpha < 1 and 0 < delta < 1):
+        raise UserError(f"--alpha and --delta must lie in (0, 1), got {alpha}, {delta}")
+    if guard_p is not None and not 0 <= guard_p < 1:
+        raise UserError(f"--guard-p must lie in [0, 1), got {guard_p}")
+    n, need = _prompt_count(prompts, crit, max_requests), min_requests(alpha, delta)
+    if n < need:
+        raise UserError(f"{n} requests are too few to certify alpha={alpha:g} with delta={delta:g}: Learn-then-Test "
+                        f"needs at least {need} (with zero violations); give more prompts or a larger alpha/delta")
+    store = labels or str(out_path.with_name(out_path.name + ".labels"))
+    root = label_requests(ckpt, DataConfig(tasks=(), prompts=(prompts,), max_prompts=max_requests), Path(store), crit,
+                          devices=devices, batch_samples=batch_samples, progress=progress)
+    if not root:
+        return None
+    from .dataset import store_hash
+    cal = arrays_from_store(root, crit)[0]
+    source = {"source": f"prompts {prompts}", "files": file_digests(prompts), "label_store": root,
+              "label_store_sha256": store_hash(root)}
+    r = recalibrate(ckpt, cal, alpha, delta, crit, source, guard_p)
+    line = certified_line(r)
+    path = export_checkpoint(out_path, ckpt.net, r.record, {"calibration.md": calibration_report(r, checkpoint, prompts)})
+    return path, line
