@@ -52,6 +52,14 @@ class LabelArrays:
         return LabelArrays(**{k: (v if k == "levels" else v[idx]) for k, v in self.__dict__.items()})
 
 
+def concat_arrays(parts: list[LabelArrays]) -> LabelArrays:
+    """Rows of several LabelArrays on the same grid, one after the other."""
+    if any(not np.array_equal(p.levels, parts[0].levels) for p in parts):
+        raise UserError("cannot join label arrays made on different grids")
+    return LabelArrays(**{k: (v if k == "levels" else np.concatenate([getattr(p, k) for p in parts]))
+                          for k, v in parts[0].__dict__.items()})
+
+
 def _pivot(df: pd.DataFrame, column: str, ids: pd.Index, levels: np.ndarray) -> np.ndarray:
     return df.pivot(index="sample_id", columns="level", values=column).reindex(index=ids, columns=levels).to_numpy()
 

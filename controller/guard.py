@@ -71,6 +71,13 @@ class ShiftGuard:
         s = _kth_distances(x, self.reference, self.k)
         return (1.0 + (self.reference_scores[None] >= s[:, None]).sum(1)) / (len(self.reference_scores) + 1.0)
 
+    def reference_flagged_share(self) -> float:
+        """Share of the calibration requests themselves whose leave-one-out p-value is below p_min
+        (the in-distribution cost of the guard)."""
+        s = self.reference_scores
+        p = (1.0 + (s[None] >= s[:, None]).sum(1) - 1) / len(s)
+        return float((p < self.p_min).mean())
+
     def check(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
         """(flagged [B] bool, p-values [B], reason per request or None). Lengths come from the
         features' log_length, so the guard works on stored features as well as in the hook."""

@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="JSON file; the markdown table goes beside it (.md)")
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--calibration-requests", type=int, default=200)
+    p.add_argument("--keep", help="keep each family's checkpoint under KEEP/FAMILY/checkpoint (default: a temporary folder)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (default adds criterion.name=fidelity)")
     args = p.parse_args(argv)
     try:
@@ -117,7 +118,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run_family(job, arrays, meta, job.labels, f, args.calibration_requests, Path(tmp)) for f in args.families]
+        work = Path(args.keep or tmp)
+        rows = [run_family(job, arrays, meta, job.labels, f, args.calibration_requests, work) for f in args.families]
     result = {"config": args.config, "criterion": dataclasses.asdict(job.criterion), "alpha": job.calibration.alpha,
               "delta": job.calibration.delta, "labels": job.labels, "versions": versions(), "families": rows}
     out = Path(args.out)

@@ -73,7 +73,7 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
     chosen = calibration.decide(Guarded(policy, guard, ckpt.levels).scores(cal.features))
     m = policy_metrics(cal, chosen)
     summary = {"violation_rate": m["violation_rate"], "compute_saved": m["compute_saved"],
-               "dense_requests": m["dense_requests"], "flagged_share": float(guard.check(cal.features)[0].mean())}
+               "dense_requests": m["dense_requests"], "flagged_share": guard.reference_flagged_share()}
     if old is not None:
         summary["shift_from_previous"] = two_sample_test(old.reference, (cal.features - old.mean) / old.std)
     record = copy.deepcopy(rec)

@@ -1,5 +1,8 @@
+import dataclasses
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,3 +27,31 @@ def tiny_lm():
 def gen():
     """A fresh, seeded generator per test (inputs differ between tests, repeatable per test)."""
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(2), "little"))
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_lm, tmp_path_factory):
+    """A controller trained on a tiny-model label store; its threshold is then moved to the median
+    score so that decisions are mixed (the tiny model's labels are noise; this tests mechanics)."""
+    from controller.config import ControllerJobConfig
+    from controller.export import RECORD_FILE
+    from controller.pipeline import train_controller
+    from controller.policies import controller_policy
+    from data.config import load_config
+    from data.features import FEATURE_NAMES
+    from data.runner import run_labeling
+    root = tmp_path_factory.mktemp("tiny_controller")
+    job = load_config(ControllerJobConfig, "configs/test_tiny_controller.yaml",
+                      [f"labeling.out={root / 'labels'}", f"out={root / 'run'}"])
+    store = run_labeling(job.label_job(), tiny_lm)
+    trained = train_controller(dataclasses.replace(job, labels=str(store.root)))
+    table = store.table()
+    feats = table[table["level"] == 0][[f"f_{n}" for n in FEATURE_NAMES]].to_numpy(np.float32)
+    policy = controller_policy(trained.net, np.array(job.labeling.levels), job.calibration.decision)
+    scores = policy.scores(feats)[:, 1:]
+    threshold = float(np.median(scores[np.isfinite(scores)]))
+    record = json.loads((trained.checkpoint / RECORD_FILE).read_text())
+    record["calibration"].update(threshold=threshold, passed=True)
+    (trained.checkpoint / RECORD_FILE).write_text(json.dumps(record))
+    calibration = dataclasses.replace(trained.calibration, threshold=threshold, passed=True)
+    return job, store, trained.checkpoint, trained.net, calibration

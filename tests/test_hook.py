@@ -1,7 +1,6 @@
 """The inference hook on the tiny model: attach/detach, features equal labeling's, decisions equal
 the in-memory controller after export -> load -> attach -> generate, failures fall back to dense,
 wrong models are refused; eval.py on RULER files labeled on the fly."""
-import dataclasses
 import json
 
 import numpy as np
@@ -9,40 +8,16 @@ import pytest
 import torch
 
 import eval as eval_cli
-from controller.config import ControllerJobConfig
-from controller.export import RECORD_FILE, load_checkpoint
+from controller.export import load_checkpoint
+from controller.guard import Guarded
 from controller.hook import attach
-from controller.pipeline import train_controller
 from controller.policies import controller_policy
-from data.config import load_config
 from data.errors import UserError
 from data.features import FEATURE_NAMES
 from data.labeling import build_samples
-from data.runner import run_labeling
 from data.store import LabelStore
 from data.tasks import prompt_ids
 from data.tiny import tiny_random_llama
-
-
-@pytest.fixture(scope="session")
-def tiny_trained(tiny_lm, tmp_path_factory):
-    """A controller trained on a tiny-model label store; its threshold is then moved to the median
-    score so that decisions are mixed (the tiny model's labels are noise; this tests mechanics)."""
-    root = tmp_path_factory.mktemp("tiny_controller")
-    job = load_config(ControllerJobConfig, "configs/test_tiny_controller.yaml",
-                      [f"labeling.out={root / 'labels'}", f"out={root / 'run'}"])
-    store = run_labeling(job.label_job(), tiny_lm)
-    trained = train_controller(dataclasses.replace(job, labels=str(store.root)))
-    table = store.table()
-    feats = table[table["level"] == 0][[f"f_{n}" for n in FEATURE_NAMES]].to_numpy(np.float32)
-    policy = controller_policy(trained.net, np.array(job.labeling.levels), job.calibration.decision)
-    scores = policy.scores(feats)[:, 1:]
-    threshold = float(np.median(scores[np.isfinite(scores)]))
-    record = json.loads((trained.checkpoint / RECORD_FILE).read_text())
-    record["calibration"].update(threshold=threshold, passed=True)
-    (trained.checkpoint / RECORD_FILE).write_text(json.dumps(record))
-    calibration = dataclasses.replace(trained.calibration, threshold=threshold, passed=True)
-    return job, store, trained.checkpoint, trained.net, calibration
 
 
 def _prompt(job, tokenizer, i):
@@ -78,8 +53,9 @@ def test_hook_features_equal_labeling_features(tiny_lm, tiny_trained):
 
 def test_export_load_attach_generate_gives_the_in_memory_decisions(tiny_lm, tiny_trained):
     job, store, ckpt, net, calibration = tiny_trained
-    in_memory = controller_policy(net, np.array(job.labeling.levels), job.calibration.decision)
     levels, seen = np.array(job.labeling.levels), set()
+    guard = load_checkpoint(ckpt).guard
+    in_memory = Guarded(controller_policy(net, levels, job.calibration.decision), guard, levels)
     with attach(tiny_lm, str(ckpt)) as handle:
         for i in range(len(build_samples(job.data, tiny_lm.tokenizer))):
             sample, ids = _prompt(job, tiny_lm.tokenizer, i)
@@ -88,7 +64,9 @@ def test_export_load_attach_generate_gives_the_in_memory_decisions(tiny_lm, tiny
             assert out.shape[1] > ids.shape[1]
             (decision,) = handle.last_decisions
             expected = calibration.decide(in_memory.scores(handle.last_features[0][None]))[0]
-            assert decision.level == levels[expected] and decision.fallback is None
+            flagged = guard.check(handle.last_features[0][None])[0][0]
+            assert decision.level == levels[expected] and decision.ood == flagged
+            assert (decision.fallback is None) == (not flagged)
             assert decision.achieved_sparsity >= 0 and (decision.level == 0) == (decision.achieved_sparsity == 0)
             seen.add(decision.level)
     assert len(seen) > 1, "the test needs both dense and sparse decisions"
@@ -104,7 +82,8 @@ def test_batched_requests_get_their_own_levels(tiny_lm, tiny_trained):
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with attach(tiny_lm, ckpt) as handle:
         tiny_lm.model.generate(**batch, max_new_tokens=2, do_sample=False)
-        assert len(handle.last_decisions) == 2 and all(d.fallback is None for d in handle.last_decisions)
+        assert len(handle.last_decisions) == 2
+        assert all(d.fallback is None or d.ood for d in handle.last_decisions)   # decided (or guarded), none failed
 
 
 def test_a_failing_controller_runs_the_request_dense(tiny_lm, tiny_trained, caplog):

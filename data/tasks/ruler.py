@@ -78,7 +78,7 @@ def parse_request(line: str, where: str, task: str, source: str, require_outputs
     outputs = _outputs_of(row, where, require_outputs)
     length = row.get("length", 0)
     if not isinstance(length, int) or isinstance(length, bool) or length < 0:
-        raise UserError(f"{where}: `length` must be a non-negative integer, got {length!r}")
+        raise UserError(f"{where}: `length` must be an integer >= 0, got {length!r}")
     for key in ("answer_prefix", "task"):
         if key in row and not isinstance(row[key], str):
             raise UserError(f"{where}: `{key}` must be a string, got {row[key]!r}")

@@ -29,6 +29,7 @@ def string_match_part(prediction: str, references: tuple[str, ...] | list[str]) 
 
 
 _WORD = re.compile(r"[^\W_]+")
+_ENUMERATOR = re.compile(r"(?<!\S)(?:\d{1,3}[.)]|[-*+\u2022])(?=\s|$)")   # "1." "2)" "-" "*" list markers
 # tasks whose answer is a collection of items scored by string match `all` (needles, variables, words)
 SET_ANSWER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 SEQUENCE_ANSWER_TASKS = ("qa",)
@@ -36,13 +37,13 @@ SEQUENCE_ANSWER_TASKS = ("qa",)
 
 def normalise_answer(task: str, text: str):
     """What two greedy answers must share to count as the same answer for `task`:
-    - item tasks (niah_*, vt, cwe, fwe): the set of lower-cased words (list markers, punctuation,
-      order and repeats do not matter; equal sets score equally under string match `all` for any
-      one-word reference);
+    - item tasks (niah_*, vt, cwe, fwe): the set of lower-cased words after dropping list markers
+      ("1.", "2)", "-", "*"); punctuation, order and repeats do not matter (equal sets score equally
+      under string match `all` for any one-word reference);
     - qa: the sequence of lower-cased words (SQuAD-style: punctuation and spacing dropped);
     - any other task (`unknown` included): the exact text, stripped of surrounding whitespace."""
     if task in SET_ANSWER_TASKS:
-        return frozenset(_WORD.findall(text.lower()))
+        return frozenset(_WORD.findall(_ENUMERATOR.sub(" ", text.lower())))
     if task in SEQUENCE_ANSWER_TASKS:
         return tuple(_WORD.findall(text.lower()))
     return text.strip()
