@@ -31,6 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--labels", help="label store folder (default: OUT.labels); rerunning resumes it")
     p.add_argument("--devices", type=int, default=1, help="GPUs to label on (DDP)")
     p.add_argument("--batch-samples", type=int, default=8, help="prompts decoded together while labeling")
+    p.add_argument("--model", help="the model to label with (default: the checkpoint's; must have the same weights)")
     p.add_argument("--guard-p", type=float, help="shift guard's conformal p-value level (default: the checkpoint's)")
     return p.parse_args(argv)
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
         from controller.recalibrate import recalibrate_checkpoint
         result = recalibrate_checkpoint(args.checkpoint, args.prompts, args.out, args.criterion, args.alpha,
                                         args.delta, args.max_requests, args.labels, args.devices,
-                                        args.batch_samples, args.guard_p)
+                                        args.batch_samples, args.guard_p, model=args.model)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

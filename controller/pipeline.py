@@ -156,23 +156,24 @@ def train_on_arrays(job: ControllerJobConfig, arrays: LabelArrays, meta: dict, l
     return Trained(path, net, cal)
 
 
-def label_requests(ckpt: ControllerCheckpoint, data: DataConfig, out: Path, criterion: dict,
-                   devices: int = 1, batch_samples: int = 1, progress: bool = False) -> str:
-    """Label requests with the checkpoint's model, sparse settings and grid into `out` (resumable);
-    refuses a model whose weights differ from the checkpoint's."""
-    from data.runner import run_labeling
+def label_requests(ckpt: ControllerCheckpoint, data: DataConfig, out: Path, criterion: dict, devices: int = 1,
+                   batch_samples: int = 8, progress: bool = False, model: str | None = None) -> str:
+    """Label requests with the checkpoint's model (or `model`, which must have the same weights),
+    sparse settings and grid into `out` (resumable). A model whose fingerprint differs from the
+    checkpoint's is refused before anything is written."""
+    from data.runner import load_for_labeling, run_labeling
     rec = ckpt.record
-    job = LabelJobConfig(model=ModelConfig(name=rec["model"]["name"]), sparse=SparseConfig(**rec["sparse"]),
+    job = LabelJobConfig(model=ModelConfig(name=model or rec["model"]["name"]), sparse=SparseConfig(**rec["sparse"]),
                          data=data, criterion=CriterionConfig(**criterion),
                          labeling=LabelingConfig(grid=tuple(rec["grid"]), out=str(out), progress=progress,
                                                  devices=devices, batch_samples=batch_samples))
-    store = run_labeling(job)
-    if store is None:   # a non-zero rank of a distributed run
-        return ""
-    if store.meta()["identity"]["model"]["id"] != ckpt.fingerprint["id"]:
-        raise UserError(f"model {rec['model']['name']} here is not the model the controller was trained for "
-                        f"({ckpt.fingerprint['id']}); use that model's checkpoint or train one for this model")
-    return str(store.root)
+    lm = load_for_labeling(job)
+    if lm.fingerprint["id"] != ckpt.fingerprint["id"]:
+        raise UserError(f"model {job.model.name} ({lm.fingerprint['id']}) is not the model the controller was trained "
+                        f"for ({rec['model']['name']}, {ckpt.fingerprint['id']}); use that model's checkpoint or "
+                        "train one for this model")
+    store = run_labeling(job, lm)
+    return "" if store is None else str(store.root)   # "": a non-zero rank of a distributed run
 
 
 def calibration_arrays(rec: dict, criterion: dict) -> tuple[LabelArrays, LabelArrays, str]:

@@ -144,7 +144,8 @@ def calibration_report(r: Recalibrated, checkpoint: str, prompts: str) -> str:
 def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: str = "fidelity",
                            alpha: float | None = None, delta: float | None = None, max_requests: int | None = None,
                            labels: str | None = None, devices: int = 1, batch_samples: int = 8,
-                           guard_p: float | None = None, progress: bool = True) -> tuple[Path, str] | None:
+                           guard_p: float | None = None, progress: bool = True,
+                           model: str | None = None) -> tuple[Path, str] | None:
     """calibrate.py: check everything, label the prompts, recalibrate, export. Returns (checkpoint
     folder, certified line), or None on a non-zero rank of a distributed labeling run."""
     from .pipeline import label_requests
@@ -164,7 +165,7 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
                         f"needs at least {need} (with zero violations); give more prompts or a larger alpha/delta")
     store = labels or str(out_path.with_name(out_path.name + ".labels"))
     root = label_requests(ckpt, DataConfig(tasks=(), prompts=(prompts,), max_prompts=max_requests), Path(store), crit,
-                          devices=devices, batch_samples=batch_samples, progress=progress)
+                          devices=devices, batch_samples=batch_samples, progress=progress, model=model)
     if not root:
         return None
     from .dataset import store_hash

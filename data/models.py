@@ -112,7 +112,22 @@ def _from_pretrained(directory: str, gguf_file: str | None, dtype: torch.dtype):
 
 
 def _load_gguf(path: Path, dtype):
-    model, tok = _from_pretrained(str(path.parent), path.name, dtype)
+    # transformers' GGUF reader draws a plain tqdm bar on stderr for a 2-second load; silence it so a
+    # command that then fails prints only its one error line
+    import functools
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+    bar, bars_on = getattr(gguf_utils, "tqdm", None), hf_logging.is_progress_bar_enabled()
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    hf_logging.disable_progress_bar()
+    try:
+        model, tok = _from_pretrained(str(path.parent), path.name, dtype)
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if bars_on:
+            hf_logging.enable_progress_bar()
     return model, tok, fingerprint(model, file_sha256(path))
 
 

@@ -158,7 +158,7 @@ def target_device(job: LabelJobConfig) -> torch.device:
     return torch.device("cuda" if wants_gpu else "cpu")
 
 
-def _load_for(job: LabelJobConfig) -> LoadedModel:
+def load_for_labeling(job: LabelJobConfig) -> LoadedModel:
     """Load on the CPU in the accelerator's dtype; Lightning moves it to each rank's device."""
     dtype = resolve_dtype(job.model.dtype, target_device(job))
     return load_model(job.model.name, str(dtype).removeprefix("torch."), "cpu")
@@ -167,7 +167,7 @@ def _load_for(job: LabelJobConfig) -> LoadedModel:
 def run_labeling(job: LabelJobConfig, lm: LoadedModel | None = None) -> LabelStore | None:
     """Label every sample of `job` not yet in its store. Returns the store on global rank 0,
     None on the other ranks of a distributed run."""
-    lm = lm or _load_for(job)
+    lm = lm or load_for_labeling(job)
     plan = plan_samples(job.data)
     meta = store_meta(job, lm, target_device(job))
     store = LabelStore.open_for_writing(job.labeling.out, meta)
