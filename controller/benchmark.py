@@ -25,11 +25,11 @@ E2E_LENGTHS = (2048, 4096, 8000)
 E2E_LEVELS = (0.5, 0.8, 0.9)
 
 
-def _prefill_ms(model, ids) -> float:
+def _prefill_ms(model, ids, mode: str = "median") -> float:
     import triton.testing
     with torch.no_grad():
         return float(triton.testing.do_bench(lambda: model(input_ids=ids, logits_to_keep=1), warmup=25, rep=200,
-                                             return_mode="median"))
+                                             return_mode=mode))
 
 
 def _prompt(tokenizer, length: int) -> torch.Tensor:
@@ -55,6 +55,13 @@ def bench_end_to_end(checkpoint: str, model_name: str, log=print) -> list[dict]:
             with torch.no_grad():
                 lm.model(input_ids=ids, logits_to_keep=1)
             decision_s = [handle.last_decision_seconds]
+            handle.force_level = 0.0   # decided dense: probes + decision run, every layer then dense
+            ms = _prefill_ms(lm.model, ids)
+            rows.append({"N": int(ids.shape[1]), "backend": "dense (decided)", "level": 0.0,
+                         "ms_dense_sdpa": round(dense, 3), "ms_hooked": round(ms, 3), "speedup": round(dense / ms, 3),
+                         "achieved_sparsity": 0.0, "decision_ms": round(1e3 * handle.last_decision_seconds, 3),
+                         "decision_share_of_dense": round(1e3 * handle.last_decision_seconds / dense, 4)})
+            log(json.dumps(rows[-1]))
             for backend in ("flex", "triton"):
                 handle.backend = backend
                 for level in E2E_LEVELS:
@@ -71,6 +78,47 @@ def bench_end_to_end(checkpoint: str, model_name: str, log=print) -> list[dict]:
     return rows
 
 
+def bench_dense_path(checkpoint: str, model_name: str, rounds: int = 3, log=print) -> list[dict]:
+    """Where a decided-dense request's time goes, interleaved `rounds` times, minima (a 135M model's
+    prefill is launch-bound, so host jitter dominates medians): A dense SDPA; B the adapter
+    registered, no plan; C a plan at level 0 without probes; D probes only (no decision); E the
+    hook with its decision forced dense."""
+    from controller.hook import attach
+    from data.features import ProbeCollector
+    from data.models import load_model
+    from sparse_kernels import SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
+    lm = load_model(model_name, dtype="bfloat16", device="cuda")
+    m, rows = lm.model, []
+
+    def planned(**plan):
+        def run():
+            with use_plan(SparsePlan(dense_layers=frozenset({0, 1}), **plan)):
+                return m(input_ids=ids, logits_to_keep=1)
+        return run
+    for length in E2E_LENGTHS:
+        ids = _prompt(lm.tokenizer, length)
+        res: dict[str, list[float]] = {k: [] for k in "ABCDE"}
+        for _ in range(rounds):
+            res["A"].append(_prefill_ms(m, ids, "min"))
+            prev = enable_sparse_attention(m)
+            res["B"].append(_prefill_ms(m, ids, "min"))
+            res["C"].append(_timed(planned(levels=torch.zeros(1, dtype=torch.float64))))
+            res["D"].append(_timed(planned(levels=None, probe_layers=frozenset({0, 1}), on_probe=ProbeCollector())))
+            disable_sparse_attention(m, prev)
+            with attach(lm, checkpoint, task="niah_single") as handle:
+                handle.force_level = 0.0
+                res["E"].append(_prefill_ms(m, ids, "min"))
+        rows.append({"N": int(ids.shape[1]), **{f"ms_{k}": round(min(v), 3) for k, v in res.items()}})
+        log(json.dumps(rows[-1]))
+    return rows
+
+
+def _timed(fn) -> float:
+    import triton.testing
+    with torch.no_grad():
+        return float(triton.testing.do_bench(fn, warmup=25, rep=300, return_mode="min"))
+
+
 def _versions() -> dict:
     import transformers
     import triton
@@ -85,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--lengths", default=None, help="comma-separated kernel lengths (default 8K,32K,64K,128K)")
     p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end rows (needs --checkpoint)")
+    p.add_argument("--dense-path", action="store_true", help="also the decided-dense breakdown (needs --checkpoint)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU; run it on the GPU machine", file=sys.stderr)
@@ -109,6 +158,9 @@ def main(argv=None) -> int:
     save()
     if args.checkpoint:
         result["end_to_end"] = bench_end_to_end(args.checkpoint, args.model)
+        save()
+    if args.checkpoint and args.dense_path:
+        result["dense_path"] = bench_dense_path(args.checkpoint, args.model)
         save()
     print(kernel_table(result["kernels"]))
     return 0

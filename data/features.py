@@ -27,19 +27,31 @@ FEATURE_NAMES = ("log_length", *TEXT_STATS, *(f"probe_{s}" for s in PROBE_STATS)
 
 
 class ProbeCollector:
-    """Probe callback for a SparsePlan: keeps per-layer stats, pools them by mean over layers."""
+    """Probe callback for a SparsePlan: keeps per-layer stats where they were computed (no host
+    sync per layer), copies them all to the host in one transfer when first read, and pools them
+    by mean over layers."""
 
     def __init__(self):
         self.layers: dict[int, dict[str, torch.Tensor]] = {}
+        self._host: np.ndarray | None = None   # [layers, stats, B] once read
 
     def __call__(self, layer: int, stats: dict[str, torch.Tensor]) -> None:
-        self.layers[layer] = {k: v.detach().float().cpu() for k, v in stats.items()}
+        self.layers[layer] = {k: v.detach() for k, v in stats.items()}
+        self._host = None
+
+    def host(self) -> np.ndarray:
+        """[layers, PROBE_STATS, B] float32 on the host (one device-to-host copy)."""
+        if self._host is None:
+            stacked = torch.stack([torch.stack([st[s].float() for s in PROBE_STATS]) for st in self.layers.values()])
+            self._host = stacked.cpu().numpy()
+        return self._host
 
     def pooled(self, row: int) -> dict[str, float]:
         """{stat: mean over probe layers} for one batch row."""
         if not self.layers:
             raise RuntimeError("no probe layer ran: probe_layers must be non-empty dense layers")
-        return {s: float(np.mean([st[s][row].item() for st in self.layers.values()])) for s in PROBE_STATS}
+        values = self.host()[:, :, row].astype(np.float64)
+        return {s: float(values[:, i].mean()) for i, s in enumerate(PROBE_STATS)}
 
 
 def text_statistics(token_ids: Sequence[int] | np.ndarray) -> dict[str, float]:

@@ -9,7 +9,8 @@ The adapter knows nothing about controllers: whoever runs the model (the labeler
 hook) sets a plan. Rules, per attention call:
 - no current plan, decode (query length 1) or a prefill continuing a cache -> dense SDPA,
   exactly transformers' own `sdpa_attention_forward`;
-- prefill of a layer in `dense_layers`, or every row at level 0 -> dense SDPA;
+- prefill of a layer in `dense_layers`, or every row at level 0 -> dense SDPA, with its blocks
+  counted as host-side integers (no GPU work, no host sync: a request run dense pays nothing per layer);
 - probe layers (a subset of the dense ones) call `on_probe(layer_idx, stats)` first;
 - otherwise: select blocks per row at density 1 - level, run the backend, count the blocks.
 Imports nothing from `data/` or `controller/`.
@@ -39,25 +40,46 @@ _CURRENT: contextvars.ContextVar["SparsePlan | None"] = contextvars.ContextVar("
 
 @dataclass
 class BlockCounts:
-    """Blocks computed vs causal blocks per batch row, summed over layers and heads."""
-    kept_sparse: torch.Tensor | None = None   # [B], sparse layers only
+    """Blocks computed vs causal blocks per batch row, summed over layers and heads. Layers that
+    ran dense are counted as host-side integers (the same for every row): the dense path launches
+    no GPU work for its accounting."""
+    rows_sparse: torch.Tensor | None = None   # [B] blocks kept by sparse-path calls (on their device)
+    dense_sparse: int = 0                     # blocks of sparse layers that ran dense, per row
+    dense_all: int = 0                        # blocks of every layer that ran dense, per row
+    rows: int = 0
     causal_sparse: int = 0
-    kept_all: torch.Tensor | None = None      # [B], every layer (dense ones count in full)
     causal_all: int = 0
 
-    def add(self, kept: torch.Tensor, causal: int, sparse: bool) -> None:
-        kept = kept.detach().to(torch.float64)  # stays on its device: no host sync per layer
-        self.kept_all = kept if self.kept_all is None else self.kept_all + kept
-        self.causal_all += causal
+    def add(self, kept: torch.Tensor, causal: int) -> None:
+        """A sparse-path call: `kept` [B] blocks per row (stays on its device: no host sync)."""
+        kept = kept.detach().to(torch.float64)
+        self.rows_sparse = kept if self.rows_sparse is None else self.rows_sparse + kept
+        self.rows, self.causal_sparse, self.causal_all = kept.shape[0], self.causal_sparse + causal, self.causal_all + causal
+
+    def add_dense(self, rows: int, causal: int, sparse: bool) -> None:
+        """A call that ran dense: every row computed all `causal` blocks."""
+        self.rows, self.dense_all, self.causal_all = rows, self.dense_all + causal, self.causal_all + causal
         if sparse:
-            self.kept_sparse = kept if self.kept_sparse is None else self.kept_sparse + kept
-            self.causal_sparse += causal
+            self.dense_sparse, self.causal_sparse = self.dense_sparse + causal, self.causal_sparse + causal
+
+    @property
+    def kept_all(self) -> torch.Tensor | None:
+        """[B] blocks computed on every layer (None before any layer ran)."""
+        if self.rows_sparse is None:
+            return None if self.rows == 0 else torch.full((self.rows,), float(self.dense_all), dtype=torch.float64)
+        return self.rows_sparse + self.dense_all
+
+    @property
+    def kept_sparse(self) -> torch.Tensor | None:
+        """[B] blocks computed on sparse layers (None if no sparse layer ran)."""
+        if self.rows_sparse is None:
+            return None if self.causal_sparse == 0 else torch.full((self.rows,), float(self.dense_sparse), dtype=torch.float64)
+        return self.rows_sparse + self.dense_sparse
 
     def achieved_sparsity(self) -> torch.Tensor:
         """[B] fraction of causal blocks not computed on sparse layers (0 if none ran sparse)."""
-        if self.kept_sparse is None or self.causal_sparse == 0:
-            n = 0 if self.kept_all is None else self.kept_all.shape[0]
-            return torch.zeros(n, dtype=torch.float64)
+        if self.rows_sparse is None or self.causal_sparse == 0:
+            return torch.zeros(self.rows, dtype=torch.float64)
         return (1.0 - self.kept_sparse / self.causal_sparse).cpu()
 
 
@@ -75,6 +97,7 @@ class SparsePlan:
     on_probe: Callable[[int, dict[str, torch.Tensor]], None] | None = None
     probe_window: int = 64
     counts: BlockCounts = field(default_factory=BlockCounts)
+    all_dense: bool = True   # every row at level 0 (kept by set_levels; the adapter reads it per layer)
 
     def __post_init__(self):
         if not self.probe_layers <= self.dense_layers:
@@ -87,7 +110,7 @@ class SparsePlan:
         levels = torch.as_tensor(levels, dtype=torch.float64).flatten()
         if levels.numel() and (levels.min() < 0 or levels.max() >= 1 or torch.isnan(levels).any()):
             raise ValueError(f"sparsity levels must be in [0, 1), got {levels.tolist()}")
-        self.levels = levels
+        self.levels, self.all_dense = levels, bool((levels == 0).all())
 
 
 @contextlib.contextmanager
@@ -123,14 +146,15 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     layer = getattr(module, "layer_idx", None)
-    key_valid = _key_valid(attention_mask)
-    if plan.on_probe is not None and layer in plan.probe_layers:
-        plan.on_probe(layer, attention_probe(query, key, scale, plan.probe_window,
-                                             plan.selection.block_size, key_valid))
+    if plan.on_probe is not None and layer in plan.probe_layers:   # probe layers are dense layers
+        plan.on_probe(layer, attention_probe(query, key, scale, plan.probe_window, plan.selection.block_size,
+                                             _key_valid(attention_mask)))
     levels = plan.levels
-    if layer in plan.dense_layers or levels is None or bool((levels == 0).all()):
+    if layer in plan.dense_layers or levels is None or plan.all_dense:
+        # the dense path: host-side accounting only, then exactly transformers' SDPA
         _count_dense(plan, query, sparse=layer not in plan.dense_layers)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    key_valid = _key_valid(attention_mask)
     if levels.shape[0] != query.shape[0]:
         raise ValueError(f"plan has {levels.shape[0]} levels for a batch of {query.shape[0]} rows")
     backend = resolve_backend(plan.backend, query.device)
@@ -143,7 +167,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     else:
         block_mask = select_blocks(query, key, 1.0 - levels, plan.selection, scale, key_valid)
         kept, causal = block_accounting(block_mask)
-    plan.counts.add(kept, causal, sparse=True)
+    plan.counts.add(kept, causal)
     out = BACKENDS[backend](query, key, value, block_mask, plan.selection.block_size, scale,
                             attention_mask, key_valid, index=index)
     return out.transpose(1, 2).contiguous(), None
@@ -152,8 +176,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
 def _count_dense(plan: SparsePlan, query: torch.Tensor, sparse: bool) -> None:
     b, h, n, _ = query.shape
     nq = -(-n // plan.selection.block_size)
-    causal = h * nq * (nq + 1) // 2
-    plan.counts.add(torch.full((b,), float(causal), device=query.device), causal, sparse)
+    plan.counts.add_dense(b, h * nq * (nq + 1) // 2, sparse)
 
 
 def register() -> None:
