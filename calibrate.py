@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=1, help="GPUs to label on (DDP)")
     p.add_argument("--batch-samples", type=int, default=8, help="prompts decoded together while labeling")
     p.add_argument("--model", help="the model to label with (default: the checkpoint's; must have the same weights)")
+    p.add_argument("--policy", default="auto", choices=["auto", "controller", "mass_coverage"],
+                   help="policy to certify; auto: both at delta/2, the one saving more on your prompts is deployed")
     p.add_argument("--guard-p", type=float, help="shift guard's conformal p-value level (default: the checkpoint's)")
     return p.parse_args(argv)
 
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
         from controller.recalibrate import recalibrate_checkpoint
         result = recalibrate_checkpoint(args.checkpoint, args.prompts, args.out, args.criterion, args.alpha,
                                         args.delta, args.max_requests, args.labels, args.devices,
-                                        args.batch_samples, args.guard_p, model=args.model)
+                                        args.batch_samples, args.guard_p, model=args.model, policy=args.policy)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

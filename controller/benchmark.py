@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default=None, help="comma-separated kernel lengths (default 8K,32K,64K,128K)")
     p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end rows (needs --checkpoint)")
     p.add_argument("--dense-path", action="store_true", help="also the decided-dense breakdown (needs --checkpoint)")
+    p.add_argument("--probe-cost", action="store_true", help="only the probe statistics' cost per layer at 8K and 32K")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU; run it on the GPU machine", file=sys.stderr)
@@ -151,6 +152,11 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out)
 
+    if args.probe_cost:
+        from sparse_kernels.bench import bench_probe_cost
+        result["probe_cost"] = bench_probe_cost()
+        save()
+        return 0
     if args.skip_kernels and not args.checkpoint:
         print("error: --skip-kernels leaves nothing to run without --checkpoint", file=sys.stderr)
         return 2

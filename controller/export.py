@@ -102,6 +102,8 @@ def load_checkpoint(path: str | Path) -> ControllerCheckpoint:
         net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
         Calibration.from_json(record["calibration"])
         ControllerCheckpoint(net, record).guard
+        from .policies import deployed_policy
+        deployed_policy(net, np.asarray(record["grid"], dtype=np.float64), record)
     except (SafetensorError, RuntimeError, KeyError, TypeError, ValueError) as e:
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise UserError(f"checkpoint {path} is corrupt or incompatible ({msg}); re-export it") from None

@@ -50,13 +50,14 @@ def recalibration_draws(ckpt, policy, fam, n_cal: int, job, crit: dict, repeats:
     rest: how often the violation rate exceeds alpha (Learn-then-Test allows delta of the draws)."""
     from controller.evaluate import policy_metrics
     from controller.guard import Guarded
+    from controller.policies import deployed_policy
     from controller.recalibrate import recalibrate
     viol, saved, share = [], [], []
     for seed in range(1, repeats + 1):
         order = np.random.default_rng(seed).permutation(len(fam))
         cal, ev = fam.subset(order[:n_cal]), fam.subset(order[n_cal:])
         r = recalibrate(ckpt, cal, job.calibration.alpha, job.calibration.delta, crit, {"source": "draw"})
-        m = _metrics(Guarded(policy, r.guard, ckpt.levels), r.calibration, ev)
+        m = _metrics(Guarded(deployed_policy(ckpt.net, ckpt.levels, r.record), r.guard, ckpt.levels), r.calibration, ev)
         oracle = policy_metrics(ev, ev.label_index)["compute_saved"]
         viol.append(m["violation_rate"])
         saved.append(m["compute_saved"])
@@ -71,7 +72,10 @@ def run_family(job, arrays, meta, labels: str, family: str, n_cal: int, workdir:
     from controller.export import load_checkpoint
     from controller.guard import Guarded, two_sample_test
     from controller.pipeline import train_on_arrays
-    from controller.policies import controller_policy
+    from controller.calibrate import calibrate
+    from controller.evaluate import separability
+    from controller.policies import (LearnedPolicy, MassCoveragePolicy, controller_policy, deployed_policy,
+                                     recall_columns)
     from controller.recalibrate import recalibrate
     from data.store import criterion_dict
     held = np.isin(arrays.tasks, FAMILIES[family])
@@ -89,32 +93,45 @@ def run_family(job, arrays, meta, labels: str, family: str, n_cal: int, workdir:
     unguarded = _metrics(policy, ckpt.calibration, ev)
     crit = criterion_dict(job.criterion)
     r = recalibrate(ckpt, cal, job.calibration.alpha, job.calibration.delta, crit, {"source": f"{family} held out"})
-    recal = _metrics(Guarded(policy, r.guard, ckpt.levels), r.calibration, ev)
+    recal = _metrics(Guarded(deployed_policy(ckpt.net, ckpt.levels, r.record), r.guard, ckpt.levels), r.calibration, ev)
+    recal["policy"] = r.record["policy"]
     recal["flagged_share"] = float(r.guard.check(ev.features)[0].mean())
     recal["threshold_passed"] = r.calibration.passed
     oracle = policy_metrics(ev, ev.label_index)["compute_saved"]
     recal["share_of_oracle"] = recal["compute_saved"] / oracle if oracle > 0 else None
+    recal["auc_p_safe"] = separability(LearnedPolicy(ckpt.net), ev)
+    mass = None
+    if recall_columns(ckpt.levels) is not None:
+        mc = MassCoveragePolicy(ckpt.levels)
+        mass = _metrics(mc, calibrate(mc, cal, job.calibration.alpha, job.calibration.delta), ev)
     draws = recalibration_draws(ckpt, policy, fam, n_cal, job, crit, repeats) if repeats else None
     return {"family": family, "tasks": list(FAMILIES[family]), "n_train_store": int((~held).sum()), "draws": draws,
             "n_calibration": len(cal), "n_evaluated": len(ev), "oracle_compute_saved": oracle,
             "in_distribution_calibration": ckpt.calibration.to_json(), "zero_shot": zero,
-            "zero_shot_unguarded": unguarded, "recalibrated": recal}
+            "zero_shot_unguarded": unguarded, "recalibrated": recal, "mass_coverage_recalibrated": mass}
 
 
 def table(rows: list[dict], alpha: float) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
     lines = ["| held-out family | cal / eval requests | zero shot, guarded: violation / saved / flagged | "
-             "zero shot, two-sample p | zero shot, no guard: violation / saved | recalibrated: violation (95% CI) / "
-             "saved / share of oracle | oracle saved |", "|" + "---|" * 7]
+             "zero shot, two-sample p | zero shot, no guard: violation / saved | recalibrated (deployed policy): "
+             "violation (95% CI) / saved / share of oracle | oracle saved |", "|" + "---|" * 7]
     for r in rows:
         z, u, c = r["zero_shot"], r["zero_shot_unguarded"], r["recalibrated"]
         lo, hi = c["violation_ci95"]
         lines.append(f"| {r['family']} | {r['n_calibration']} / {r['n_evaluated']} | {pct(z['violation_rate'])} / "
                      f"{pct(z['compute_saved'])} / {pct(z['flagged_share'])} | {z['two_sample']['p_value']:.2g} | "
-                     f"{pct(u['violation_rate'])} / {pct(u['compute_saved'])} | {pct(c['violation_rate'])} "
+                     f"{pct(u['violation_rate'])} / {pct(u['compute_saved'])} | ({c['policy']}) {pct(c['violation_rate'])} "
                      f"({pct(lo)}-{pct(hi)}) / {pct(c['compute_saved'])} / {pct(c['share_of_oracle'])} | "
                      f"{pct(r['oracle_compute_saved'])} |")
+    lines += ["", "| held-out family | AUC of P(safe) per level (min-max) | mass-coverage baseline, recalibrated: violation / saved |",
+              "|---|---|---|"]
+    for r in rows:
+        aucs = [v for v in r["recalibrated"]["auc_p_safe"].values() if v is not None]
+        mc = r.get("mass_coverage_recalibrated")
+        lines.append(f"| {r['family']} | " + (f"{min(aucs):.2f}-{max(aucs):.2f}" if aucs else "-") + " | "
+                     + (f"{pct(mc['violation_rate'])} / {pct(mc['compute_saved'])}" if mc else "-") + " |")
     lines += ["", "| held-out family | recalibration draws | mean violation | max violation | draws above alpha | "
               "mean saved | mean share of oracle |", "|" + "---|" * 7]
     for r in rows:

@@ -30,7 +30,7 @@ from data.models import LoadedModel, model_fingerprint
 from sparse_kernels import SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
 
 from .export import ControllerCheckpoint, load_checkpoint
-from .policies import controller_policy
+from .policies import deployed_policy
 
 log = logging.getLogger(__name__)
 STRUCTURE = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
@@ -39,7 +39,8 @@ STRUCTURE = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_hea
 @dataclass(frozen=True)
 class Decision:
     level: float                 # nominal grid level chosen for the request
-    probability: float           # the controller's P(safe) at that level (1 for dense)
+    probability: float           # the controller's P(safe) at that level (1 for dense); for a checkpoint
+                                 # deploying mass coverage, the estimated share of attention mass kept
     achieved_sparsity: float     # measured from the block index of the sparse layers
     fallback: str | None = None  # why the request ran at the fallback level instead of the controller's, if it did
     ood: bool = False            # the shift guard flagged it: outside the calibrated length range or feature support
@@ -71,7 +72,7 @@ class ControllerHandle:
                                        local_blocks=rec["local_blocks"], last_queries=rec["last_queries"])
         self.dense_layers, self.probe_layers = frozenset(rec["dense_layers"]), frozenset(rec["probe_layers"])
         self.probe_window, self.backend = rec["probe_window"], rec["backend"]
-        self.policy = controller_policy(ckpt.net, ckpt.levels, ckpt.record["decision"])
+        self.policy = deployed_policy(ckpt.net, ckpt.levels, ckpt.record)
         self.guard = ckpt.guard   # None: a checkpoint without one (every request is decided by the controller)
         self._previous = enable_sparse_attention(model)
         self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -98,6 +99,10 @@ class ControllerHandle:
         """features [B, F] -> (level index [B], P(safe) at it [B]): the calibrated decision (one
         pass of the net gives both the scores and the reported probability)."""
         features = np.asarray(features, dtype=np.float32)
+        if not hasattr(self.policy, "probabilities"):   # mass coverage: report the estimated kept mass
+            scores = self.policy.scores(features)
+            idx = self.ckpt.calibration.decide(scores)
+            return idx, np.minimum(scores[np.arange(len(scores)), idx], 1.0)
         p = self.policy.probabilities(features)
         idx = self.ckpt.calibration.decide(self.policy.scores_from(p, features))
         return idx, p[np.arange(len(p)), idx]

@@ -28,7 +28,8 @@ from .evaluate import alpha_sweep, best_in_hindsight, evaluate_all, reliability,
 from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
 from .guard import Guarded, ShiftGuard, exchangeability_words, two_sample_test
 from .lit import LabelDataModule, fit_net
-from .policies import ComputeAware, LearnedPolicy, FixedPolicy, LengthLawPolicy, Policy, SklearnPolicy, controller_policy
+from .policies import (ComputeAware, FixedPolicy, LearnedPolicy, LengthLawPolicy, MassCoveragePolicy, Policy,
+                       Named, SklearnPolicy, controller_policy, deployed_policy, recall_columns)
 from .report import why_short, write_report
 
 
@@ -71,20 +72,22 @@ def resolve_labels(job: ControllerJobConfig) -> str:
     return str(store.root)
 
 
-def build_policies(net, train: LabelArrays, seed: int, rule: str, guard: ShiftGuard | None = None) -> list[Policy]:
+def build_policies(net, train: LabelArrays, seed: int, rule: str, guard: ShiftGuard | None = None,
+                   deployed: Policy | None = None) -> list[Policy]:
     """The controller first (behind its shift guard, as the hook runs it), then its variants and the
     baselines; every P(safe) policy decides with the same rule, so the comparison is of predictors,
     not of decision rules. Only the controller is guarded."""
     levels = train.levels
     same_rule = (lambda p: ComputeAware(p, levels, p.name)) if rule == "compute_aware" else (lambda p: p)
-    controller = controller_policy(net, levels, rule)
+    controller = Named(deployed, "controller") if deployed is not None else controller_policy(net, levels, rule)
     policies = [controller] if guard is None else [
-        Guarded(controller, guard, levels), controller_policy(net, levels, rule, name="controller_unguarded")]
+        Guarded(controller, guard, levels, "controller"), Named(controller, "controller_unguarded")]
     policies += [controller_policy(net, levels, rule, hide_task=True, name="controller_unknown_task")]
     if rule == "compute_aware":
         policies.append(controller_policy(net, levels, "threshold", name="controller_plain_threshold"))
+    mass = [MassCoveragePolicy(levels)] if recall_columns(levels) is not None else []
     return policies + [same_rule(SklearnPolicy("logistic", seed).fit(train)), same_rule(SklearnPolicy("gbm", seed).fit(train)),
-                       FixedPolicy(levels), LengthLawPolicy(levels).fit(train)]
+                       *mass, FixedPolicy(levels), LengthLawPolicy(levels).fit(train)]
 
 
 def _splits(arrays: LabelArrays, split: dict) -> dict[str, np.ndarray]:
@@ -227,11 +230,12 @@ def evaluate_checkpoint(checkpoint: str, out: str, labels: str | None = None, ru
         crit["name"] = criterion
     train, cal, cal_source = calibration_arrays(rec, crit)
     test, where = evaluated_arrays(ckpt, out_dir, crit, labels, ruler, prompts)
-    policies = build_policies(ckpt.net, train, rec["split"]["seed"], rec["decision"], ckpt.guard)
+    policies = build_policies(ckpt.net, train, rec["split"]["seed"], rec["decision"], ckpt.guard,
+                              deployed_policy(ckpt.net, ckpt.levels, rec))
     alpha, delta = rec["alpha"], rec["delta"]
     deployed = ("controller", "controller_unguarded")   # the checkpoint's own threshold
     cals = {p.name: ckpt.calibration if p.name in deployed else calibrate(p, cal, alpha, delta) for p in policies}
-    metrics = {"alpha": alpha, "delta": delta, "n": len(test), "n_calibration": len(cal), "evaluated_on": where,
+    metrics = {"alpha": alpha, "delta": delta, "n": len(test), "deployed_policy": rec.get("policy", "controller"), "n_calibration": len(cal), "evaluated_on": where,
                "criterion": crit, "criterion_text": describe_criterion(crit),
                "checkpoint_criterion_text": describe_criterion(rec["criterion"]), "calibrated_on": cal_source,
                "shift": shift_report(ckpt, test), "policies": evaluate_all(policies, cals, test),

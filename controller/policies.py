@@ -169,5 +169,50 @@ class LengthLawPolicy(Policy):
         return _with_dense(predicted[:, None] - self.levels[None, 1:])
 
 
+def recall_columns(levels: np.ndarray) -> list[int] | None:
+    """Feature columns of the probe's mass recall at each sparse grid level (None if a level has none)."""
+    names = [f"probe_recall{round(float(lv) * 100)}_mean" for lv in np.asarray(levels)[1:]]
+    return [FEATURE_NAMES.index(n) for n in names] if all(n in FEATURE_NAMES for n in names) else None
+
+
+class MassCoveragePolicy(Policy):
+    """The training-free adaptive baseline (Twilight's top-p, FlexPrefill's gamma, XAttention's tau):
+    per request, the sparsest level whose estimated kept share of the attention mass (the probe's
+    mass recall of the same block selection, at query blocks spread over the prompt) is at least p;
+    p is the calibrated parameter, scanned from 1 (dense) down."""
+    name = "mass_coverage"
+
+    def __init__(self, levels: np.ndarray):
+        self.columns = recall_columns(levels)
+        if self.columns is None:
+            raise ValueError(f"no mass-recall feature for every level of the grid {list(levels)}")
+        self.lambdas = np.round(np.linspace(1.0, 0.0, 401), 4)
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        return _with_dense(np.asarray(features, dtype=np.float64)[:, self.columns])
+
+
+class Named(Policy):
+    """A policy under another name (reports call the deployed policy `controller`)."""
+
+    def __init__(self, base: Policy, name: str):
+        self.base, self.name, self.lambdas = base, name, base.lambdas
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        return self.base.scores(features)
+
+
+DEPLOYABLE = ("controller", "mass_coverage")
+
+
+def deployed_policy(net: SafetyNet, levels: np.ndarray, record: dict) -> Policy:
+    """The policy a checkpoint deploys (`record["policy"]`, default the controller): the net under
+    its decision rule, or the mass-coverage rule that a recalibration found to save more."""
+    kind = record.get("policy", "controller")
+    if kind not in DEPLOYABLE:
+        raise ValueError(f"unknown deployed policy {kind!r}; one of {DEPLOYABLE}")
+    return controller_policy(net, levels, record["decision"]) if kind == "controller" else MassCoveragePolicy(levels)
+
+
 def oracle_decisions(arrays: LabelArrays) -> np.ndarray:
     return arrays.label_index

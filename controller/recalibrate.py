@@ -28,7 +28,7 @@ from .dataset import LabelArrays, arrays_from_store
 from .evaluate import policy_metrics
 from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
 from .guard import Guarded, ShiftGuard, two_sample_test
-from .policies import controller_policy
+from .policies import MassCoveragePolicy, controller_policy, recall_columns
 
 
 def min_requests(alpha: float, delta: float) -> int:
@@ -60,30 +60,49 @@ class Recalibrated:
     summary: dict          # on the calibration requests: risk, saving, flagged share, shift vs the old calibration
 
 
+def _candidates(ckpt: ControllerCheckpoint, choice: str) -> dict:
+    """{name: policy} that the recalibration may deploy."""
+    out = {"controller": controller_policy(ckpt.net, ckpt.levels, ckpt.record["decision"])}
+    if recall_columns(ckpt.levels) is not None:
+        out["mass_coverage"] = MassCoveragePolicy(ckpt.levels)
+    if choice != "auto":
+        if choice not in out:
+            raise UserError(f"policy {choice!r} is not available for this checkpoint; choose one of {sorted(out)} or auto")
+        out = {choice: out[choice]}
+    return out
+
+
 def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delta: float, criterion: dict,
-                source: dict, guard_p: float | None = None) -> Recalibrated:
-    """Learn-then-Test of the checkpoint's policy on `cal`, a guard fitted on `cal`, the new record."""
+                source: dict, guard_p: float | None = None, choice: str = "auto") -> Recalibrated:
+    """Learn-then-Test of each candidate policy on `cal` at delta / (number of candidates) (a union
+    bound: every candidate's certificate holds together with probability >= 1 - delta, so picking
+    the one that saves most on `cal` keeps the guarantee), a guard fitted on `cal`, the new record."""
     rec = ckpt.record
-    policy = controller_policy(ckpt.net, ckpt.levels, rec["decision"])
-    calibration = calibrate(policy, cal, alpha, delta)
     old = ckpt.guard
     k, p_min, fallback = (old.k, old.p_min, old.fallback) if old is not None else (5, 0.01, 0.0)
     guard = ShiftGuard.fit(cal.features, cal.n_tokens, ckpt.net.feature_mean.numpy(), ckpt.net.feature_std.numpy(),
                            k, p_min if guard_p is None else guard_p, fallback)
-    chosen = calibration.decide(Guarded(policy, guard, ckpt.levels).scores(cal.features))
-    m = policy_metrics(cal, chosen)
-    summary = {"violation_rate": m["violation_rate"], "compute_saved": m["compute_saved"],
-               "dense_requests": m["dense_requests"], "flagged_share": guard.reference_flagged_share()}
+    candidates, tried = _candidates(ckpt, choice), {}
+    for name, policy in candidates.items():
+        c = calibrate(policy, cal, alpha, delta / len(candidates))
+        m = policy_metrics(cal, c.decide(Guarded(policy, guard, ckpt.levels).scores(cal.features)))
+        tried[name] = (c, m)
+    name = max(tried, key=lambda n: (tried[n][1]["compute_saved"], n == "controller"))
+    calibration, m = tried[name]
+    summary = {"violation_rate": m["violation_rate"], "compute_saved": m["compute_saved"], "policy": name,
+               "dense_requests": m["dense_requests"], "flagged_share": guard.reference_flagged_share(),
+               "candidates": {n: {"calibration": c.to_json(), "compute_saved": mm["compute_saved"],
+                                  "violation_rate": mm["violation_rate"]} for n, (c, mm) in tried.items()}}
     if old is not None:
         summary["shift_from_previous"] = two_sample_test(old.reference, (cal.features - old.mean) / old.std)
     record = copy.deepcopy(rec)
     record.pop("format", None)
     record.update({
-        "calibration": calibration.to_json(), "alpha": alpha, "delta": delta, "criterion": criterion,
-        "guard": guard.to_json(), "recalibrated_from": {"calibration": rec["calibration"],
+        "calibration": calibration.to_json(), "alpha": alpha, "delta": delta, "criterion": criterion, "policy": name,
+        "guard": guard.to_json(), "recalibrated_from": {"calibration": rec["calibration"], "policy": rec.get("policy", "controller"),
                                                         "calibration_data": rec.get("calibration_data")},
         "calibration_data": {**source, "requests": len(cal), "criterion": criterion,
-                             "criterion_text": describe_criterion(criterion),
+                             "criterion_text": describe_criterion(criterion), "candidates": summary["candidates"],
                              "tokens": [int(cal.n_tokens.min()), int(cal.n_tokens.max())],
                              "tasks": {str(t): int(c) for t, c in zip(*np.unique(cal.tasks, return_counts=True))}},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat()})
@@ -94,7 +113,10 @@ def certified_line(r: Recalibrated) -> str:
     """What was certified, in one line."""
     c, d, s = r.calibration, r.record["calibration_data"], r.summary
     what = (f"on traffic exchangeable with the {d['requests']} calibration requests ({d['tokens'][0]}-{d['tokens'][1]} "
-            f"tokens), P(unsafe-decision rate <= {c.alpha:g}) >= {1 - c.delta:g} under criterion {r.record['criterion']['name']}")
+            f"tokens), P(unsafe-decision rate <= {c.alpha:g}) >= {1 - r.record['delta']:g} under criterion "
+            f"{r.record['criterion']['name']}, deploying {r.record['policy']}"
+            + (f" (the better of {len(s['candidates'])} policies, each tested at delta/{len(s['candidates'])})"
+               if len(s["candidates"]) > 1 else ""))
     if not c.passed:
         return (f"certified: nothing -- no threshold passed Learn-then-Test {what}; every request runs dense "
                 f"(more calibration requests or a larger alpha would help)")
@@ -127,6 +149,10 @@ def calibration_report(r: Recalibrated, checkpoint: str, prompts: str) -> str:
              f"- Checkpoint recalibrated: `{checkpoint}`; prompts: `{prompts}` "
              f"({len(r.record['calibration_data']['files'])} files, sha256 in controller.json).",
              f"- Criterion: {r.record['calibration_data']['criterion_text']}.",
+             "- Candidates (each Learn-then-Test at delta / their number; the one saving most is deployed): "
+             + "; ".join(f"{n}: {100 * c['compute_saved']:.1f}% saved, {100 * c['violation_rate']:.1f}% unsafe"
+                         + ("" if c["calibration"]["passed"] else " (nothing passed: dense)")
+                         for n, c in s["candidates"].items()) + ".",
              f"- On the calibration requests: {100 * s['violation_rate']:.1f}% unsafe, {100 * s['compute_saved']:.1f}% "
              f"attention compute saved, {100 * s['dense_requests']:.1f}% run dense, {100 * s['flagged_share']:.1f}% "
              "flagged by the new guard (leave-one-out).",
@@ -145,7 +171,7 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
                            alpha: float | None = None, delta: float | None = None, max_requests: int | None = None,
                            labels: str | None = None, devices: int = 1, batch_samples: int = 8,
                            guard_p: float | None = None, progress: bool = True,
-                           model: str | None = None) -> tuple[Path, str] | None:
+                           model: str | None = None, policy: str = "auto") -> tuple[Path, str] | None:
     """calibrate.py: check everything, label the prompts, recalibrate, export. Returns (checkpoint
     folder, certified line), or None on a non-zero rank of a distributed labeling run."""
     from .pipeline import label_requests
@@ -159,10 +185,13 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
         raise UserError(f"--alpha and --delta must lie in (0, 1), got {alpha}, {delta}")
     if guard_p is not None and not 0 <= guard_p < 1:
         raise UserError(f"--guard-p must lie in [0, 1), got {guard_p}")
-    n, need = _prompt_count(prompts, crit, max_requests), min_requests(alpha, delta)
+    count = len(_candidates(ckpt, policy))
+    n, need = _prompt_count(prompts, crit, max_requests), min_requests(alpha, delta / count)
     if n < need:
+        each = f" at delta/{count} for each of {count} candidate policies" if count > 1 else ""
         raise UserError(f"{n} requests are too few to certify alpha={alpha:g} with delta={delta:g}: Learn-then-Test "
-                        f"needs at least {need} (with zero violations); give more prompts or a larger alpha/delta")
+                        f"needs at least {need}{each} (with zero violations); give more prompts, a larger alpha/delta"
+                        + (" or --policy controller" if count > 1 else ""))
     store = labels or str(out_path.with_name(out_path.name + ".labels"))
     root = label_requests(ckpt, DataConfig(tasks=(), prompts=(prompts,), max_prompts=max_requests), Path(store), crit,
                           devices=devices, batch_samples=batch_samples, progress=progress, model=model)
@@ -172,7 +201,7 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
     cal = arrays_from_store(root, crit)[0]
     source = {"source": f"prompts {prompts}", "files": file_digests(prompts), "label_store": root,
               "label_store_sha256": store_hash(root)}
-    r = recalibrate(ckpt, cal, alpha, delta, crit, source, guard_p)
+    r = recalibrate(ckpt, cal, alpha, delta, crit, source, guard_p, policy)
     line = certified_line(r)
     path = export_checkpoint(out_path, ckpt.net, r.record, {"calibration.md": calibration_report(r, checkpoint, prompts)})
     return path, line

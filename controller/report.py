@@ -34,6 +34,8 @@ def goals(metrics: dict, alpha: float) -> dict:
             "saves_more_than_fixed": c > fixed, "saves_more_than_length_law": c > law,
             "ratio_to_fixed": c / fixed if fixed > 0 else (math.inf if c > 0 else None),
             "share_of_oracle": c / oracle if oracle > 0 else None,
+            "ratio_to_mass_coverage": (c / p["mass_coverage"]["compute_saved"] if p["mass_coverage"]["compute_saved"] > 0
+                                       else None) if "mass_coverage" in p else None, "goal_ratio_to_mass_coverage": 1.2,
             "goal_ratio_to_fixed": 2.0, "goal_share_of_oracle": 0.85}
 
 
@@ -158,6 +160,12 @@ def goal_lines(metrics: dict) -> list[str]:
                  + f"; against the oracle (goal >= 85%): {_fmt(share, True)}"
                  + ("" if share is None or share >= 0.85 else f", short by {_fmt(0.85 - share, True)} of the oracle's saving")
                  + ".")
+    if "mass_coverage" in p:
+        mc, r = p["mass_coverage"], g["ratio_to_mass_coverage"]
+        lines.append(f"- Against the calibrated mass-coverage baseline (goal >= 1.2x): it saves {_fmt(mc['compute_saved'], True)} "
+                     f"at {_fmt(mc['violation_rate'], True)} violations; the controller "
+                     + ("saves something where it saves nothing" if r is None and c['compute_saved'] > 0
+                        else "-" if r is None else f"{r:.2f}x") + ".")
     return lines
 
 

@@ -20,7 +20,7 @@ from sparse_kernels.probes import PROBE_STATS
 
 from .tasks.base import TASK_TYPES, UNKNOWN_TASK
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2   # 2: mass recall of the block selection at every level (probes.mass_recall)
 TEXT_STATS = ("compression_ratio", "unique_token_ratio", "repeated_bigram_ratio")
 TASK_FEATURES = tuple(f"task_{t}" for t in (*TASK_TYPES, UNKNOWN_TASK))
 FEATURE_NAMES = ("log_length", *TEXT_STATS, *(f"probe_{s}" for s in PROBE_STATS), *TASK_FEATURES)

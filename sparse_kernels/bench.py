@@ -131,3 +131,26 @@ def kernel_table(rows: list[dict], header: bool = True) -> str:
     for r in rows:
         lines.append("| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def bench_probe_cost(shapes=SHAPES, lengths=(8192, 32768), dtype=torch.bfloat16, log=print) -> list[dict]:
+    """Cost of one probe layer's statistics on random q/k (batch 1): the last-queries statistics
+    alone, the mass recall alone (8 sampled query blocks x 8 levels of the selection), and the
+    whole `attention_probe`, against dense SDPA of the same layer."""
+    from .probes import attention_probe, last_query_attention, mass_recall
+    rows = []
+    for hq, hkv, d, block in shapes:
+        spec = SelectionSpec(block_size=block)
+        for n in lengths:
+            q = torch.randn(1, hq, n, d, device="cuda", dtype=dtype)
+            k, v = (torch.randn(1, hkv, n, d, device="cuda", dtype=dtype) for _ in range(2))
+            scale = 1.0 / math.sqrt(d)
+            kd, vd = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+            row = {"N": n, "hq": hq, "hkv": hkv, "d": d, "block": block,
+                   "ms_sdpa_layer": round(_bench(lambda: F.scaled_dot_product_attention(q, kd, vd, is_causal=True)), 4),
+                   "ms_last_queries": round(_bench(lambda: last_query_attention(q, k, 64, scale)), 4),
+                   "ms_mass_recall": round(_bench(lambda: mass_recall(q, k, scale, spec)), 4),
+                   "ms_attention_probe": round(_bench(lambda: attention_probe(q, k, scale, 64, block, None, spec)), 4)}
+            rows.append(row)
+            log(row)
+    return rows

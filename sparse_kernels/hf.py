@@ -148,7 +148,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     layer = getattr(module, "layer_idx", None)
     if plan.on_probe is not None and layer in plan.probe_layers:   # probe layers are dense layers
         plan.on_probe(layer, attention_probe(query, key, scale, plan.probe_window, plan.selection.block_size,
-                                             _key_valid(attention_mask)))
+                                             _key_valid(attention_mask), plan.selection))
     levels = plan.levels
     if layer in plan.dense_layers or levels is None or plan.all_dense:
         # the dense path: host-side accounting only, then exactly transformers' SDPA

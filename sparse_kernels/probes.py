@@ -1,9 +1,12 @@
-"""Attention probes: cheap statistics of the last queries' attention, taken in dense layers.
+"""Attention probes: cheap statistics of the attention, taken in dense layers.
 
 Owns `attention_probe`: for the last `window` queries of each row against all (causal, valid)
 keys, per head, the normalized entropy and the share of attention mass held by the top
-fraction of key blocks; then pooled over heads (mean and min/max). These are inputs to the
-features in `data/features.py`. Imports nothing from `data/` or `controller/`.
+fraction of key blocks; then pooled over heads (mean and min/max). And `mass_recall`, the
+mechanistic one: at `SAMPLED_BLOCKS` query blocks spread over the sequence (the last included),
+the share of the true attention mass that the configured block selection keeps at each level
+of `RECALL_LEVELS` (mean over heads, then mean and min over the sampled blocks). These are inputs
+to the features in `data/features.py`. Imports nothing from `data/` or `controller/`.
 """
 from __future__ import annotations
 
@@ -11,11 +14,16 @@ import math
 
 import torch
 
-from .select import last_query_attention, sum_key_blocks
+from .select import (METHODS, SelectionSpec, causal_block_mask, first_valid_block, forced_block_mask, group_scores,
+                     kept_block_counts, last_query_attention, num_blocks, sum_key_blocks)
 
 TOP_FRACTIONS = (0.05, 0.1, 0.2)
+RECALL_LEVELS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
+SAMPLED_BLOCKS = 8
+QUERIES_PER_BLOCK = 16   # queries of a sampled block whose attention is computed (spread, the last included)
 PROBE_STATS = ("entropy_mean", "entropy_min",
-               *(f"top{int(f * 100)}_mass_{p}" for f in TOP_FRACTIONS for p in ("mean", "min")))
+               *(f"top{int(f * 100)}_mass_{p}" for f in TOP_FRACTIONS for p in ("mean", "min")),
+               *(f"recall{round(lv * 100)}_{p}" for lv in RECALL_LEVELS for p in ("mean", "min")))
 
 
 def _top_block_mass(probs, block_size, fraction):
@@ -33,10 +41,88 @@ def _visible_keys(pos: torch.Tensor, key_valid, batch: int) -> torch.Tensor:
     return counts.clamp_min(2.0)
 
 
+def sampled_query_blocks(nq: int, count: int, device) -> torch.Tensor:
+    """Up to `count` distinct query-block ids spread evenly over (0, nq - 1], the last included
+    (block 0 sees only itself, so its recall is always 1)."""
+    if nq <= 1:
+        return torch.zeros(1, dtype=torch.long, device=device)
+    ids = torch.linspace(0, nq - 1, count + 1, dtype=torch.float64)[1:].ceil().long().unique()
+    return ids.to(device)
+
+
+def sampled_query_positions(blocks: torch.Tensor, block_size: int, n: int,
+                            per_block: int = QUERIES_PER_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions [R], owner [R]): up to `per_block` queries of each sampled block, spread evenly
+    over the block's valid queries with its last one included, and the sampled block each belongs to."""
+    pos, owner = [], []
+    for s, blk in enumerate(blocks.tolist()):
+        start, stop = blk * block_size, min((blk + 1) * block_size, n)
+        take = torch.linspace(stop - 1, start, min(per_block, stop - start)).round().long().unique()
+        pos.append(take)
+        owner.append(torch.full((len(take),), s, dtype=torch.long))
+    return torch.cat(pos).to(blocks.device), torch.cat(owner).to(blocks.device)
+
+
+def sampled_block_mass(q, k, blocks: torch.Tensor, block_size: int, scale: float, key_valid=None) -> torch.Tensor:
+    """[B, Hq, S, nk]: for each sampled query block, the attention mass its sampled queries put on
+    each key block (softmax over causal, valid keys; mean over those queries)."""
+    n = q.shape[2]
+    pos, owner = sampled_query_positions(blocks, block_size, n)
+    logits = group_scores(q[:, :, pos].float(), k.float()) * scale            # [B, Hq, R, N]
+    allowed = (torch.arange(n, device=q.device)[None, :] <= pos[:, None])[None, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    per_row = sum_key_blocks(probs, block_size)                               # [B, Hq, R, nk]
+    sums = torch.zeros(*per_row.shape[:2], len(blocks), per_row.shape[-1], device=q.device)
+    sums.index_add_(2, owner, per_row)
+    return sums / torch.bincount(owner, minlength=len(blocks)).clamp_min(1)[None, None, :, None]
+
+
+def _ranked_blocks(q, k, blocks: torch.Tensor, spec: SelectionSpec, scale: float, key_valid):
+    """Key blocks of each sampled query block in the order the selection takes them (forced first,
+    then by score, non-causal last): [B, Hq, S, nk], and the forced counts [B, nq]."""
+    nq = num_blocks(q.shape[2], spec.block_size)
+    forced = forced_block_mask(nq, spec, first_valid_block(key_valid, q.shape[0], spec.block_size, q.device))
+    scores = METHODS[spec.method](q, k, spec, scale, key_valid)[:, :, blocks].float()
+    lowest = torch.finfo(torch.float32).min
+    s = torch.nan_to_num(scores, nan=lowest, neginf=lowest)
+    s = s.masked_fill(~causal_block_mask(nq, q.device)[blocks], float("-inf"))
+    s = s.masked_fill(forced[:, None, blocks], float("inf"))
+    return s.argsort(dim=-1, descending=True, stable=True), forced.sum(-1)
+
+
+@torch.no_grad()
+def mass_recall(q: torch.Tensor, k: torch.Tensor, scale: float, spec: SelectionSpec, key_valid=None,
+                levels=RECALL_LEVELS, sampled: int = SAMPLED_BLOCKS) -> dict[str, torch.Tensor]:
+    """{recall{level}_mean, recall{level}_min: [B]}: the share of the true attention mass at the
+    sampled query blocks that `spec`'s selection keeps at each level (head mean; mean / min over
+    the sampled blocks). The blocks are scored and ranked once; a level keeps the first
+    `kept_block_counts` of them, so every level costs one gather."""
+    b, _, n, _ = q.shape
+    nq = num_blocks(n, spec.block_size)
+    blocks = sampled_query_blocks(nq, sampled, q.device)
+    mass = sampled_block_mass(q, k, blocks, spec.block_size, scale, key_valid)      # [B, Hq, S, nk]
+    order, forced_counts = _ranked_blocks(q, k, blocks, spec, scale, key_valid)
+    covered = mass.gather(-1, order).cumsum(-1) / mass.sum(-1, keepdim=True).clamp_min(1e-30)
+    densities = torch.tensor([1.0 - lv for lv in levels], dtype=torch.float64)
+    counts = kept_block_counts(densities.repeat_interleave(b).to(q.device), nq, forced_counts.repeat(len(levels), 1))
+    counts = counts.view(len(levels), b, nq)[:, :, blocks]                                 # [L, B, S]
+    out = {}
+    for i, level in enumerate(levels):
+        idx = (counts[i] - 1).clamp_min(0)[:, None, :, None].expand(-1, covered.shape[1], -1, 1)
+        recall = covered.gather(-1, idx)[..., 0].mean(1)                                 # [B, S]
+        out[f"recall{round(level * 100)}_mean"] = recall.mean(-1)
+        out[f"recall{round(level * 100)}_min"] = recall.amin(-1)
+    return out
+
+
 @torch.no_grad()
 def attention_probe(q: torch.Tensor, k: torch.Tensor, scale: float, window: int = 64,
-                    block_size: int = 64, key_valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """q [B, Hq, N, D], k [B, Hkv, N, D] -> {stat name: [B] float32} (names in PROBE_STATS)."""
+                    block_size: int = 64, key_valid: torch.Tensor | None = None,
+                    selection: SelectionSpec | None = None) -> dict[str, torch.Tensor]:
+    """q [B, Hq, N, D], k [B, Hkv, N, D] -> {stat name: [B] float32} (names in PROBE_STATS);
+    `selection` (default: block_topk at `block_size`) is the selection whose mass recall is measured."""
     probs, pos = last_query_attention(q, k, window, scale, key_valid)
     n_visible = _visible_keys(pos, key_valid, q.shape[0])[:, None, :]  # [B, 1, w]
     ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / n_visible.log()  # [B, H, w]
@@ -48,4 +134,5 @@ def attention_probe(q: torch.Tensor, k: torch.Tensor, scale: float, window: int 
         name = f"top{int(f * 100)}_mass"
         out[f"{name}_mean"] = per_head[name].mean(1)
         out[f"{name}_min"] = per_head[name].amin(1)
+    out.update(mass_recall(q, k, scale, selection or SelectionSpec(block_size=block_size), key_valid))
     return out

@@ -14,7 +14,7 @@ from controller.export import export_checkpoint, load_checkpoint
 from controller.net import SafetyNet
 from controller.policies import ComputeAware, FixedPolicy, LengthLawPolicy, Policy, controller_policy, decide
 from data.errors import UserError
-from data.features import FEATURE_NAMES
+from data.features import FEATURE_NAMES, FEATURE_VERSION
 
 STORE = "data/labels/smollm2-135m/v1"
 LEVELS = np.array([0.0, 0.5, 0.7, 0.9])
@@ -118,7 +118,8 @@ def test_compute_saved_counts_kept_blocks_over_dense_blocks():
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path, gen):
     net = SafetyNet(len(FEATURE_NAMES), 3, hidden=8, depth=1)
-    record = {"feature_version": 1, "feature_names": list(FEATURE_NAMES), "grid": LEVELS.tolist(),
+    record = {"feature_version": FEATURE_VERSION, "feature_names": list(FEATURE_NAMES), "grid": LEVELS.tolist(),
+              "decision": "threshold",
               "net": {"n_features": len(FEATURE_NAMES), "n_sparse_levels": 3, "hidden": 8, "depth": 1, "dropout": 0.1},
               "calibration": Calibration(0.5, True, 0.05, 0.1, 10, 0.0, 3).to_json()}
     path = export_checkpoint(tmp_path / "ckpt", net, record)
@@ -172,3 +173,21 @@ def test_one_net_pass_gives_the_same_decision_as_two():
         p = policy.probabilities(x)
         assert np.allclose(policy.scores_from(p, x), policy.scores(x))
         assert np.allclose(p, net.safe_probability(torch.from_numpy(x)).detach().numpy(), atol=1e-7)
+
+
+def test_mass_coverage_baseline_is_monotone_in_p():
+    from controller.policies import MassCoveragePolicy, recall_columns
+    levels = np.array([0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97])
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(300, len(FEATURE_NAMES))).astype(np.float32)
+    recall = np.sort(rng.uniform(0.2, 1.0, (300, 8)), axis=1)[:, ::-1]   # less mass kept at sparser levels
+    feats[:, recall_columns(levels)] = recall
+    policy = MassCoveragePolicy(levels)
+    chosen = np.stack([decide(policy.scores(feats), p) for p in policy.lambdas])   # p from 1 down to 0
+    assert (np.diff(chosen, axis=0) >= 0).all() and (chosen[0] == 0).all() and (chosen[-1] == 8).all()
+    i = 7
+    lvl = decide(policy.scores(feats[i:i + 1]), 0.6)[0]
+    assert lvl == 0 or recall[i, lvl - 1] >= 0.6
+    assert lvl == 8 or recall[i, lvl] < 0.6
+    with pytest.raises(ValueError, match="no mass-recall feature"):
+        MassCoveragePolicy(np.array([0.0, 0.55]))

@@ -1,12 +1,13 @@
 """Features: finite, ordered, and equal whether computed in the labeling batch or for one request
 alone with no levels set (the situation of the inference hook)."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from controller.config import ControllerJobConfig
-from data.config import LabelJobConfig, load_config
-from data.features import FEATURE_NAMES, ProbeCollector, compute_features, feature_vector, text_statistics
+from data.config import load_config
+from data.features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features, feature_vector, text_statistics
 from data.labeling import Labeler, build_samples
 from data.tasks import prompt_ids
 from sparse_kernels import SparsePlan, enable_sparse_attention, use_plan
@@ -67,3 +68,38 @@ def test_text_statistics_equal_their_plain_python_definition():
                 "repeated_bigram_ratio": 1.0 - len(set(zip(ids[:-1], ids[1:]))) / max(n - 1, 1)}
         assert text_statistics(ids) == want
         assert text_statistics(np.asarray(ids)) == want
+
+
+def test_backfill_recomputes_the_labeling_features_and_keeps_the_labels(tiny_lm, tmp_path):
+    """A store whose feature columns are stale gets the features labeling computed (same function,
+    forward stopped after the last probe layer); every other column is unchanged."""
+    import json as _json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.backfill import backfill_store
+
+    from data.features import FEATURE_NAMES as NAMES
+    from data.runner import run_labeling
+    from data.store import LabelStore
+
+    job = load_config(ControllerJobConfig, "configs/test_tiny.yaml", [f"labeling.out={tmp_path / 's'}"]).label_job()
+    store = run_labeling(job, tiny_lm)
+    before = store.table()
+    for shard in store.shards():   # make the features stale
+        df = pq.read_table(shard).to_pandas()
+        df["f_probe_recall90_mean"] = -1.0
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), shard)
+    meta = store.meta()
+    meta["identity"]["feature_version"] = 0
+    (store.root / "meta.json").write_text(_json.dumps(meta))
+    record = backfill_store(str(store.root), "cpu", "float32", log=lambda *_: None)
+    after = LabelStore(store.root).table()
+    cols = [f"f_{n}" for n in NAMES]
+    np.testing.assert_allclose(after[cols].to_numpy(float), before[cols].to_numpy(float), rtol=1e-4, atol=1e-5)
+    other = [c for c in before.columns if not c.startswith("f_") and c not in ("outputs",)]
+    pd.testing.assert_frame_equal(after[other], before[other])
+    new_meta = LabelStore(store.root).meta()
+    assert new_meta["identity"]["feature_version"] == FEATURE_VERSION and new_meta["features_backfilled"][-1] == record
+    assert not list(store.root.glob("shards.*"))

@@ -200,6 +200,15 @@ def test_prompts_without_outputs_label_calibrate_checkpoint(tiny_lm, tiny_traine
         tiny_lm.model.generate(torch.tensor([tiny_lm.tokenizer(prompts.read_text().splitlines()[0])["input_ids"][:300]]),
                                max_new_tokens=2, do_sample=False)
         assert len(handle.last_decisions) == 1
+    mass = tmp_path / "mass" / "checkpoint"   # the other deployable policy, on the same (resumed) labels
+    assert calibrate_cli.main(["--checkpoint", str(ckpt), "--prompts", str(prompts), "--out", str(mass), "--labels",
+                               str(out) + ".labels", "--policy", "mass_coverage"]) == 0
+    assert load_checkpoint(mass).record["policy"] == "mass_coverage" and "deploying mass_coverage" in capsys.readouterr().out
+    with attach(tiny_lm, mass) as handle:
+        tiny_lm.model(input_ids=torch.tensor([tiny_lm.tokenizer(prompts.read_text().splitlines()[1])["input_ids"][:300]]))
+        d = handle.last_decisions[0]
+        assert d.fallback is None or d.ood
+        assert 0.0 <= d.probability <= 1.0
     report = tmp_path / "eval"
     assert eval_cli.main(["--checkpoint", str(out), "--prompts", str(prompts), "--out", str(report)]) == 0
     metrics = json.loads((report / "metrics.json").read_text())
@@ -214,8 +223,11 @@ def test_calibrate_bad_input_one_line_exit_2_nothing_written(tiny_lm, tiny_train
     write_prompts(tiny_lm.tokenizer, prompts, 4)
     bad.write_text('{"input": "ok"}\n{"inputs": "typo"}\n')
     (tmp_path / "file").write_text("x")
-    need, delta = min_requests(0.3, 0.3), load_checkpoint(ckpt).record["delta"]
+    delta = load_checkpoint(ckpt).record["delta"]   # two candidate policies: each is tested at delta / 2
+    need = min_requests(0.3, delta / 2)
     cases = [(["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--alpha", "0.05"],
+              f"needs at least {min_requests(0.05, delta / 2)}"),
+             (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--alpha", "0.05", "--policy", "controller"],
               f"needs at least {min_requests(0.05, delta)}"),
              (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--max-requests", "2"], f"needs at least {need}"),
              (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--criterion", "gold"], "no `outputs`"),
@@ -245,10 +257,10 @@ def test_hook_runs_long_and_off_support_requests_at_the_fallback(tiny_lm, tiny_t
         assert d.ood and d.level == 0.0 and "outside the calibrated range" in d.fallback
         # a guard calibrated on features far from this request's: the request is off-support
         short = ids[:, :handle.guard.max_tokens - 4]
-        far = np.tile(handle.guard.mean + 50 * handle.guard.std, (30, 1))
+        far = np.tile(handle.guard.mean + 50 * handle.guard.std, (60, 1))
         far[:, FEATURE_NAMES.index("log_length")] = np.log(short.shape[1])
         noise = 0.1 * handle.guard.std * np.random.default_rng(0).normal(size=far.shape)
-        handle.guard = ShiftGuard.fit(far + noise, np.full(30, short.shape[1]),
+        handle.guard = ShiftGuard.fit(far + noise, np.full(60, short.shape[1]),
                                       handle.guard.mean, handle.guard.std, p_min=0.05, fallback=0.5)
         tiny_lm.model(input_ids=short)
         d = handle.last_decisions[0]

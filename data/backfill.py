@@ -1,0 +1,148 @@
+"""Recompute a label store's features with this code's feature version, without relabeling.
+
+Labels (the sparse runs, decoding, NLLs) do not depend on the features, and the features depend
+only on the model and the prompt. So when FEATURE_VERSION changes, a store is brought up to date by
+running each stored prompt through the model's dense layers up to the last probe layer (the forward
+stops there), computing the features with `features.compute_features` (the function labeling and
+the hook use), and rewriting the shards with the new feature columns. The new shards are written
+into a temporary folder and swapped in with the metadata, so a crash leaves the old store intact.
+
+  python -m data.backfill --store data/labels/smollm2-135m/v1 [--device cpu] [--dtype bfloat16]
+
+The metadata records the backfill (device, dtype, versions, how far the recomputed old features
+are from the stored ones). Owns `backfill_store`. Imports `sparse_kernels` and lower `data`
+modules; never `controller`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from sparse_kernels import SparsePlan, enable_sparse_attention, use_plan
+
+from .config import DataConfig, SparseConfig, from_dict
+from .errors import UserError
+from .features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features
+from .labeling import plan_samples, realize
+from .models import load_model
+from .store import LabelStore, write_json_atomic
+from .tasks import prompt_ids
+
+
+class _ProbesDone(Exception):
+    """Raised by the probe callback after the last probe layer: the rest of the forward is not needed."""
+
+
+def probe_features(lm, sparse: SparseConfig, ids: list[int], task: str) -> dict[str, float]:
+    """The features of one prompt from a dense forward that stops after the last probe layer."""
+    collector = ProbeCollector()
+    last = max(sparse.probe_layers)
+
+    def on_probe(layer, stats):
+        collector(layer, stats)
+        if layer == last:
+            raise _ProbesDone
+
+    plan = SparsePlan(levels=None, selection=sparse.selection(), dense_layers=frozenset(sparse.dense_layers),
+                      backend=sparse.backend, probe_layers=frozenset(sparse.probe_layers), on_probe=on_probe,
+                      probe_window=sparse.probe_window)
+    with torch.no_grad(), use_plan(plan):
+        try:
+            lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=False)
+        except _ProbesDone:
+            pass
+    return compute_features(ids, collector.pooled(0), task)
+
+
+def _samples_of(meta: dict, ids: set[str], tokenizer) -> dict:
+    data = dict(meta["identity"]["data"])
+    indices = [int(s.rsplit("-", 2)[1]) for s in ids if not s.startswith(("ruler:", "prompts:"))]
+    data["samples_per_length"] = max(indices, default=0) + 1   # every generated index the store holds
+    cfg = from_dict(DataConfig, data)
+    plan = [p for p in plan_samples(cfg) if p.sample_id in ids]
+    return {p.sample_id: p for p in plan}
+
+
+def backfill_store(root: str, device: str = "cpu", dtype: str | None = None, log=print) -> dict:
+    """Recompute every request's features; returns the backfill record written into meta.json."""
+    store = LabelStore(root)
+    meta = store.meta()
+    table = store.table()
+    first = table[table["level"] == 0.0].set_index("sample_id")
+    dtype = dtype or meta["identity"]["dtype"].removeprefix("torch.")
+    lm = load_model(meta["model_name"], dtype, device)
+    if lm.fingerprint["id"] != meta["identity"]["model"]["id"]:
+        raise UserError(f"model {meta['model_name']} here is not the store's model; backfill where it is available")
+    enable_sparse_attention(lm.model)
+    sparse = from_dict(SparseConfig, meta["identity"]["sparse"])
+    planned = _samples_of(meta, set(first.index), lm.tokenizer)
+    missing = sorted(set(first.index) - set(planned))
+    if missing:
+        raise UserError(f"{root}: {len(missing)} stored requests (e.g. {missing[0]}) cannot be regenerated from its data config")
+    features, old_diff = {}, []
+    for i, sid in enumerate(first.index):
+        sample = realize(planned[sid], lm.tokenizer)
+        ids = prompt_ids(lm.tokenizer, sample, meta["identity"]["data"]["chat_template"])
+        if len(ids) != int(first.loc[sid, "n_tokens"]):
+            raise UserError(f"{root}: request {sid} regenerates to {len(ids)} tokens, stored {first.loc[sid, 'n_tokens']}")
+        features[sid] = probe_features(lm, sparse, ids, sample.task)
+        old = [c for c in first.columns if c.startswith("f_") and c[2:] in features[sid]]
+        old_diff.append(max(abs(features[sid][c[2:]] - float(first.loc[sid, c])) for c in old) if old else 0.0)
+        if (i + 1) % 100 == 0:
+            log(f"backfill: {i + 1}/{len(first)} requests")
+    record = {"feature_version": FEATURE_VERSION, "device": device, "dtype": dtype, "requests": len(features),
+              "max_abs_diff_of_recomputed_old_features": {"median": float(np.median(old_diff)), "max": float(np.max(old_diff))},
+              "torch": torch.__version__, "finished": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    _rewrite(store, meta, features, record)
+    return record
+
+
+def _rewrite(store: LabelStore, meta: dict, features: dict[str, dict], record: dict) -> None:
+    """New shards in a temporary folder, then swapped in together with the metadata."""
+    new_dir = store.root / "shards.backfill.tmp"
+    shutil.rmtree(new_dir, ignore_errors=True)
+    new_dir.mkdir()
+    for shard in store.shards():
+        df = pq.read_table(shard).to_pandas()
+        df = df.drop(columns=[c for c in df.columns if c.startswith("f_")])
+        for name in FEATURE_NAMES:
+            df[f"f_{name}"] = df["sample_id"].map(lambda s, n=name: features[s][n])
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), new_dir / shard.name, compression="zstd")
+    meta = json.loads(json.dumps(meta))
+    meta["identity"].update(feature_version=FEATURE_VERSION, feature_names=list(FEATURE_NAMES))
+    meta.setdefault("features_backfilled", []).append(record)
+    old_dir = store.root / "shards.old"
+    shutil.rmtree(old_dir, ignore_errors=True)
+    os.replace(store.shard_dir, old_dir)
+    os.replace(new_dir, store.shard_dir)
+    write_json_atomic(store.meta_path, meta)
+    shutil.rmtree(old_dir)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--store", required=True)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", help="default: the dtype the store was labeled in")
+    args = p.parse_args(argv)
+    try:
+        record = backfill_store(args.store, args.device, args.dtype)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(record))
+    print(args.store)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
