@@ -53,7 +53,8 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    task_dropout: float = 0.3      # share of training samples whose task is shown as `unknown`
+    task_dropout: float = 0.3      # share of training samples whose task is shown as `unknown`; 1 = the
+                                   # controller never uses the task name (it is always shown `unknown`)
     patience: int = 30             # early stopping on validation loss
     compute_weight: float = 1.0    # loss weight per request ~ (n / max n)^compute_weight (long requests hold the compute)
     seed: int = 0

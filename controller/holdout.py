@@ -74,8 +74,7 @@ def run_family(job, arrays, meta, labels: str, family: str, n_cal: int, workdir:
     from controller.pipeline import train_on_arrays
     from controller.calibrate import calibrate
     from controller.evaluate import separability
-    from controller.policies import (LearnedPolicy, MassCoveragePolicy, controller_policy, deployed_policy,
-                                     recall_columns)
+    from controller.policies import LearnedPolicy, MassCoveragePolicy, deployed_policy, recall_columns
     from controller.recalibrate import recalibrate
     from data.store import criterion_dict
     held = np.isin(arrays.tasks, FAMILIES[family])
@@ -85,7 +84,7 @@ def run_family(job, arrays, meta, labels: str, family: str, n_cal: int, workdir:
     fam = hide_task(arrays.subset(np.flatnonzero(held)))
     order = np.random.default_rng(0).permutation(len(fam))
     cal, ev = fam.subset(order[:n_cal]), fam.subset(order[n_cal:])
-    policy = controller_policy(ckpt.net, ckpt.levels, ckpt.record["decision"])
+    policy = deployed_policy(ckpt.net, ckpt.levels, ckpt.record)
     guard = ckpt.guard
     zero = _metrics(Guarded(policy, guard, ckpt.levels), ckpt.calibration, ev)
     zero["flagged_share"] = float(guard.check(ev.features)[0].mean())

@@ -22,14 +22,13 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from data.features import FEATURE_NAMES, TASK_FEATURES
+from data.features import FEATURE_NAMES
 
 from .config import ControllerJobConfig
 from .dataset import LabelArrays
 from .net import SafetyNet
+from .policies import TASK_COLUMNS, mask_task
 
-TASK_COLUMNS = [FEATURE_NAMES.index(n) for n in TASK_FEATURES]
-UNKNOWN_COLUMN = FEATURE_NAMES.index("task_unknown")
 LOG_LENGTH_COLUMN = FEATURE_NAMES.index("log_length")
 
 
@@ -37,14 +36,6 @@ def targets(arrays: LabelArrays) -> np.ndarray:
     """[n, K] y[i, k] = 1 if request i's label is at least sparse level k (monotone by construction)."""
     k = np.arange(1, len(arrays.levels))
     return (arrays.label_index[:, None] >= k[None]).astype(np.float32)
-
-
-def mask_task(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Copy of `features` with the task one-hot of `rows` (bool [B]) set to `unknown`."""
-    out = features.clone()
-    out[rows.nonzero(as_tuple=True)[0][:, None], torch.tensor(TASK_COLUMNS)] = 0.0
-    out[rows, UNKNOWN_COLUMN] = 1.0
-    return out
 
 
 def normalisation(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

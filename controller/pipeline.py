@@ -147,7 +147,7 @@ def train_on_arrays(job: ControllerJobConfig, arrays: LabelArrays, meta: dict, l
         raise UserError(f"label store {labels} has {len(arrays)} samples: too few for train/val/calibration/test splits")
     out = Path(job.out)
     net, info = fit_net(job, LabelDataModule(arrays, splits, job.train.batch_size, job.train.seed), str(out))
-    policy = controller_policy(net, arrays.levels, job.calibration.decision)
+    policy = controller_policy(net, arrays.levels, job.calibration.decision, hide_task=job.train.task_dropout >= 1.0)
     cal_arrays = arrays.subset(splits["calibration"])
     cal = calibrate(policy, cal_arrays, job.calibration.alpha, job.calibration.delta)
     if not cal.passed:

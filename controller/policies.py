@@ -16,11 +16,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data.features import FEATURE_NAMES
+from data.features import FEATURE_NAMES, TASK_FEATURES
 
 from .dataset import LabelArrays
-from .lit import mask_task
 from .net import SafetyNet
+
+TASK_COLUMNS = [FEATURE_NAMES.index(n) for n in TASK_FEATURES]
+UNKNOWN_COLUMN = FEATURE_NAMES.index("task_unknown")
+
+
+def mask_task(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Copy of `features` with the task one-hot of `rows` (bool [B]) set to `unknown` (training's task
+    dropout and the deployed policy of a controller that ignores tasks use this one function)."""
+    out = features.clone()
+    out[rows.nonzero(as_tuple=True)[0][:, None], torch.tensor(TASK_COLUMNS)] = 0.0
+    out[rows, UNKNOWN_COLUMN] = 1.0
+    return out
 
 LOG_LENGTH = FEATURE_NAMES.index("log_length")
 PROBABILITY_LAMBDAS = np.round(np.linspace(1.0, 0.0, 201), 4)
@@ -205,13 +216,20 @@ class Named(Policy):
 DEPLOYABLE = ("controller", "mass_coverage")
 
 
+def ignores_task(record: dict) -> bool:
+    """A controller trained with task_dropout 1 never saw a task name: it is always shown `unknown`."""
+    return float(record.get("training", {}).get("task_dropout", 0.0)) >= 1.0
+
+
 def deployed_policy(net: SafetyNet, levels: np.ndarray, record: dict) -> Policy:
     """The policy a checkpoint deploys (`record["policy"]`, default the controller): the net under
     its decision rule, or the mass-coverage rule that a recalibration found to save more."""
     kind = record.get("policy", "controller")
     if kind not in DEPLOYABLE:
         raise ValueError(f"unknown deployed policy {kind!r}; one of {DEPLOYABLE}")
-    return controller_policy(net, levels, record["decision"]) if kind == "controller" else MassCoveragePolicy(levels)
+    if kind == "mass_coverage":
+        return MassCoveragePolicy(levels)
+    return controller_policy(net, levels, record["decision"], hide_task=ignores_task(record))
 
 
 def oracle_decisions(arrays: LabelArrays) -> np.ndarray:

@@ -28,7 +28,7 @@ from .dataset import LabelArrays, arrays_from_store
 from .evaluate import policy_metrics
 from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
 from .guard import Guarded, ShiftGuard, two_sample_test
-from .policies import MassCoveragePolicy, controller_policy, recall_columns
+from .policies import MassCoveragePolicy, deployed_policy, recall_columns
 
 
 def min_requests(alpha: float, delta: float) -> int:
@@ -62,7 +62,7 @@ class Recalibrated:
 
 def _candidates(ckpt: ControllerCheckpoint, choice: str) -> dict:
     """{name: policy} that the recalibration may deploy."""
-    out = {"controller": controller_policy(ckpt.net, ckpt.levels, ckpt.record["decision"])}
+    out = {"controller": deployed_policy(ckpt.net, ckpt.levels, {**ckpt.record, "policy": "controller"})}
     if recall_columns(ckpt.levels) is not None:
         out["mass_coverage"] = MassCoveragePolicy(ckpt.levels)
     if choice != "auto":
