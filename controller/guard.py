@@ -33,6 +33,15 @@ LOG_LENGTH = FEATURE_NAMES.index("log_length")
 MAX_REFERENCE = 1000
 
 
+def _as_unknown(features: np.ndarray) -> np.ndarray:
+    """Copy of [B, F] features with the task one-hot set to `unknown`."""
+    from .policies import TASK_COLUMNS, UNKNOWN_COLUMN
+    out = np.array(features, dtype=np.float64)
+    out[:, TASK_COLUMNS] = 0.0
+    out[:, UNKNOWN_COLUMN] = 1.0
+    return out
+
+
 def feature_groups() -> list[list[int]]:
     """Column groups the guard tests separately: the mass-recall probes, and everything else."""
     recall = [i for i, n in enumerate(FEATURE_NAMES) if n.startswith("probe_recall")]
@@ -63,11 +72,12 @@ class ShiftGuard:
     k: int = 5
     p_min: float = 0.01
     fallback: float = 0.0     # the grid level flagged requests run at
+    ignore_task: bool = False  # the deployed policy never reads the task name: compare requests as `unknown`
 
     @classmethod
     def fit(cls, features: np.ndarray, n_tokens: np.ndarray, mean: np.ndarray, std: np.ndarray, k: int = 5,
-            p_min: float = 0.01, fallback: float = 0.0, seed: int = 0) -> "ShiftGuard":
-        features = np.asarray(features, dtype=np.float64)
+            p_min: float = 0.01, fallback: float = 0.0, seed: int = 0, ignore_task: bool = False) -> "ShiftGuard":
+        features = _as_unknown(features) if ignore_task else np.asarray(features, dtype=np.float64)
         if len(features) < 2:
             raise UserError("the shift guard needs at least 2 calibration requests")
         if len(features) > MAX_REFERENCE:
@@ -77,12 +87,18 @@ class ShiftGuard:
         groups = tuple(tuple(g) for g in feature_groups()) if reference.shape[1] == len(FEATURE_NAMES) \
             else (tuple(range(reference.shape[1])),)
         scores = np.stack([_kth_distances(reference[:, g], reference[:, g], k, leave_one_out=True) for g in groups])
-        return cls(int(np.min(n_tokens)), int(np.max(n_tokens)), mean, std, reference, scores, groups, k, p_min, fallback)
+        return cls(int(np.min(n_tokens)), int(np.max(n_tokens)), mean, std, reference, scores, groups, k, p_min, fallback,
+                   ignore_task)
+
+    def standardise(self, features: np.ndarray) -> np.ndarray:
+        """Features as the guard compares them (task shown as `unknown` if it is ignored), standardised."""
+        x = _as_unknown(features) if self.ignore_task else np.asarray(features, dtype=np.float64)
+        return (x - self.mean) / self.std
 
     def p_values(self, features: np.ndarray) -> np.ndarray:
         """[B] conformal p-value of each request's distances to the calibration requests (smallest
         over the feature groups, Bonferroni-corrected)."""
-        x = (np.asarray(features, dtype=np.float64) - self.mean) / self.std
+        x = self.standardise(features)
         m = self.reference_scores.shape[1]
         per_group = [(1.0 + (ref[None] >= _kth_distances(x[:, g], self.reference[:, g], self.k)[:, None]).sum(1)) / (m + 1.0)
                      for g, ref in zip(self.groups, self.reference_scores)]
@@ -118,6 +134,7 @@ class ShiftGuard:
 
     def to_json(self) -> dict:
         return {"min_tokens": self.min_tokens, "max_tokens": self.max_tokens, "k": self.k, "p_min": self.p_min,
+                "ignore_task": self.ignore_task,
                 "fallback": self.fallback, "mean": self.mean.tolist(), "std": self.std.tolist(),
                 "reference": np.round(self.reference, 5).tolist(), "groups": [list(g) for g in self.groups],
                 "reference_scores": np.round(self.reference_scores, 6).tolist()}
@@ -140,7 +157,7 @@ class ShiftGuard:
         if k < 1 or not 0 <= p_min < 1 or not 1 <= lo <= hi or not any(math.isclose(fallback, x) for x in levels):
             raise ValueError("guard settings out of range (k >= 1, 0 <= p_min < 1, 1 <= min <= max tokens, "
                              "fallback a grid level)")
-        return cls(lo, hi, mean, std, ref, scores, groups, k, p_min, fallback)
+        return cls(lo, hi, mean, std, ref, scores, groups, k, p_min, fallback, bool(d.get("ignore_task", False)))
 
 
 class Guarded(Policy):

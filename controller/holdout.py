@@ -88,7 +88,7 @@ def run_family(job, arrays, meta, labels: str, family: str, n_cal: int, workdir:
     guard = ckpt.guard
     zero = _metrics(Guarded(policy, guard, ckpt.levels), ckpt.calibration, ev)
     zero["flagged_share"] = float(guard.check(ev.features)[0].mean())
-    zero["two_sample"] = two_sample_test(guard.reference, (ev.features - guard.mean) / guard.std)
+    zero["two_sample"] = two_sample_test(guard.reference, guard.standardise(ev.features))
     unguarded = _metrics(policy, ckpt.calibration, ev)
     crit = criterion_dict(job.criterion)
     r = recalibrate(ckpt, cal, job.calibration.alpha, job.calibration.delta, crit, {"source": f"{family} held out"})

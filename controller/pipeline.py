@@ -94,12 +94,13 @@ def _splits(arrays: LabelArrays, split: dict) -> dict[str, np.ndarray]:
     return split_groups(arrays.groups, (split["train"], split["val"], split["calibration"]), split["seed"])
 
 
-def fit_guard(net, cal: LabelArrays, calibration: dict) -> ShiftGuard:
+def fit_guard(net, cal: LabelArrays, calibration: dict, ignore_task: bool) -> ShiftGuard:
     """The shift guard of a checkpoint calibrated on `cal` (settings from a CalibrationConfig dict)."""
     if not np.isclose(cal.levels, calibration["fallback"]).any():
         raise UserError(f"calibration.fallback {calibration['fallback']} is not a grid level {list(cal.levels)}")
     return ShiftGuard.fit(cal.features, cal.n_tokens, net.feature_mean.numpy(), net.feature_std.numpy(),
-                          calibration["guard_k"], calibration["guard_p"], calibration["fallback"])
+                          calibration["guard_k"], calibration["guard_p"], calibration["fallback"],
+                          ignore_task=ignore_task)
 
 
 def calibration_data(source: str, cal: LabelArrays, criterion: dict, store: str, files: list | None = None) -> dict:
@@ -153,7 +154,7 @@ def train_on_arrays(job: ControllerJobConfig, arrays: LabelArrays, meta: dict, l
     if not cal.passed:
         print(f"warning: no threshold passes Learn-then-Test at alpha={cal.alpha}, delta={cal.delta} on "
               f"{cal.n} calibration requests; the controller falls back to dense for every request")
-    guard = fit_guard(net, cal_arrays, asdict(job.calibration))
+    guard = fit_guard(net, cal_arrays, asdict(job.calibration), ignore_task=job.train.task_dropout >= 1.0)
     cal_data = calibration_data(f"calibration split of label store {labels}", cal_arrays, criterion_dict(job.criterion), labels)
     path = export_checkpoint(out / "checkpoint", net, make_record(job, meta, labels, net, cal, info, arrays, guard, cal_data))
     return Trained(path, net, cal)
@@ -212,8 +213,7 @@ def shift_report(ckpt: ControllerCheckpoint, test: LabelArrays) -> dict:
     if guard is None:
         return {"words": "This checkpoint has no shift guard (written before guards existed); retrain or recalibrate it."}
     flagged, p, _ = guard.check(test.features)
-    test_std = (test.features.astype(np.float64) - guard.mean) / guard.std
-    two = two_sample_test(guard.reference, test_std)
+    two = two_sample_test(guard.reference, guard.standardise(test.features))
     return {"flagged_share": float(flagged.mean()), "median_p_value": float(np.median(p)), "two_sample": two,
             "covered": guard.describe(), "words": exchangeability_words(two, float(flagged.mean()))}
 

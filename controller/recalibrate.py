@@ -28,7 +28,7 @@ from .dataset import LabelArrays, arrays_from_store
 from .evaluate import policy_metrics
 from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
 from .guard import Guarded, ShiftGuard, two_sample_test
-from .policies import MassCoveragePolicy, deployed_policy, recall_columns
+from .policies import MassCoveragePolicy, deployed_policy, ignores_task, recall_columns
 
 
 def min_requests(alpha: float, delta: float) -> int:
@@ -81,7 +81,7 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
     old = ckpt.guard
     k, p_min, fallback = (old.k, old.p_min, old.fallback) if old is not None else (5, 0.01, 0.0)
     guard = ShiftGuard.fit(cal.features, cal.n_tokens, ckpt.net.feature_mean.numpy(), ckpt.net.feature_std.numpy(),
-                           k, p_min if guard_p is None else guard_p, fallback)
+                           k, p_min if guard_p is None else guard_p, fallback, ignore_task=ignores_task(rec))
     candidates, tried = _candidates(ckpt, choice), {}
     for name, policy in candidates.items():
         c = calibrate(policy, cal, alpha, delta / len(candidates))
@@ -94,7 +94,7 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
                "candidates": {n: {"calibration": c.to_json(), "compute_saved": mm["compute_saved"],
                                   "violation_rate": mm["violation_rate"]} for n, (c, mm) in tried.items()}}
     if old is not None:
-        summary["shift_from_previous"] = two_sample_test(old.reference, (cal.features - old.mean) / old.std)
+        summary["shift_from_previous"] = two_sample_test(old.reference, old.standardise(cal.features))
     record = copy.deepcopy(rec)
     record.pop("format", None)
     record.update({
