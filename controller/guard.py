@@ -23,23 +23,21 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from data.errors import UserError
 from data.features import FEATURE_NAMES
 
-from .policies import Policy
+from .policies import Policy, mask_task
 
 LOG_LENGTH = FEATURE_NAMES.index("log_length")
 MAX_REFERENCE = 1000
 
 
 def _as_unknown(features: np.ndarray) -> np.ndarray:
-    """Copy of [B, F] features with the task one-hot set to `unknown`."""
-    from .policies import TASK_COLUMNS, UNKNOWN_COLUMN
-    out = np.array(features, dtype=np.float64)
-    out[:, TASK_COLUMNS] = 0.0
-    out[:, UNKNOWN_COLUMN] = 1.0
-    return out
+    """Copy of [B, F] features (float64) with the task one-hot set to `unknown` (`mask_task`)."""
+    x = torch.as_tensor(np.asarray(features, dtype=np.float64))
+    return mask_task(x, torch.ones(len(x), dtype=torch.bool)).numpy()
 
 
 def feature_groups() -> list[list[int]]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -147,6 +146,7 @@ def main(argv=None) -> int:
     from controller.pipeline import versions
     from data.config import load_config
     from data.errors import UserError
+    from data.store import write_text_atomic
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/demo_smollm2.yaml")
     p.add_argument("--out", required=True, help="JSON file; the markdown table goes beside it (.md)")
@@ -171,10 +171,8 @@ def main(argv=None) -> int:
               "delta": job.calibration.delta, "labels": job.labels, "versions": versions(), "families": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps(result, indent=1)), (out.with_suffix(".md"), table(rows, job.calibration.alpha))):
-        tmp_path = path.with_name(path.name + ".tmp")
-        tmp_path.write_text(text)
-        os.replace(tmp_path, path)
+    write_text_atomic(out, json.dumps(result, indent=1))
+    write_text_atomic(out.with_suffix(".md"), table(rows, job.calibration.alpha))
     print(table(rows, job.calibration.alpha))
     return 0
 

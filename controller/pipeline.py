@@ -30,6 +30,7 @@ from .guard import Guarded, ShiftGuard, exchangeability_words, two_sample_test
 from .lit import LabelDataModule, fit_net
 from .policies import (ComputeAware, FixedPolicy, LearnedPolicy, LengthLawPolicy, MassCoveragePolicy, Policy,
                        Named, SklearnPolicy, controller_policy, deployed_policy, recall_columns)
+from .recalibrate import requests_summary
 from .report import why_short, write_report
 
 
@@ -105,10 +106,8 @@ def fit_guard(net, cal: LabelArrays, calibration: dict, ignore_task: bool) -> Sh
 
 def calibration_data(source: str, cal: LabelArrays, criterion: dict, store: str, files: list | None = None) -> dict:
     """What a checkpoint's guarantee was calibrated on, for its record and reports."""
-    return {"source": source, "requests": len(cal), "criterion": criterion, "criterion_text": describe_criterion(criterion),
-            "tokens": [int(cal.n_tokens.min()), int(cal.n_tokens.max())], "label_store": store,
-            "label_store_sha256": store_hash(store), "files": files or [],
-            "tasks": {str(t): int(c) for t, c in zip(*np.unique(cal.tasks, return_counts=True))}}
+    return {"source": source, "label_store": store, "label_store_sha256": store_hash(store), "files": files or [],
+            **requests_summary(cal, criterion)}
 
 
 def make_record(job: ControllerJobConfig, meta: dict, labels: str, net, cal, info: dict, arrays: LabelArrays,

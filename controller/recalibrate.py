@@ -52,6 +52,13 @@ def file_digests(path: str | Path) -> list[dict]:
             for f in files]
 
 
+def requests_summary(cal: LabelArrays, criterion: dict) -> dict:
+    """What a record says about the requests a checkpoint was calibrated on."""
+    return {"requests": len(cal), "criterion": criterion, "criterion_text": describe_criterion(criterion),
+            "tokens": [int(cal.n_tokens.min()), int(cal.n_tokens.max())],
+            "tasks": {str(t): int(c) for t, c in zip(*np.unique(cal.tasks, return_counts=True))}}
+
+
 @dataclass
 class Recalibrated:
     record: dict
@@ -101,10 +108,7 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
         "calibration": calibration.to_json(), "alpha": alpha, "delta": delta, "criterion": criterion, "policy": name,
         "guard": guard.to_json(), "recalibrated_from": {"calibration": rec["calibration"], "policy": rec.get("policy", "controller"),
                                                         "calibration_data": rec.get("calibration_data")},
-        "calibration_data": {**source, "requests": len(cal), "criterion": criterion,
-                             "criterion_text": describe_criterion(criterion), "candidates": summary["candidates"],
-                             "tokens": [int(cal.n_tokens.min()), int(cal.n_tokens.max())],
-                             "tasks": {str(t): int(c) for t, c in zip(*np.unique(cal.tasks, return_counts=True))}},
+        "calibration_data": {**source, **requests_summary(cal, criterion), "candidates": summary["candidates"]},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat()})
     return Recalibrated(record, calibration, guard, summary)
 

@@ -16,14 +16,9 @@ import numpy as np
 import pandas as pd
 
 from data.figures import label_vs_length, plot_label_vs_length
+from data.store import write_text_atomic
 
 from .dataset import LabelArrays
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def goals(metrics: dict, alpha: float) -> dict:
@@ -141,8 +136,8 @@ def write_report(out: Path, metrics: dict, arrays: LabelArrays, header: str) -> 
     table = length_finding(arrays, out / "label_vs_length.png", header)
     plot_tradeoff(metrics, out / "tradeoff.png")
     plot_reliability(metrics["reliability"], out / "reliability.png")
-    _atomic_text(out / "metrics.json", json.dumps(metrics, indent=1, default=float))
-    _atomic_text(out / "report.md", report_markdown(metrics, table, header))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1, default=float))
+    write_text_atomic(out / "report.md", report_markdown(metrics, table, header))
     return out
 
 
