@@ -8,6 +8,7 @@ validation in __post_init__. Imports `sparse_kernels` and `data.tasks`; never `c
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -20,6 +21,7 @@ from sparse_kernels import BACKEND_CHOICES, METHODS, SelectionSpec
 
 from .errors import UserError
 from .tasks import TaskSpec, build_task
+from .tasks.forms import FORM_SETS
 
 DEFAULT_GRID = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
 
@@ -74,8 +76,11 @@ class DataConfig:
     prompts: tuple[str, ...] = ()     # prompts without answers (JSONL or .txt folders; see data.tasks.prompts)
     max_prompts: int | None = None    # label only this many of the prompts (a seeded choice)
     chat_template: bool = True
+    forms: tuple[str, ...] = ("classic",)   # surface forms per (task, length, index): classic and/or varied
 
     def __post_init__(self):
+        if not self.forms or any(f not in FORM_SETS for f in self.forms) or len(set(self.forms)) != len(self.forms):
+            raise UserError(f"data.forms must list some of {list(FORM_SETS)} once each, got {list(self.forms)}")
         if not self.tasks and not self.ruler and not self.prompts:
             raise UserError("data.tasks is empty and no data.ruler or data.prompts path is given; list at least "
                             "one task, e.g. tasks: [{name: niah_single}]")
@@ -87,6 +92,23 @@ class DataConfig:
             raise UserError(f"data.lengths must be token counts >= 64, got {list(self.lengths)}")
         if self.samples_per_length < 1:
             raise UserError("data.samples_per_length must be >= 1")
+
+
+def data_identity(cfg: DataConfig) -> dict:
+    """The data section of a store's identity: what its samples are, not how many (more samples
+    extend a store). Classic-only stores omit `forms` (they were written before form sets existed)."""
+    data = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    for k in ("samples_per_length", "max_prompts"):
+        data.pop(k)
+    if data["forms"] == ["classic"]:
+        data.pop("forms")
+    return data
+
+
+def stored_data_identity(data: dict) -> dict:
+    """A stored data identity with the fields it predates filled with their defaults."""
+    return {**data_identity(DataConfig(tasks=(TaskSpec("niah_single"),))), "tasks": [], "lengths": [],
+            **{k: v for k, v in data.items()}}
 
 
 CRITERIA = ("gold", "fidelity")
@@ -205,8 +227,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(cls, path: str | Path | None, overrides: list[str] = ()):
-    """Read YAML `path` (or start empty), apply overrides, build and validate `cls`."""
+def load_config(cls, path: str | Path | None, overrides: list[str] = (), only_known: bool = False):
+    """Read YAML `path` (or start empty), apply overrides, build and validate `cls`. `only_known`
+    reads just `cls`'s sections of a larger job file (a controller job's labeling part)."""
     data = {}
     if path is not None:
         p = Path(path)
@@ -216,7 +239,10 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = ()):
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return from_dict(cls, apply_overrides(data, list(overrides)))
+    data = apply_overrides(data, list(overrides))
+    if only_known and isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}}
+    return from_dict(cls, data)
 
 
 def to_dict(cfg) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 from sparse_kernels import SparsePlan, enable_sparse_attention, resolve_backend, use_plan
 
-from .config import DataConfig, LabelJobConfig
+from .config import DataConfig, LabelJobConfig, data_identity
 from .decode import DecodeBatch, pad_rows
 from .features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features
 from .models import LoadedModel
@@ -41,19 +41,21 @@ class PlannedSample:
     index: int
     seed: int
     chat_template: bool
+    form_set: str = "classic"
 
     def realize(self, tokenizer) -> Sample:
         return generate_sample(self.task.name, build_task(self.task), tokenizer, self.length, self.index,
-                               self.seed, self.chat_template)
+                               self.seed, self.chat_template, self.form_set)
 
 
 def plan_samples(cfg: DataConfig) -> list[PlannedSample | Sample]:
     """Every sample of the config in a deterministic order: generated ones as plans (index x tasks
-    x lengths, so any prefix covers every task and length), then RULER samples (read eagerly, so a
-    malformed file fails before anything runs)."""
+    x lengths x form sets, so any prefix covers every task, length and form set), then RULER samples
+    (read eagerly, so a malformed file fails before anything runs)."""
     plan: list[PlannedSample | Sample] = [
-        PlannedSample(generated_sample_id(spec.name, length, i, cfg.seed), spec, length, i, cfg.seed, cfg.chat_template)
-        for i in range(cfg.samples_per_length) for spec in cfg.tasks for length in cfg.lengths]
+        PlannedSample(generated_sample_id(spec.name, length, i, cfg.seed, forms), spec, length, i, cfg.seed,
+                      cfg.chat_template, forms)
+        for i in range(cfg.samples_per_length) for spec in cfg.tasks for length in cfg.lengths for forms in cfg.forms]
     for path in cfg.ruler:
         plan += read_ruler(path)
     plan += choose_prompts([s for path in cfg.prompts for s in read_prompts(path)], cfg.max_prompts, cfg.seed)
@@ -175,7 +177,7 @@ class Labeler:
 
     def prefill(self, sample: Sample) -> Prefilled:
         """Sparse prefill of one sample, one row per grid level; features from its probe layers."""
-        ids = prompt_ids(self.lm.tokenizer, sample, self.job.data.chat_template)
+        ids = prompt_ids(self.lm.tokenizer, sample, self.job.data.chat_template)   # the sample's own setting wins
         collector = ProbeCollector()
         plan = self.plan(collector)
         clock = PhaseClock(self.lm.device)
@@ -222,7 +224,7 @@ class Labeler:
             text = self.lm.tokenizer.decode(answers[r], skip_special_tokens=True)
             records.append({
                 "sample_id": sample.sample_id, "task": sample.task, "group": sample.group,
-                "source": sample.source, "target_length": sample.target_length or len(ids), "n_tokens": len(ids),
+                "source": sample.source, "form": sample.form, "target_length": sample.target_length or len(ids), "n_tokens": len(ids),
                 "level": level, "achieved_sparsity": float(achieved[r]),
                 "kept_blocks_sparse": float(c.kept_sparse[r]) if c.kept_sparse is not None else 0.0,
                 "causal_blocks_sparse": c.causal_sparse,
@@ -249,9 +251,7 @@ def _git_sha() -> str:
 def store_meta(job: LabelJobConfig, lm: LoadedModel, device: torch.device) -> dict:
     """The store's self-description; `device` is where labeling will run (not where the model was loaded)."""
     import transformers
-    data = asdict(job.data)
-    data.pop("samples_per_length")  # more samples extend a store; they do not change its identity
-    data.pop("max_prompts")
+    data = data_identity(job.data)
     return {
         "identity": {"model": lm.fingerprint, "dtype": str(next(lm.model.parameters()).dtype),
                      "sparse": asdict(job.sparse), "levels": list(job.labeling.levels), "data": data,

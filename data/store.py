@@ -129,7 +129,17 @@ class LabelStore:
         if dup.any():
             raise UserError(f"{self.root}: {int(dup.sum())} duplicated (sample, level) rows, e.g. "
                             f"{df.loc[dup, 'sample_id'].iloc[0]}; the store was written by overlapping runs")
-        return df.sort_values(["sample_id", "level"], kind="stable").reset_index(drop=True)
+        return _with_forms(df, self.meta()).sort_values(["sample_id", "level"], kind="stable").reset_index(drop=True)
+
+
+def _with_forms(df: pd.DataFrame, meta: dict) -> pd.DataFrame:
+    """Rows written before surface forms were recorded: generated ones were classic, read ones have none."""
+    from .tasks.forms import CLASSIC
+    classic = CLASSIC.name(meta.get("identity", {}).get("data", {}).get("chat_template", True))
+    form = df["form"] if "form" in df else pd.Series([None] * len(df), index=df.index, dtype=object)
+    missing = form.isna()
+    df["form"] = form.where(~missing, np.where(df["source"] == "generated", classic, ""))
+    return df
 
 
 def load_labels(root: str | Path, criterion=None) -> tuple[pd.DataFrame, dict]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from ..errors import UserError
+from .forms import CLASSIC, Form, form_of
 
 TASK_TYPES = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa")
 UNKNOWN_TASK = "unknown"
@@ -32,6 +33,8 @@ class Sample:
     max_new_tokens: int = 32
     group: str = ""
     source: str = "generated"
+    form: str = ""                     # the surface form's name (data.tasks.forms), "" for read requests
+    chat_template: bool | None = None  # None: the config's data.chat_template
 
 
 class TaskGenerator(Protocol):
@@ -39,8 +42,8 @@ class TaskGenerator(Protocol):
     metric: str
     max_new_tokens: int
 
-    def render(self, key: str, size: int) -> tuple[str, tuple[str, ...], str]:
-        """(input text, outputs, answer prefix) with `size` haystack units, seeded by `key`."""
+    def render(self, key: str, size: int, form: Form = CLASSIC) -> tuple[str, tuple[str, ...], str]:
+        """(input text, outputs, answer prefix) with `size` haystack units in `form`, seeded by `key`."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,10 @@ def build_task(spec: TaskSpec) -> TaskGenerator:
 
 
 def prompt_text(tokenizer, sample: Sample, chat_template: bool = True) -> str:
-    """The exact text the model is given: the chat template around the input, then the answer prefix."""
+    """The exact text the model is given: the chat template around the input (unless the sample or
+    `chat_template` turns it off; the sample's own setting wins), then the answer prefix."""
+    if sample.chat_template is not None:
+        chat_template = sample.chat_template
     if chat_template and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": sample.input}], tokenize=False,
                                              add_generation_prompt=True)
@@ -96,22 +102,27 @@ def _fit_size(count: Callable[[int], int], target: int) -> int:
     return lo if target - count(lo) <= count(hi) - target else hi
 
 
-def generated_sample_id(task_name: str, target_length: int, index: int, seed: int) -> str:
-    """The id of a generated sample, known without generating it."""
-    return f"{task_name}-{target_length}-{index}-s{seed}"
+def generated_sample_id(task_name: str, target_length: int, index: int, seed: int, form_set: str = "classic") -> str:
+    """The id of a generated sample, known without generating it (classic ids are those of store v1)."""
+    suffix = "" if form_set == "classic" else f"-{form_set}"
+    return f"{task_name}-{target_length}-{index}-s{seed}{suffix}"
 
 
 def generate_sample(task_name: str, gen: TaskGenerator, tokenizer, target_length: int, index: int,
-                    seed: int, chat_template: bool = True) -> Sample:
-    """A deterministic sample of `gen` whose prompt is `target_length` tokens (within 5%)."""
+                    seed: int, chat_template: bool = True, form_set: str = "classic") -> Sample:
+    """A deterministic sample of `gen` whose prompt is `target_length` tokens (within 5%), in the
+    surface form that `form_set` gives its key (`classic`: the one form of store v1)."""
     key = f"{seed}|{task_name}|{target_length}|{index}"
-    sample_id = generated_sample_id(task_name, target_length, index, seed)
+    sample_id = generated_sample_id(task_name, target_length, index, seed, form_set)
+    form = form_of(form_set, key)
+    chat = chat_template if form.chat is None else form.chat
 
     def make(size: int) -> Sample:
-        text, outputs, prefix = gen.render(key, size)
+        text, outputs, prefix = gen.render(key, size, form)
         return Sample(sample_id=sample_id, task=gen.task_type, input=text, outputs=tuple(outputs),
                       answer_prefix=prefix, target_length=target_length, metric=gen.metric,
-                      max_new_tokens=gen.max_new_tokens, group=sample_id)
+                      max_new_tokens=gen.max_new_tokens, group=sample_id, form=form.name(chat),
+                      chat_template=chat)
 
     cache: dict[int, int] = {}
 

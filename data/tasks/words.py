@@ -56,3 +56,39 @@ def insert_at_depths(units: list[str], inserts: list[tuple[float, str]]) -> list
     for depth, text in sorted(inserts, key=lambda x: x[0], reverse=True):
         out.insert(round(depth * len(units)), text)
     return out
+
+
+REPEATED = ("The lake is still.", "The hills are green.", "The road runs east.", "Clouds drift slowly.",
+            "The day goes on.")
+JOINERS = {"prose": " ", "repeat": " ", "code": "\n", "json": "\n"}
+
+
+def code_line(rng: random.Random) -> str:
+    """One line of made-up Python-like code."""
+    a, b = rng.choice(ADJECTIVES), rng.choice(NOUNS)
+    n = rng.randint(2, 999)
+    return rng.choice((f"def {a}_{b}(x):", f"    return x * {n} + len({b}s)", f"{b}_count = {n}",
+                       f"for item in {a}_{b}s: total += item.{rng.choice(NOUNS)}",
+                       f"if {b}.{a} > {n}: break", f"# {rng.choice(VERBS)} the {b} before the {rng.choice(NOUNS)}",
+                       f"{a}_{b} = load('{rng.choice(NOUNS)}', retries={n % 7})"))
+
+
+def json_line(rng: random.Random) -> str:
+    """One line of made-up JSON records."""
+    return (f'{{"id": {rng.randint(100, 99999)}, "name": "{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}", '
+            f'"tags": ["{rng.choice(NOUNS)}", "{rng.choice(NOUNS)}"], "active": {rng.choice(("true", "false"))}}}')
+
+
+def haystack(kind: str, key: str, count: int) -> list[str]:
+    """`count` filler units of one kind, seeded by `key`; `prose` is `filler` (the classic stream)."""
+    if kind == "prose":
+        return filler(key, count)
+    if kind == "repeat":
+        return [REPEATED[i % len(REPEATED)] for i in range(count)]
+    rng = random.Random(f"{key}|filler|{kind}")
+    line = {"code": code_line, "json": json_line}[kind]
+    return [line(rng) for _ in range(count)]
+
+
+def join_units(kind: str, units: list[str]) -> str:
+    return JOINERS[kind].join(units)
