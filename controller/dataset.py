@@ -36,6 +36,7 @@ class LabelArrays:
     causal: np.ndarray          # [n] causal blocks of dense attention, all layers
     score: np.ndarray           # [n, L] task score of the greedy answer
     achieved: np.ndarray        # [n, L] achieved sparsity on sparse layers
+    forms: np.ndarray | None = None   # [n] str, the surface form ('code/p2/chat'; '' for read requests)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -49,15 +50,20 @@ class LabelArrays:
         return first_unsafe - 1
 
     def subset(self, idx: np.ndarray) -> "LabelArrays":
-        return LabelArrays(**{k: (v if k == "levels" else v[idx]) for k, v in self.__dict__.items()})
+        return LabelArrays(**{k: (v if k == "levels" or v is None else v[idx]) for k, v in self.__dict__.items()})
 
 
 def concat_arrays(parts: list[LabelArrays]) -> LabelArrays:
     """Rows of several LabelArrays on the same grid, one after the other."""
     if any(not np.array_equal(p.levels, parts[0].levels) for p in parts):
         raise UserError("cannot join label arrays made on different grids")
-    return LabelArrays(**{k: (v if k == "levels" else np.concatenate([getattr(p, k) for p in parts]))
-                          for k, v in parts[0].__dict__.items()})
+    def joined(k, v):
+        if k == "levels":
+            return v
+        if any(getattr(p, k) is None for p in parts):
+            return None
+        return np.concatenate([getattr(p, k) for p in parts])
+    return LabelArrays(**{k: joined(k, v) for k, v in parts[0].__dict__.items()})
 
 
 def _pivot(df: pd.DataFrame, column: str, ids: pd.Index, levels: np.ndarray) -> np.ndarray:
@@ -80,7 +86,8 @@ def arrays_from_frame(df: pd.DataFrame) -> LabelArrays:
         features=first[[f"f_{n}" for n in FEATURE_NAMES]].to_numpy(np.float32), levels=levels,
         safe=_pivot(df, "safe", ids, levels).astype(bool), kept=_pivot(df, "kept_blocks_all", ids, levels),
         causal=first["causal_blocks_all"].to_numpy(np.float64), score=_pivot(df, "score", ids, levels),
-        achieved=_pivot(df, "achieved_sparsity", ids, levels))
+        achieved=_pivot(df, "achieved_sparsity", ids, levels),
+        forms=first["form"].fillna("").to_numpy(str) if "form" in first else np.full(len(ids), "", dtype=object))
 
 
 def check_feature_version(meta: dict, where: str) -> None:

@@ -1,8 +1,10 @@
-"""The held-out-family experiment: does the guarantee hold on traffic the controller never saw?
+"""The held-out-group experiment: does the guarantee hold on traffic the controller never saw?
 
-For each task family: train a controller on every other family of a label store (criterion from
-the config, `fidelity` by default here), then on the held-out family, with the task hidden (the
-requests arrive as `unknown`, as user prompts do):
+Groups are task families (`--by family`) or one dimension of the surface form (`--by filler`,
+`phrasing` or `chat`: leave one haystack kind, phrasing or template setting out). For each group:
+train a controller on every other group of a label store (criterion from the config, `fidelity` by
+default here), then on the held-out group, with the task hidden (the requests arrive as `unknown`,
+as user prompts do):
 - zero shot: the checkpoint as trained, behind its shift guard; plus a two-sample test of the
   family's features against the checkpoint's calibration requests;
 - recalibrated: `recalibrate` on `--calibration-requests` of the family's requests (their stored
@@ -10,7 +12,7 @@ requests arrive as `unknown`, as user prompts do):
   remaining requests.
 Writes JSON (every number) and a markdown table.
 
-  python -m controller.holdout --config configs/demo_smollm2.yaml --out docs/results/holdout_fidelity.json
+  python -m controller.holdout --config configs/demo_smollm2.yaml --by family --out docs/results/holdout_family.json
 
 Imports every `controller` module it needs; nothing imports it.
 """
@@ -27,6 +29,17 @@ import numpy as np
 
 FAMILIES = {"niah": ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"), "vt": ("vt",),
             "cwe": ("cwe",), "fwe": ("fwe",), "qa": ("qa",)}
+GROUPINGS = {"family": tuple(FAMILIES), "filler": ("prose", "repeat", "code", "json"),
+             "phrasing": ("p0", "p1", "p2"), "chat": ("chat", "plain")}
+
+
+def in_group(arrays, by: str, group: str) -> np.ndarray:
+    """[n] bool: the requests of `group` under the grouping `by`."""
+    if by == "family":
+        return np.isin(arrays.tasks, FAMILIES[group])
+    from data.tasks.forms import form_part
+    forms = arrays.forms if arrays.forms is not None else np.full(len(arrays), "")
+    return np.array([form_part(f, by) == group for f in forms])
 
 
 def hide_task(arrays):
@@ -66,7 +79,8 @@ def recalibration_draws(ckpt, policy, fam, n_cal: int, job, crit: dict, repeats:
             "compute_saved_mean": float(np.mean(saved)), "share_of_oracle_mean": float(np.nanmean(share))}
 
 
-def run_family(job, arrays, meta, labels: str, family: str, n_cal: int, workdir: Path, repeats: int = 0) -> dict:
+def run_group(job, arrays, meta, labels: str, group: str, n_cal: int, workdir: Path, repeats: int = 0,
+               by: str = "family") -> dict:
     from controller.evaluate import policy_metrics
     from controller.export import load_checkpoint
     from controller.guard import Guarded, two_sample_test
@@ -76,13 +90,16 @@ def run_family(job, arrays, meta, labels: str, family: str, n_cal: int, workdir:
     from controller.policies import LearnedPolicy, MassCoveragePolicy, deployed_policy, recall_columns
     from controller.recalibrate import recalibrate
     from data.store import criterion_dict
-    held = np.isin(arrays.tasks, FAMILIES[family])
-    trained = train_on_arrays(dataclasses.replace(job, out=str(workdir / family)), arrays.subset(np.flatnonzero(~held)),
+    held = in_group(arrays, by, group)
+    if held.sum() <= n_cal or (~held).sum() < 50:
+        raise ValueError(f"group {by}={group} has {int(held.sum())} requests and leaves {int((~held).sum())}; "
+                         f"need more than {n_cal} held out and 50 to train on")
+    trained = train_on_arrays(dataclasses.replace(job, out=str(workdir / group)), arrays.subset(np.flatnonzero(~held)),
                               meta, labels)
     ckpt = load_checkpoint(trained.checkpoint)
-    fam = hide_task(arrays.subset(np.flatnonzero(held)))
-    order = np.random.default_rng(0).permutation(len(fam))
-    cal, ev = fam.subset(order[:n_cal]), fam.subset(order[n_cal:])
+    grp = hide_task(arrays.subset(np.flatnonzero(held)))
+    order = np.random.default_rng(0).permutation(len(grp))
+    cal, ev = grp.subset(order[:n_cal]), grp.subset(order[n_cal:])
     policy = deployed_policy(ckpt.net, ckpt.levels, ckpt.record)
     guard = ckpt.guard
     zero = _metrics(Guarded(policy, guard, ckpt.levels), ckpt.calibration, ev)
@@ -90,7 +107,7 @@ def run_family(job, arrays, meta, labels: str, family: str, n_cal: int, workdir:
     zero["two_sample"] = two_sample_test(guard.reference, guard.standardise(ev.features))
     unguarded = _metrics(policy, ckpt.calibration, ev)
     crit = criterion_dict(job.criterion)
-    r = recalibrate(ckpt, cal, job.calibration.alpha, job.calibration.delta, crit, {"source": f"{family} held out"})
+    r = recalibrate(ckpt, cal, job.calibration.alpha, job.calibration.delta, crit, {"source": f"{group} held out"})
     recal = _metrics(Guarded(deployed_policy(ckpt.net, ckpt.levels, r.record), r.guard, ckpt.levels), r.calibration, ev)
     recal["policy"] = r.record["policy"]
     recal["flagged_share"] = float(r.guard.check(ev.features)[0].mean())
@@ -102,8 +119,8 @@ def run_family(job, arrays, meta, labels: str, family: str, n_cal: int, workdir:
     if recall_columns(ckpt.levels) is not None:
         mc = MassCoveragePolicy(ckpt.levels)
         mass = _metrics(mc, calibrate(mc, cal, job.calibration.alpha, job.calibration.delta), ev)
-    draws = recalibration_draws(ckpt, policy, fam, n_cal, job, crit, repeats) if repeats else None
-    return {"family": family, "tasks": list(FAMILIES[family]), "n_train_store": int((~held).sum()), "draws": draws,
+    draws = recalibration_draws(ckpt, policy, grp, n_cal, job, crit, repeats) if repeats else None
+    return {"family": group, "by": by, "tasks": sorted(set(grp.tasks)), "n_train_store": int((~held).sum()), "draws": draws,
             "n_calibration": len(cal), "n_evaluated": len(ev), "oracle_compute_saved": oracle,
             "in_distribution_calibration": ckpt.calibration.to_json(), "zero_shot": zero,
             "zero_shot_unguarded": unguarded, "recalibrated": recal, "mass_coverage_recalibrated": mass}
@@ -112,7 +129,7 @@ def run_family(job, arrays, meta, labels: str, family: str, n_cal: int, workdir:
 def table(rows: list[dict], alpha: float) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
-    lines = ["| held-out family | cal / eval requests | zero shot, guarded: violation / saved / flagged | "
+    lines = [f"| held-out {rows[0]['by']} | cal / eval requests | zero shot, guarded: violation / saved / flagged | "
              "zero shot, two-sample p | zero shot, no guard: violation / saved | recalibrated (deployed policy): "
              "violation (95% CI) / saved / share of oracle | oracle saved |", "|" + "---|" * 7]
     for r in rows:
@@ -123,14 +140,14 @@ def table(rows: list[dict], alpha: float) -> str:
                      f"{pct(u['violation_rate'])} / {pct(u['compute_saved'])} | ({c['policy']}) {pct(c['violation_rate'])} "
                      f"({pct(lo)}-{pct(hi)}) / {pct(c['compute_saved'])} / {pct(c['share_of_oracle'])} | "
                      f"{pct(r['oracle_compute_saved'])} |")
-    lines += ["", "| held-out family | AUC of P(safe) per level (min-max) | mass-coverage baseline, recalibrated: violation / saved |",
+    lines += ["", f"| held-out {rows[0]['by']} | AUC of P(safe) per level (min-max) | mass-coverage baseline, recalibrated: violation / saved |",
               "|---|---|---|"]
     for r in rows:
         aucs = [v for v in r["recalibrated"]["auc_p_safe"].values() if v is not None]
         mc = r.get("mass_coverage_recalibrated")
         lines.append(f"| {r['family']} | " + (f"{min(aucs):.2f}-{max(aucs):.2f}" if aucs else "-") + " | "
                      + (f"{pct(mc['violation_rate'])} / {pct(mc['compute_saved'])}" if mc else "-") + " |")
-    lines += ["", "| held-out family | recalibration draws | mean violation | max violation | draws above alpha | "
+    lines += ["", f"| held-out {rows[0]['by']} | recalibration draws | mean violation | max violation | draws above alpha | "
               "mean saved | mean share of oracle |", "|" + "---|" * 7]
     for r in rows:
         d = r.get("draws")
@@ -150,12 +167,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/demo_smollm2.yaml")
     p.add_argument("--out", required=True, help="JSON file; the markdown table goes beside it (.md)")
-    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--by", default="family", choices=list(GROUPINGS), help="what a held-out group is")
+    p.add_argument("--groups", "--families", nargs="+", help="which groups to hold out (default: all of --by)")
     p.add_argument("--calibration-requests", type=int, default=200)
     p.add_argument("--repeats", type=int, default=20, help="random calibration draws per family (0: only the first)")
     p.add_argument("--keep", help="keep each family's checkpoint under KEEP/FAMILY/checkpoint (default: a temporary folder)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (default adds criterion.name=fidelity)")
     args = p.parse_args(argv)
+    groups = args.groups or list(GROUPINGS[args.by])
+    bad = sorted(set(groups) - set(GROUPINGS[args.by]))
+    if bad:
+        print(f"error: unknown {args.by} group(s) {bad}; choose from {list(GROUPINGS[args.by])}", file=sys.stderr)
+        return 2
     try:
         job = load_config(ControllerJobConfig, args.config, ["criterion.name=fidelity", "logging.wandb=disabled",
                                                              *args.overrides])
@@ -165,9 +188,9 @@ def main(argv=None) -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
-        rows = [run_family(job, arrays, meta, job.labels, f, args.calibration_requests, work, args.repeats)
-                for f in args.families]
-    result = {"config": args.config, "criterion": dataclasses.asdict(job.criterion), "alpha": job.calibration.alpha,
+        rows = [run_group(job, arrays, meta, job.labels, g, args.calibration_requests, work, args.repeats, args.by)
+                for g in groups]
+    result = {"config": args.config, "by": args.by, "criterion": dataclasses.asdict(job.criterion), "alpha": job.calibration.alpha,
               "delta": job.calibration.delta, "labels": job.labels, "versions": versions(), "families": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,25 @@ def summary_markdown(store: LabelStore, criterion=None) -> str:
                  .round(3).to_markdown())
     dense = df[df["level"] == 0.0].groupby("task")["score"].mean().round(3)
     lines += ["", "Dense task score per task: " + ", ".join(f"{k} {v}" for k, v in dense.items())]
+    if labels["form"].nunique() > 1:
+        lines += ["", spread_markdown(labels)]
     return "\n".join(lines)
+
+
+def spread_markdown(labels) -> str:
+    """Does the family name decide the label? Per family and length: how many distinct labels, the
+    share of samples at the most common one, and the label's standard deviation; then the mean label
+    per family and haystack kind (the first part of the surface form)."""
+    def cell(g):
+        top = g.value_counts(normalize=True).iloc[0]
+        return f"{g.nunique()} / {100 * top:.0f}% / {g.std(ddof=0):.2f}"
+    spread = labels.groupby(["task", "target_length"])["label"].apply(cell).unstack()
+    by_filler = labels.assign(filler=labels["form"].str.split("/").str[0]).pivot_table(
+        index="task", columns="filler", values="label", aggfunc="mean").round(2)
+    return "\n".join([
+        "Spread of labels within each family and length (distinct labels / share at the most common label / std):",
+        "", spread.to_markdown(), "", "Mean label per family and haystack kind (all lengths):", "",
+        by_filler.to_markdown()])
 
 
 def print_summary(store: LabelStore, criterion=None) -> None:

@@ -213,7 +213,8 @@ def sample_labels(df: pd.DataFrame) -> pd.DataFrame:
         first = g.iloc[0]
         achieved = g.loc[g["level"] == label, "achieved_sparsity"].iloc[0] if "achieved_sparsity" in g else np.nan
         rows.append({"sample_id": sid, "task": first["task"], "target_length": first["target_length"],
-                     "n_tokens": first["n_tokens"], "label": float(label), "label_achieved": float(achieved)})
+                     "n_tokens": first["n_tokens"], "label": float(label), "label_achieved": float(achieved),
+                     "form": first.get("form", "")})
     return pd.DataFrame(rows)
 
 
