@@ -28,6 +28,7 @@ import torch
 from data.errors import UserError
 from data.features import FEATURE_NAMES
 
+from .monitor import ShiftMonitor
 from .policies import Policy, mask_task
 
 LOG_LENGTH = FEATURE_NAMES.index("log_length")
@@ -170,6 +171,36 @@ class Guarded(Policy):
         flagged = self.guard.check(features)[0]
         scores[flagged, :self.fallback_index + 1] = np.inf
         scores[flagged, self.fallback_index + 1:] = -np.inf
+        return scores
+
+
+def monitor_stream(guard: ShiftGuard, features: np.ndarray, threshold: float = 100.0, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """The rows of `features` as one stream in a seeded random order through a fresh `ShiftMonitor`:
+    ([n] bool, whether it had alarmed by each row's turn; the monitor's final state)."""
+    order = np.random.default_rng(seed).permutation(len(features))
+    monitor = ShiftMonitor(threshold)
+    out = np.zeros(len(features), dtype=bool)
+    out[order] = monitor.run(guard.p_values(np.asarray(features)[order]))
+    return out, monitor.to_json()
+
+
+class Monitored(Guarded):
+    """`Guarded` plus the stream monitor (`monitor.ShiftMonitor`), as the hook runs a checkpoint.
+    Offline, the rows are taken as one stream in a seeded random order (a sorted table is not an
+    exchangeable stream); from the request at which the monitor alarms, every request runs at the
+    fallback level. `last_monitor` describes the last stream."""
+
+    def __init__(self, base: Policy, guard: ShiftGuard, levels: np.ndarray, name: str | None = None,
+                 threshold: float = 100.0, seed: int = 0):
+        super().__init__(base, guard, levels, name)
+        self.threshold, self.seed = threshold, seed
+        self.last_monitor: dict | None = None
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        scores = super().scores(features)
+        alarmed, self.last_monitor = monitor_stream(self.guard, features, self.threshold, self.seed)
+        scores[alarmed, :self.fallback_index + 1] = np.inf
+        scores[alarmed, self.fallback_index + 1:] = -np.inf
         return scores
 
 

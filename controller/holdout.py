@@ -83,7 +83,7 @@ def run_group(job, arrays, meta, labels: str, group: str, n_cal: int, workdir: P
                by: str = "family") -> dict:
     from controller.evaluate import policy_metrics
     from controller.export import load_checkpoint
-    from controller.guard import Guarded, two_sample_test
+    from controller.guard import Guarded, Monitored, two_sample_test
     from controller.pipeline import train_on_arrays
     from controller.calibrate import calibrate
     from controller.evaluate import separability
@@ -102,8 +102,11 @@ def run_group(job, arrays, meta, labels: str, group: str, n_cal: int, workdir: P
     cal, ev = grp.subset(order[:n_cal]), grp.subset(order[n_cal:])
     policy = deployed_policy(ckpt.net, ckpt.levels, ckpt.record)
     guard = ckpt.guard
-    zero = _metrics(Guarded(policy, guard, ckpt.levels), ckpt.calibration, ev)
+    monitored = Monitored(policy, guard, ckpt.levels)
+    zero = _metrics(monitored, ckpt.calibration, ev)
     zero["flagged_share"] = float(guard.check(ev.features)[0].mean())
+    zero["monitor"] = monitored.last_monitor
+    guard_only = _metrics(Guarded(policy, guard, ckpt.levels), ckpt.calibration, ev)
     zero["two_sample"] = two_sample_test(guard.reference, guard.standardise(ev.features))
     unguarded = _metrics(policy, ckpt.calibration, ev)
     crit = criterion_dict(job.criterion)
@@ -122,21 +125,25 @@ def run_group(job, arrays, meta, labels: str, group: str, n_cal: int, workdir: P
     draws = recalibration_draws(ckpt, policy, grp, n_cal, job, crit, repeats) if repeats else None
     return {"family": group, "by": by, "tasks": sorted(set(grp.tasks)), "n_train_store": int((~held).sum()), "draws": draws,
             "n_calibration": len(cal), "n_evaluated": len(ev), "oracle_compute_saved": oracle,
-            "in_distribution_calibration": ckpt.calibration.to_json(), "zero_shot": zero,
+            "in_distribution_calibration": ckpt.calibration.to_json(), "zero_shot": zero, "zero_shot_guard_only": guard_only,
             "zero_shot_unguarded": unguarded, "recalibrated": recal, "mass_coverage_recalibrated": mass}
 
 
 def table(rows: list[dict], alpha: float) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
-    lines = [f"| held-out {rows[0]['by']} | cal / eval requests | zero shot, guarded: violation / saved / flagged | "
+    lines = [f"| held-out {rows[0]['by']} | cal / eval requests | zero shot, guard + monitor: violation / saved / "
+             "flagged / monitor alarm at request | zero shot, guard only: violation / saved | "
              "zero shot, two-sample p | zero shot, no guard: violation / saved | recalibrated (deployed policy): "
-             "violation (95% CI) / saved / share of oracle | oracle saved |", "|" + "---|" * 7]
+             "violation (95% CI) / saved / share of oracle | oracle saved |", "|" + "---|" * 8]
     for r in rows:
         z, u, c = r["zero_shot"], r["zero_shot_unguarded"], r["recalibrated"]
+        g = r.get("zero_shot_guard_only") or z
+        alarm = (z.get("monitor") or {}).get("alarm_at")
         lo, hi = c["violation_ci95"]
         lines.append(f"| {r['family']} | {r['n_calibration']} / {r['n_evaluated']} | {pct(z['violation_rate'])} / "
-                     f"{pct(z['compute_saved'])} / {pct(z['flagged_share'])} | {z['two_sample']['p_value']:.2g} | "
+                     f"{pct(z['compute_saved'])} / {pct(z['flagged_share'])} / {alarm or 'none'} | "
+                     f"{pct(g['violation_rate'])} / {pct(g['compute_saved'])} | {z['two_sample']['p_value']:.2g} | "
                      f"{pct(u['violation_rate'])} / {pct(u['compute_saved'])} | ({c['policy']}) {pct(c['violation_rate'])} "
                      f"({pct(lo)}-{pct(hi)}) / {pct(c['compute_saved'])} / {pct(c['share_of_oracle'])} | "
                      f"{pct(r['oracle_compute_saved'])} |")

@@ -9,7 +9,11 @@ after the last probe layer the handle computes each row's features with
 for P(safe), applies the calibrated threshold and sets the row levels, so the later (sparse)
 layers of the same forward run at those levels. A request outside the checkpoint's calibrated
 support (its `ShiftGuard`: length range, conformal p-value of its features) runs at the guard's
-fallback level (dense by default) and its `Decision` says `ood=True` and why. Decode and cached continuations stay dense. Any
+fallback level (dense by default) and its `Decision` says `ood=True` and why. The handle's
+`monitor` (`monitor.ShiftMonitor`) bets on the stream of those p-values: once the traffic as a whole
+stops looking exchangeable with the calibration requests, every later request runs at the fallback
+and says so, until `handle.monitor.reset()` or a recalibrated checkpoint. Decode and cached
+continuations stay dense. Any
 failure while deciding a row makes that row dense and is logged, never raised.
 Imports `sparse_kernels`, `data` and `controller` modules below it.
 """
@@ -30,6 +34,7 @@ from data.models import LoadedModel, model_fingerprint
 from sparse_kernels import SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
 
 from .export import ControllerCheckpoint, load_checkpoint
+from .monitor import ShiftMonitor
 from .policies import deployed_policy
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,8 @@ class ControllerHandle:
         self.probe_window, self.backend = rec["probe_window"], rec["backend"]
         self.policy = deployed_policy(ckpt.net, ckpt.levels, ckpt.record)
         self.guard = ckpt.guard   # None: a checkpoint without one (every request is decided by the controller)
+        # the traffic as a whole: once its p-values stop looking exchangeable, every request runs at the fallback
+        self.monitor = ShiftMonitor() if self.guard is not None else None
         self._previous = enable_sparse_attention(model)
         self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                        model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
@@ -137,8 +144,9 @@ class ControllerHandle:
         info[("features", r)] = feats
         if self.guard is not None:
             flagged, p, reasons = self.guard.check(feats[None])
-            if flagged[0]:
-                info[r] = (1.0, reasons[0], True, float(p[0]))
+            alarmed = self.monitor.update(float(p[0]))
+            if flagged[0] or alarmed:
+                info[r] = (1.0, reasons[0] or self.monitor.reason(), True, float(p[0]))
                 return self.guard.fallback
         idx, prob = self.decide(feats[None])
         info[r] = (float(prob[0]), None, False, None if self.guard is None else float(p[0]))

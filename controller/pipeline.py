@@ -26,7 +26,7 @@ from .config import ControllerJobConfig
 from .dataset import LabelArrays, arrays_from_store, split_groups, store_hash
 from .evaluate import alpha_sweep, best_in_hindsight, evaluate_all, reliability, separability
 from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
-from .guard import Guarded, ShiftGuard, exchangeability_words, two_sample_test
+from .guard import Monitored, ShiftGuard, monitor_stream, exchangeability_words, two_sample_test
 from .lit import LabelDataModule, fit_net
 from .policies import (ComputeAware, FixedPolicy, LearnedPolicy, LengthLawPolicy, MassCoveragePolicy, Policy,
                        Named, SklearnPolicy, controller_policy, deployed_policy, recall_columns)
@@ -75,14 +75,14 @@ def resolve_labels(job: ControllerJobConfig) -> str:
 
 def build_policies(net, train: LabelArrays, seed: int, rule: str, guard: ShiftGuard | None = None,
                    deployed: Policy | None = None) -> list[Policy]:
-    """The controller first (behind its shift guard, as the hook runs it), then its variants and the
+    """The controller first (behind its shift guard and stream monitor, as the hook runs it), then its variants and the
     baselines; every P(safe) policy decides with the same rule, so the comparison is of predictors,
     not of decision rules. Only the controller is guarded."""
     levels = train.levels
     same_rule = (lambda p: ComputeAware(p, levels, p.name)) if rule == "compute_aware" else (lambda p: p)
     controller = Named(deployed, "controller") if deployed is not None else controller_policy(net, levels, rule)
     policies = [controller] if guard is None else [
-        Guarded(controller, guard, levels, "controller"), Named(controller, "controller_unguarded")]
+        Monitored(controller, guard, levels, "controller"), Named(controller, "controller_unguarded")]
     policies += [controller_policy(net, levels, rule, hide_task=True, name="controller_unknown_task")]
     if rule == "compute_aware":
         policies.append(controller_policy(net, levels, "threshold", name="controller_plain_threshold"))
@@ -213,8 +213,13 @@ def shift_report(ckpt: ControllerCheckpoint, test: LabelArrays) -> dict:
         return {"words": "This checkpoint has no shift guard (written before guards existed); retrain or recalibrate it."}
     flagged, p, _ = guard.check(test.features)
     two = two_sample_test(guard.reference, guard.standardise(test.features))
+    mon = monitor_stream(guard, test.features)[1]
+    stream = (f" The stream monitor (these requests in a seeded random order) alarmed at request {mon['alarm_at']} of "
+              f"{mon['seen']}: from there on every request ran at the fallback level." if mon["alarm_at"] else
+              f" The stream monitor (these requests in a seeded random order) did not alarm over {mon['seen']} requests "
+              f"(its capital peaked at {mon['peak']:.3g} of the {mon['threshold']:g} that would).")
     return {"flagged_share": float(flagged.mean()), "median_p_value": float(np.median(p)), "two_sample": two,
-            "covered": guard.describe(), "words": exchangeability_words(two, float(flagged.mean()))}
+            "monitor": mon, "covered": guard.describe(), "words": exchangeability_words(two, float(flagged.mean())) + stream}
 
 
 def evaluate_checkpoint(checkpoint: str, out: str, labels: str | None = None, ruler: str | None = None,

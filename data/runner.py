@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from .config import LabelJobConfig
 from .labeling import Labeler, PlannedSample, plan_samples, realize, store_meta
 from .models import LoadedModel, load_model, resolve_dtype
-from .store import LabelStore
+from .store import LabelStore, StoreLock
 from .tasks import Sample
 
 ACCELERATORS = {"auto": "auto", "cpu": "cpu", "cuda": "gpu", "gpu": "gpu"}
@@ -170,10 +170,12 @@ def run_labeling(job: LabelJobConfig, lm: LoadedModel | None = None) -> LabelSto
     lm = lm or load_for_labeling(job)
     plan = plan_samples(job.data)
     meta = store_meta(job, lm, target_device(job))
-    store = LabelStore.open_for_writing(job.labeling.out, meta)
-    writer = ShardWriter(store, job.labeling.shard_size)
-    trainer = make_trainer(job, [writer])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.predict(LabelingModule(lm, job), datamodule=SampleShards(plan, store, lm.tokenizer, job.labeling.loader_workers, job.labeling.batch_samples), return_predictions=False)
+    with StoreLock(job.labeling.out):
+        store = LabelStore.open_for_writing(job.labeling.out, meta)
+        writer = ShardWriter(store, job.labeling.shard_size)
+        trainer = make_trainer(job, [writer])
+        shards = SampleShards(plan, store, lm.tokenizer, job.labeling.loader_workers, job.labeling.batch_samples)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            trainer.predict(LabelingModule(lm, job), datamodule=shards, return_predictions=False)
     return store if trainer.is_global_zero else None

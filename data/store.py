@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -130,6 +132,66 @@ class LabelStore:
             raise UserError(f"{self.root}: {int(dup.sum())} duplicated (sample, level) rows, e.g. "
                             f"{df.loc[dup, 'sample_id'].iloc[0]}; the store was written by overlapping runs")
         return _with_forms(df, self.meta()).sort_values(["sample_id", "level"], kind="stable").reset_index(drop=True)
+
+
+LOCK_FILE = "LOCK"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StoreLock:
+    """One writing run per store: `LOCK` holds the writer's pid, host and start time. A second run
+    is refused with one line; a lock left by a dead process on this host is taken over. Only the
+    launching process (local rank 0 of node 0) takes it; the other ranks of its run write under it."""
+
+    def __init__(self, root: str | Path):
+        self.path = Path(root) / LOCK_FILE
+        self.held = self.created = False
+
+    def __enter__(self) -> "StoreLock":
+        if int(os.environ.get("LOCAL_RANK", 0)) != 0 or int(os.environ.get("NODE_RANK", 0)) != 0:
+            return self
+        self.created = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise UserError(f"{self.path.parent}: could not take the store's lock {self.path}; retry")
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+            pid, host = int(holder["pid"]), str(holder["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            holder, pid, host = {}, -1, socket.gethostname()   # unreadable: a crash while writing it
+        if host == socket.gethostname() and not _pid_alive(pid):
+            self.path.unlink(missing_ok=True)   # its writer is dead
+            return
+        raise UserError(f"label store {self.path.parent} is being written by pid {pid} on {host} since "
+                        f"{holder.get('started', '?')}; wait for that run, or delete {self.path} if it is dead")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+            if self.created and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()   # a run that failed before writing leaves nothing behind
 
 
 def _with_forms(df: pd.DataFrame, meta: dict) -> pd.DataFrame:

@@ -142,3 +142,29 @@ def test_planned_ids_match_generated_samples_and_workers_change_nothing(tiny_lm,
                           [f"labeling.out={tmp_path / 'b'}", "labeling.loader_workers=1"]).label_job()
     pd.testing.assert_frame_equal(run_labeling(workers, tiny_lm).table()[["sample_id", "level", "nll_gold", "answer"]],
                                   base[["sample_id", "level", "nll_gold", "answer"]])
+
+
+def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tiny_lm, tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+    from data.store import LOCK_FILE
+    job = tiny_job(tmp_path / "store")
+    lock = tmp_path / "store" / LOCK_FILE
+    lock.parent.mkdir()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname(), "started": "now"}))
+        with pytest.raises(UserError, match=f"being written by pid {alive.pid}") as e:
+            run_labeling(job, tiny_lm)
+        assert "\n" not in str(e.value) and not (tmp_path / "store" / "shards").exists()
+    finally:
+        alive.kill()
+        alive.wait()
+    lock.write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname(), "started": "then"}))   # now dead
+    df = run_labeling(job, tiny_lm).table()
+    assert len(df) == 4 * len(job.labeling.levels) and not lock.exists()
+    lock.write_text(json.dumps({"pid": 1, "host": "another-host", "started": "x"}))   # cannot tell: refuse
+    with pytest.raises(UserError, match="another-host"):
+        run_labeling(job, tiny_lm)

@@ -1,0 +1,59 @@
+"""The stream monitor: few false alarms on exchangeable streams, quick alarms on shifted ones, and
+the hook running every later request at the fallback once it has alarmed."""
+import numpy as np
+import torch
+
+from controller.guard import monitor_stream
+from controller.hook import attach
+from controller.monitor import ShiftMonitor
+from data.labeling import build_samples
+from data.tasks import prompt_ids
+
+
+def test_false_alarms_stay_near_one_over_the_threshold():
+    rng = np.random.default_rng(11)
+    alarms = [ShiftMonitor(threshold=20).run(rng.uniform(size=400)).any() for _ in range(600)]
+    assert np.mean(alarms) <= 1 / 20 + 0.02   # Ville: at most 1/threshold (+ sampling error)
+    super_uniform = [ShiftMonitor(threshold=20).run(np.sqrt(rng.uniform(size=400))).any() for _ in range(200)]
+    assert np.mean(super_uniform) <= 0.02     # conservative p-values alarm even less
+
+
+def test_small_p_values_alarm_within_a_few_dozen_requests():
+    rng = np.random.default_rng(12)
+    for high in (0.3, 0.5):
+        at = [ShiftMonitor().run(rng.uniform(0, high, size=300)).argmax() + 1 for _ in range(20)]
+        assert max(at) <= 40, (high, at)
+    m = ShiftMonitor()
+    m.run(np.full(50, 0.01))
+    assert m.alarmed and "traffic shift" in m.reason()
+    m.reset()
+    assert not m.alarmed and m.seen == 0 and m.capital == 1.0
+
+
+def test_offline_stream_follows_a_seeded_order(tiny_trained):
+    job, store, ckpt_dir, net, _ = tiny_trained
+    from controller.export import load_checkpoint
+    guard = load_checkpoint(ckpt_dir).guard
+    feats = store.table().query("level == 0")[[c for c in store.table().columns if c.startswith("f_")]].to_numpy()
+    a, state = monitor_stream(guard, feats, seed=3)
+    b, _ = monitor_stream(guard, feats, seed=3)
+    assert np.array_equal(a, b) and state["seen"] == len(feats)
+
+
+def test_hook_runs_every_request_at_the_fallback_after_an_alarm(tiny_lm, tiny_trained):
+    job, _, ckpt, _, _ = tiny_trained
+    sample = build_samples(job.data, tiny_lm.tokenizer)[0]
+    ids = torch.tensor([prompt_ids(tiny_lm.tokenizer, sample, job.data.chat_template)])
+    with attach(tiny_lm, ckpt) as handle:
+        tiny_lm.model(input_ids=ids)
+        before = handle.last_decisions[0]
+        assert handle.monitor.seen == 1 and "traffic shift" not in (before.fallback or "")
+        handle.monitor = ShiftMonitor(threshold=1.0 + 1e-9)   # alarms on any p-value below 1/2
+        handle.monitor.update(0.0)
+        for _ in range(2):
+            tiny_lm.model(input_ids=ids)
+            d = handle.last_decisions[0]
+            assert d.ood and d.level == handle.guard.fallback and "traffic shift" in d.fallback
+        handle.monitor.reset()
+        tiny_lm.model(input_ids=ids)
+        assert handle.last_decisions[0].level == before.level
