@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python train.py --config configs/demo_smollm2.yaml
+	$(BIN)/python train.py --config configs/demo_smollm2.yaml --overwrite
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -x

@@ -7,6 +7,7 @@ prints its safe-fraction table, writes the length finding into the store and pri
 Examples:
   python train.py --config configs/demo_smollm2.yaml                  # committed labels, CPU, minutes
   python train.py --config configs/demo_smollm2.yaml calibration.alpha=0.1 out=runs/a10
+  python train.py --config configs/demo_smollm2.yaml --overwrite      # replace runs/demo/checkpoint
   python train.py --config configs/label_smollm2_gpu.yaml labeling.devices=2   # label on 2 GPUs
 Errors in the input print one line on stderr and exit with code 2.
 """
@@ -24,8 +25,36 @@ from data.errors import UserError
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML file in configs/")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/checkpoint (refused otherwise)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. out=runs/x calibration.alpha=0.1")
     return p.parse_args(argv)
+
+
+def check_out(job: ControllerJobConfig, overwrite: bool) -> None:
+    """Refuse to replace a checkpoint unless asked, before anything is written."""
+    ckpt = Path(job.out) / "checkpoint"
+    if "train" in job.stages and ckpt.exists() and not overwrite:
+        raise UserError(f"{ckpt} exists; pass --overwrite to replace it, or choose another out=DIR")
+    if Path(job.out).is_file():
+        raise UserError(f"out={job.out} is a file; give a folder")
+
+
+def save_resolved_config(job: ControllerJobConfig) -> None:
+    """The config as run (file + overrides + defaults), beside the run's outputs."""
+    import dataclasses
+    import yaml
+    from data.store import write_text_atomic
+    Path(job.out).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(Path(job.out) / "config.resolved.yaml",
+                      yaml.safe_dump(json_ready(dataclasses.asdict(job)), sort_keys=False))
+
+
+def json_ready(obj):
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
 
 
 def label_only(job: ControllerJobConfig) -> str | None:
@@ -47,6 +76,7 @@ def run(job: ControllerJobConfig) -> str | None:
     from controller.pipeline import evaluate_checkpoint, resolve_labels, train_controller
     from dataclasses import replace
     labels = resolve_labels(job)
+    save_resolved_config(job)
     checkpoint = train_controller(replace(job, labels=labels)).checkpoint
     print(f"checkpoint: {checkpoint}")
     if "evaluate" not in job.stages:
@@ -59,7 +89,9 @@ def run(job: ControllerJobConfig) -> str | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        result = run(load_config(ControllerJobConfig, args.config, args.overrides))
+        job = load_config(ControllerJobConfig, args.config, args.overrides)
+        check_out(job, args.overwrite)
+        result = run(job)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

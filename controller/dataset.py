@@ -17,7 +17,7 @@ import pandas as pd
 
 from data.errors import UserError
 from data.features import FEATURE_NAMES, FEATURE_VERSION
-from data.store import LabelStore, apply_criterion, criterion_dict, missing_outputs
+from data.store import LabelStore, apply_criterion, criterion_dict, describe_criterion, missing_outputs
 
 SPLITS = ("train", "val", "calibration", "test")
 
@@ -129,3 +129,10 @@ def split_groups(groups: np.ndarray, fractions: tuple[float, float, float], seed
                   for g in groups])
     which = np.searchsorted(edges, u, side="right")
     return {name: np.flatnonzero(which == i) for i, name in enumerate(SPLITS)}
+
+
+def requests_summary(cal: LabelArrays, criterion: dict) -> dict:
+    """What a record says about the requests a checkpoint was calibrated on."""
+    return {"requests": len(cal), "criterion": criterion, "criterion_text": describe_criterion(criterion),
+            "tokens": [int(cal.n_tokens.min()), int(cal.n_tokens.max())],
+            "tasks": {str(t): int(c) for t, c in zip(*np.unique(cal.tasks, return_counts=True))}}

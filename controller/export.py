@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from data.errors import UserError
 from data.features import FEATURE_NAMES, FEATURE_VERSION

@@ -126,6 +126,11 @@ class ShiftGuard:
                 reasons.append(None)
         return np.array([r is not None for r in reasons]), p, reasons
 
+    def monitor(self, threshold: float = 100.0) -> ShiftMonitor:
+        """A fresh stream monitor for this guard: the martingale over its p-values, and windows of raw
+        request features tested against its calibration requests."""
+        return ShiftMonitor(threshold, window_test=lambda feats: two_sample_test(self.reference, self.standardise(feats))["p_value"])
+
     def describe(self) -> str:
         return (f"requests of {self.min_tokens}-{self.max_tokens} tokens whose features are within the calibration "
                 f"requests' support (k = {self.k} nearest-neighbour conformal p-value >= {self.p_min:g}); others run "
@@ -178,9 +183,10 @@ def monitor_stream(guard: ShiftGuard, features: np.ndarray, threshold: float = 1
     """The rows of `features` as one stream in a seeded random order through a fresh `ShiftMonitor`:
     ([n] bool, whether it had alarmed by each row's turn; the monitor's final state)."""
     order = np.random.default_rng(seed).permutation(len(features))
-    monitor = ShiftMonitor(threshold)
+    monitor = guard.monitor(threshold)
     out = np.zeros(len(features), dtype=bool)
-    out[order] = monitor.run(guard.p_values(np.asarray(features)[order]))
+    x = np.asarray(features)[order]
+    out[order] = monitor.run(guard.p_values(x), x)
     return out, monitor.to_json()
 
 

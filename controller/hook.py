@@ -10,9 +10,10 @@ for P(safe), applies the calibrated threshold and sets the row levels, so the la
 layers of the same forward run at those levels. A request outside the checkpoint's calibrated
 support (its `ShiftGuard`: length range, conformal p-value of its features) runs at the guard's
 fallback level (dense by default) and its `Decision` says `ood=True` and why. The handle's
-`monitor` (`monitor.ShiftMonitor`) bets on the stream of those p-values: once the traffic as a whole
-stops looking exchangeable with the calibration requests, every later request runs at the fallback
-and says so, until `handle.monitor.reset()` or a recalibrated checkpoint. Decode and cached
+`monitor` (`monitor.ShiftMonitor`) bets on the stream of those p-values and tests every 100
+requests' features against the calibration requests (on its own worker thread): once the traffic as
+a whole stops looking exchangeable with the calibration requests, every later request runs at the
+fallback and says so, until `handle.monitor.reset()` or a recalibrated checkpoint. Decode and cached
 continuations stay dense. Any
 failure while deciding a row makes that row dense and is logged, never raised.
 Imports `sparse_kernels`, `data` and `controller` modules below it.
@@ -34,7 +35,6 @@ from data.models import LoadedModel, model_fingerprint
 from sparse_kernels import SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
 
 from .export import ControllerCheckpoint, load_checkpoint
-from .monitor import ShiftMonitor
 from .policies import deployed_policy
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,14 @@ class ControllerHandle:
         self.policy = deployed_policy(ckpt.net, ckpt.levels, ckpt.record)
         self.guard = ckpt.guard   # None: a checkpoint without one (every request is decided by the controller)
         # the traffic as a whole: once its p-values stop looking exchangeable, every request runs at the fallback
-        self.monitor = ShiftMonitor() if self.guard is not None else None
+        self.monitor = self.guard.monitor() if self.guard is not None else None
         self._previous = enable_sparse_attention(model)
         self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                        model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
         self._active = None   # (context manager, plan, collector, rows, info, text futures) during a prefill
         # the token-id statistics need only the ids: a worker computes them while the probe layers run
         self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-features")
+        self._monitor_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-monitor")
 
     # ---------------------------------------------------------------- public
     def detach(self) -> None:
@@ -94,6 +95,7 @@ class ControllerHandle:
             h.remove()
         self._hooks = []
         self._text_worker.shutdown(wait=False, cancel_futures=True)
+        self._monitor_worker.shutdown(wait=False, cancel_futures=True)
         disable_sparse_attention(self.model, self._previous)
 
     def __enter__(self) -> "ControllerHandle":
@@ -145,6 +147,9 @@ class ControllerHandle:
         if self.guard is not None:
             flagged, p, reasons = self.guard.check(feats[None])
             alarmed = self.monitor.update(float(p[0]))
+            window = self.monitor.add_features(feats)
+            if window is not None:   # the two-sample test runs on the worker thread, off the request path
+                self._monitor_worker.submit(self.monitor.test_window, window)
             if flagged[0] or alarmed:
                 info[r] = (1.0, reasons[0] or self.monitor.reason(), True, float(p[0]))
                 return self.guard.fallback

@@ -13,7 +13,16 @@ retrain", 2021): a jumper mixture of the betting functions f_e(p) = 1 + e (p - 1
 under exchangeability, so by Ville's inequality it ever reaches `threshold` with probability at
 most 1 / threshold (default 100: a false alarm on 1% of exchangeable streams, over the whole
 stream). Once it has, every later request runs at the guard's fallback level (dense) and says why,
-until `reset()` (a recalibrated checkpoint starts a new monitor). Thread-safe. Imports numpy only.
+until `reset()` (a recalibrated checkpoint starts a new monitor).
+
+The martingale sees only how far each request is from its nearest calibration requests. Traffic
+that concentrates on one part of the calibration distribution (the held-out vt family: p-values
+no smaller than uniform, yet a classifier tells it from the calibration requests at p = 7e-41) passes
+it. So every `window` requests' features are also tested against the calibration requests with a
+classifier two-sample test (`guard.two_sample_test`, given as `window_test`); the j-th window at
+level `window_level` * 6 / (pi^2 j^2), so all windows together alarm falsely with probability at
+most `window_level`. Both tests together: at most 1 / threshold + window_level (2% by default).
+Thread-safe. Imports numpy only.
 """
 from __future__ import annotations
 
@@ -26,10 +35,12 @@ BETS = (0.0, -0.5, -1.0)
 
 
 class ShiftMonitor:
-    def __init__(self, threshold: float = 100.0, jump: float = 0.01):
-        if not threshold > 1 or not 0 <= jump <= 1:
-            raise ValueError("ShiftMonitor needs threshold > 1 and 0 <= jump <= 1")
-        self.threshold, self.jump = threshold, jump
+    def __init__(self, threshold: float = 100.0, jump: float = 0.01, window: int = 100, window_level: float = 0.01,
+                 window_test=None):
+        if not threshold > 1 or not 0 <= jump <= 1 or window < 8 or not 0 < window_level < 1:
+            raise ValueError("ShiftMonitor needs threshold > 1, 0 <= jump <= 1, window >= 8, 0 < window_level < 1")
+        self.threshold, self.jump, self.window, self.window_level = threshold, jump, window, window_level
+        self.window_test = window_test   # features [window, F] -> p-value; None: the martingale only
         self._lock = threading.Lock()
         self.reset()
 
@@ -38,7 +49,10 @@ class ShiftMonitor:
             self._capital = np.full(len(BETS), 1.0 / len(BETS))
             self.seen = 0
             self.alarm_at: int | None = None
+            self.alarm_by = ""
             self.peak = 1.0
+            self._buffer: list[np.ndarray] = []
+            self.windows: list[float] = []   # each tested window's p-value
 
     @property
     def capital(self) -> float:
@@ -58,18 +72,52 @@ class ShiftMonitor:
             self.seen += 1
             self.peak = max(self.peak, float(self._capital.sum()))
             if self.alarm_at is None and self._capital.sum() >= self.threshold:
-                self.alarm_at = self.seen
+                self.alarm_at, self.alarm_by = self.seen, "martingale"
             return self.alarm_at is not None
 
-    def reason(self) -> str:
-        return (f"traffic shift: the guard's p-values of the last {self.alarm_at} requests are not exchangeable with "
-                f"the calibration requests (test martingale reached {self.threshold:g}); running at the fallback "
-                "level until recalibrated (calibrate.py) or reset")
+    def add_features(self, features: np.ndarray) -> np.ndarray | None:
+        """Buffer one request's features; returns a full window to test (and starts a new one), else None."""
+        if self.window_test is None:
+            return None
+        with self._lock:
+            self._buffer.append(np.asarray(features, dtype=np.float64).ravel())
+            if len(self._buffer) < self.window:
+                return None
+            full, self._buffer = np.stack(self._buffer), []
+            return full
 
-    def run(self, p_values: np.ndarray) -> np.ndarray:
-        """[n] bool: alarmed after each p-value of a stream, in order (for offline evaluation)."""
-        return np.array([self.update(p) for p in np.asarray(p_values, dtype=np.float64)], dtype=bool)
+    def test_window(self, features: np.ndarray) -> bool:
+        """Run the two-sample test on one window (the hook does this off the request path); True on alarm."""
+        p = float(self.window_test(features))
+        with self._lock:
+            self.windows.append(p)
+            j = len(self.windows)
+            if self.alarm_at is None and p < self.window_level * 6 / (math.pi ** 2 * j ** 2):
+                self.alarm_at, self.alarm_by = self.seen, f"two-sample test of window {j} (p = {p:.2g})"
+            return self.alarm_at is not None
+
+    def observe(self, p_value: float, features: np.ndarray | None = None) -> bool:
+        """Both tests, synchronously (offline evaluation): True when alarmed."""
+        alarmed = self.update(p_value)
+        full = self.add_features(features) if features is not None else None
+        if full is not None:
+            alarmed = self.test_window(full) or alarmed
+        return alarmed
+
+    def reason(self) -> str:
+        what = ("the guard's p-values are not exchangeable with the calibration requests' (test martingale "
+                f"reached {self.threshold:g})" if self.alarm_by == "martingale" else
+                f"recent requests differ from the calibration requests ({self.alarm_by})")
+        return (f"traffic shift detected after {self.alarm_at} requests: {what}; running at the fallback level "
+                "until recalibrated on this traffic (calibrate.py) or reset")
+
+    def run(self, p_values: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """[n] bool: alarmed after each request of a stream, in order (for offline evaluation)."""
+        p_values = np.asarray(p_values, dtype=np.float64)
+        return np.array([self.observe(p, None if features is None else features[i]) for i, p in enumerate(p_values)],
+                        dtype=bool)
 
     def to_json(self) -> dict:
         return {"threshold": self.threshold, "jump": self.jump, "seen": self.seen, "alarm_at": self.alarm_at,
-                "capital": self.capital, "peak": self.peak}
+                "alarm_by": self.alarm_by, "capital": self.capital, "peak": self.peak, "window": self.window,
+                "window_level": self.window_level, "window_p_values": list(self.windows)}

@@ -23,14 +23,13 @@ from data.store import criterion_dict, describe_criterion
 
 from .calibrate import calibrate
 from .config import ControllerJobConfig
-from .dataset import LabelArrays, arrays_from_store, split_groups, store_hash
+from .dataset import LabelArrays, arrays_from_store, requests_summary, split_groups, store_hash
 from .evaluate import alpha_sweep, best_in_hindsight, evaluate_all, reliability, separability
 from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
 from .guard import Monitored, ShiftGuard, monitor_stream, exchangeability_words, two_sample_test
 from .lit import LabelDataModule, fit_net
 from .policies import (ComputeAware, FixedPolicy, LearnedPolicy, LengthLawPolicy, MassCoveragePolicy, Policy,
                        Named, SklearnPolicy, controller_policy, deployed_policy, recall_columns)
-from .recalibrate import requests_summary
 from .report import why_short, write_report
 
 
@@ -217,7 +216,9 @@ def shift_report(ckpt: ControllerCheckpoint, test: LabelArrays) -> dict:
     stream = (f" The stream monitor (these requests in a seeded random order) alarmed at request {mon['alarm_at']} of "
               f"{mon['seen']}: from there on every request ran at the fallback level." if mon["alarm_at"] else
               f" The stream monitor (these requests in a seeded random order) did not alarm over {mon['seen']} requests "
-              f"(its capital peaked at {mon['peak']:.3g} of the {mon['threshold']:g} that would).")
+              f"(its martingale peaked at {mon['peak']:.3g} of the {mon['threshold']:g} that would alarm; "
+              f"{len(mon['window_p_values'])} windows of {mon['window']} requests tested against the calibration "
+              f"requests, smallest p = {min(mon['window_p_values'], default=float('nan')):.2g}).")
     return {"flagged_share": float(flagged.mean()), "median_p_value": float(np.median(p)), "two_sample": two,
             "monitor": mon, "covered": guard.describe(), "words": exchangeability_words(two, float(flagged.mean())) + stream}
 

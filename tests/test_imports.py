@@ -42,3 +42,39 @@ def test_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "m.py"
     bad.write_text("from controller.net import X\nimport data.store\n")
     assert imported_roots(bad) == {"controller", "data"}
+
+
+def module_imports(path: Path) -> set[str]:
+    """Project modules that `path` imports anywhere (function-level too), relative imports resolved."""
+    name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    package = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".")[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def test_there_is_no_import_circle_between_project_modules():
+    files = [f for p in FORBIDDEN for f in (ROOT / p).rglob("*.py")]
+    names = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f for f in files}
+    graph = {n: {m for m in module_imports(f) if m in names and m != n and not n.startswith(m + ".")}
+             for n, f in names.items()}
+    state: dict[str, int] = {}
+
+    def visit(n, stack):
+        state[n] = 1
+        for m in graph[n]:
+            if state.get(m) == 1:
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(m):] + [m]))
+            if m not in state:
+                visit(m, stack + [m])
+        state[n] = 2
+    for n in sorted(graph):
+        if n not in state:
+            visit(n, [n])

@@ -57,3 +57,22 @@ def test_hook_runs_every_request_at_the_fallback_after_an_alarm(tiny_lm, tiny_tr
         handle.monitor.reset()
         tiny_lm.model(input_ids=ids)
         assert handle.last_decisions[0].level == before.level
+
+
+def test_a_window_of_concentrated_traffic_alarms_and_exchangeable_windows_do_not():
+    from controller.guard import two_sample_test
+    rng = np.random.default_rng(13)
+    reference = rng.normal(size=(600, 4))
+
+    def monitor():
+        return ShiftMonitor(window=50, window_test=lambda f: two_sample_test(reference, f)["p_value"])
+    # one mode of the reference distribution: every p-value looks ordinary, the window does not
+    mode = reference[reference[:, 0] > 0.8][:50] + rng.normal(scale=0.05, size=(50, 4))
+    m = monitor()
+    assert m.run(np.full(50, 0.6), mode)[-1] and "window 1" in m.alarm_by and "recent requests differ" in m.reason()
+    false = 0
+    for _ in range(5):
+        m = monitor()
+        false += m.run(rng.uniform(size=150), rng.normal(size=(150, 4))).any()
+        assert len(m.windows) == 3
+    assert false == 0
