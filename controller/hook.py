@@ -21,6 +21,7 @@ Imports `sparse_kernels`, `data` and `controller` modules below it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,9 +69,8 @@ def check_model(model, ckpt: ControllerCheckpoint, strict: bool = True) -> None:
 class ControllerHandle:
     def __init__(self, model, ckpt: ControllerCheckpoint, task: str | list[str] | None):
         self.model, self.ckpt, self.task = model, ckpt, task
-        self.last_decisions: list[Decision] = []
-        self.last_features: list[np.ndarray | None] = []   # per row of the last prefill, as decided on
-        self.last_decision_seconds = 0.0   # features + controller for the last prefill (all rows)
+        # per thread: concurrent generate() calls on one model each get their own plan and decisions
+        self._local = threading.local()
         self.force_level: float | None = None   # benchmarks: run this level, still computing the decision
         rec = ckpt.record["sparse"]
         self.selection = SelectionSpec(method=rec["method"], block_size=rec["block_size"], sink_blocks=rec["sink_blocks"],
@@ -84,12 +84,40 @@ class ControllerHandle:
         self._previous = enable_sparse_attention(model)
         self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                        model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
-        self._active = None   # (context manager, plan, collector, rows, info, text futures) during a prefill
         # the token-id statistics need only the ids: a worker computes them while the probe layers run
         self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-features")
         self._monitor_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-monitor")
 
     # ---------------------------------------------------------------- public
+    @property
+    def last_decisions(self) -> list[Decision]:
+        """This thread's decisions of its last fresh prefill (one per row)."""
+        return getattr(self._local, "decisions", [])
+
+    @property
+    def last_features(self) -> list[np.ndarray | None]:
+        """This thread's feature vectors of its last prefill, per row, as decided on."""
+        return getattr(self._local, "features", [])
+
+    @property
+    def last_decision_seconds(self) -> float:
+        """Features + controller for this thread's last prefill (all rows)."""
+        return getattr(self._local, "seconds", 0.0)
+
+    @property
+    def _active(self):
+        """(context manager, plan, collector, rows, info, text futures) during this thread's prefill."""
+        return getattr(self._local, "active", None)
+
+    @_active.setter
+    def _active(self, value) -> None:
+        self._local.active = value
+
+    def _record(self, decisions: list[Decision], features: list, seconds: float | None = None) -> None:
+        self._local.decisions, self._local.features = decisions, features
+        if seconds is not None:
+            self._local.seconds = seconds
+
     def detach(self) -> None:
         for h in self._hooks:
             h.remove()
@@ -121,12 +149,33 @@ class ControllerHandle:
         return self.task[row] if isinstance(self.task, (list, tuple)) else self.task
 
     def _before(self, module, args, kwargs):
+        try:
+            self._start_prefill(args, kwargs)
+        except Exception as e:  # noqa: BLE001 - the hook never raises into the caller: this call runs dense
+            log.warning("controller could not start (%s: %s); running this call dense", type(e).__name__, e)
+            self._active = None
+        return None
+
+    def _dense_call(self, rows: int, why: str) -> None:
+        self._record([Decision(0.0, 1.0, 0.0, why) for _ in range(rows)], [None] * rows)
+
+    def _start_prefill(self, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         fresh = cache is None or cache.get_seq_length() == 0
-        if ids is None or ids.dim() != 2 or ids.shape[1] < 2 or not fresh:
+        if not fresh:
+            return None   # decoding or a cached continuation: dense, and the prefill's decisions stay
+        if ids is None:
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is not None and embeds.dim() == 3 and embeds.shape[1] > 1:
+                self._dense_call(embeds.shape[0], "inputs_embeds without input_ids: no token features; ran dense")
+            return None
+        if ids.dim() != 2 or ids.shape[1] < 2:
             return None
         mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            self._dense_call(ids.shape[0], f"{mask.dim()}-D attention mask: rows cannot be told apart; ran dense")
+            return None
         rows = [ids[r][mask[r].bool()] if mask is not None else ids[r] for r in range(ids.shape[0])]
         collector = ProbeCollector()
         plan = SparsePlan(levels=None, selection=self.selection, dense_layers=self.dense_layers, backend=self.backend,
@@ -137,7 +186,6 @@ class ControllerHandle:
         rows = [r.cpu().numpy() for r in rows]
         text = [self._text_worker.submit(text_statistics, ids) for ids in rows]
         self._active = (ctx, plan, collector, rows, {}, text)
-        return None
 
     def _decide_row(self, r: int, ids: np.ndarray, pooled: dict, text_stats: dict, info: dict) -> float:
         """The level of one request: the calibrated decision, or the guard's fallback when the
@@ -173,8 +221,14 @@ class ControllerHandle:
                 info[r] = (1.0, f"{type(e).__name__}: {e}", False, None)
         if self.force_level is not None:
             levels[:] = self.force_level
-        self.last_decision_seconds = time.perf_counter() - start
-        plan.set_levels(torch.from_numpy(levels))
+        self._local.seconds = time.perf_counter() - start
+        try:
+            plan.set_levels(torch.from_numpy(levels))
+        except Exception as e:  # noqa: BLE001 - e.g. a level the plan refuses: every row runs dense
+            log.warning("controller levels refused (%s: %s); running this call dense", type(e).__name__, e)
+            for r in range(len(rows)):
+                info[r] = (1.0, f"{type(e).__name__}: {e}", False, None)
+            plan.set_levels(torch.zeros(len(rows), dtype=torch.float64))
 
     def _after(self, module, args, kwargs, output):
         if self._active is None:
@@ -189,8 +243,7 @@ class ControllerHandle:
             prob, fallback, ood, p_value = info.get(r, (1.0, "no probe layer ran", False, None))
             decisions.append(Decision(float(levels[r]), prob, float(achieved[r]) if r < len(achieved) else 0.0,
                                       fallback, ood, p_value))
-        self.last_decisions = decisions
-        self.last_features = [info.get(("features", r)) for r in range(len(rows))]
+        self._record(decisions, [info.get(("features", r)) for r in range(len(rows))])
         return None
 
 

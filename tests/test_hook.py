@@ -143,3 +143,71 @@ def test_eval_bad_input_is_one_line_exit_2(tiny_trained, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and needle in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_threads_inputs_embeds_4d_masks_and_detach_never_raise(tiny_lm, tiny_trained):
+    """Concurrent generate calls get their own decisions; calls the hook cannot judge run dense and
+    say why; after detach the model is plain."""
+    import threading
+    job, _, ckpt, _, _ = tiny_trained
+    model = tiny_lm.model
+    prompts = [_prompt(job, tiny_lm.tokenizer, i)[1] for i in (0, 3)]
+    with attach(tiny_lm, ckpt) as handle:
+        alone = []
+        for ids in prompts:
+            model(input_ids=ids)
+            alone.append(handle.last_decisions[0].level)
+        seen, errors = {}, []
+
+        def worker(i):
+            try:
+                for _ in range(3):
+                    model.generate(prompts[i], max_new_tokens=3, do_sample=False)
+                    seen.setdefault(i, []).append(handle.last_decisions[0].level)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and seen == {0: [alone[0]] * 3, 1: [alone[1]] * 3}
+        ids = prompts[0]
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(ids)
+            out = model(inputs_embeds=embeds).logits
+        d = handle.last_decisions[0]
+        assert d.level == 0.0 and "inputs_embeds" in d.fallback
+        n = ids.shape[1]
+        mask4 = torch.zeros(1, 1, n, n).masked_fill(torch.ones(n, n).triu(1).bool(), float("-inf"))
+        model(input_ids=ids, attention_mask=mask4)
+        assert handle.last_decisions[0].level == 0.0 and "4-D attention mask" in handle.last_decisions[0].fallback
+    plain = model(inputs_embeds=embeds).logits
+    assert torch.allclose(out, plain, atol=1e-5)
+
+
+def test_memory_stays_flat_over_300_hooked_calls(tiny_lm, tiny_trained):
+    """Resident memory and live Python objects after 300 more calls: no per-call leak."""
+    import gc
+    job, _, ckpt, _, _ = tiny_trained
+    ids = _prompt(job, tiny_lm.tokenizer, 1)[1]
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    import scipy.stats  # noqa: F401  (first use imports them: not a leak)
+    import sklearn.ensemble  # noqa: F401
+    with attach(tiny_lm, ckpt) as handle, torch.no_grad():
+        for _ in range(120):   # past the monitor's first window test
+            tiny_lm.model(input_ids=ids)
+        handle._monitor_worker.submit(lambda: None).result()
+        gc.collect()
+        mem, objects = rss(), len(gc.get_objects())
+        for _ in range(300):
+            tiny_lm.model(input_ids=ids)
+        handle._monitor_worker.submit(lambda: None).result()
+        gc.collect()
+        grown_mem, grown_objects = rss() - mem, len(gc.get_objects()) - objects
+    assert grown_objects < 2000, f"{grown_objects} more live Python objects after 300 calls"
+    assert grown_mem < 24 * 2 ** 20, f"resident memory grew by {grown_mem / 2 ** 20:.1f} MiB over 300 calls"
