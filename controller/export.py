@@ -87,6 +87,54 @@ def _read_record(path: Path) -> dict:
     return record
 
 
+REQUIRED_KEYS = ("grid", "sparse", "label_store", "model", "alpha", "delta", "split", "decision", "criterion",
+                 "net", "calibration")
+
+
+def _check_number(value, name: str, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < float(value) < hi:
+        raise ValueError(f"{name} must be a number in ({lo:g}, {hi:g}), got {value!r}")
+
+
+def validate_record(record: dict) -> None:
+    """Every key a checkpoint needs, with its type and range (ValueError naming the first bad one)."""
+    from sparse_kernels import BACKEND_CHOICES, METHODS
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"{RECORD_FILE} lacks {', '.join(missing)}")
+    grid = record["grid"]
+    if not isinstance(grid, list) or len(grid) < 2 or any(isinstance(g, bool) or not isinstance(g, (int, float)) for g in grid):
+        raise ValueError("grid must be a list of at least 2 numbers")
+    if grid[0] != 0 or any(not (0 <= g < 1) for g in grid) or any(b <= a for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"grid must start at 0, lie in [0, 1) and increase strictly, got {grid}")
+    sp = record["sparse"]
+    if not isinstance(sp, dict) or sp.get("method") not in METHODS or sp.get("backend") not in BACKEND_CHOICES:
+        raise ValueError(f"sparse.method must be one of {sorted(METHODS)} and sparse.backend one of {list(BACKEND_CHOICES)}")
+    ints = ("block_size", "sink_blocks", "local_blocks", "last_queries", "probe_window")
+    if any(isinstance(sp.get(k), bool) or not isinstance(sp.get(k), int) or sp[k] < (1 if k == "block_size" else 0)
+           for k in ints):
+        raise ValueError(f"sparse.{'/'.join(ints)} must be non-negative integers (block_size >= 1)")
+    for k in ("dense_layers", "probe_layers"):
+        if not isinstance(sp.get(k), list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in sp[k]):
+            raise ValueError(f"sparse.{k} must be a list of layer indices")
+    _check_number(record["alpha"], "alpha", 0, 1)
+    _check_number(record["delta"], "delta", 0, 1)
+    if not isinstance(record["net"], dict) or not isinstance(record["calibration"], dict):
+        raise ValueError("net and calibration must be mappings")
+
+
+def _check_weights(tensors: dict) -> None:
+    import torch
+    for name, t in tensors.items():
+        if t.dtype != torch.float32:
+            raise ValueError(f"weight {name} is {t.dtype}, expected float32")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"weight {name} holds NaN or infinite values")
+    std = tensors.get("feature_std")
+    if std is not None and not (std > 0).all():
+        raise ValueError("feature_std must be positive")
+
+
 def load_checkpoint(path: str | Path) -> ControllerCheckpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -96,9 +144,12 @@ def load_checkpoint(path: str | Path) -> ControllerCheckpoint:
                         "make one with train.py")
     record = _read_record(path)
     try:
+        validate_record(record)
         cfg = record["net"]
         net = SafetyNet(cfg["n_features"], cfg["n_sparse_levels"], cfg["hidden"], cfg["depth"], cfg["dropout"])
-        net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+        tensors = load_file(str(path / WEIGHTS_FILE))
+        _check_weights(tensors)
+        net.load_state_dict(tensors, strict=True)
         Calibration.from_json(record["calibration"])
         ControllerCheckpoint(net, record).guard
         from .policies import deployed_policy

@@ -201,7 +201,11 @@ def evaluated_arrays(ckpt: ControllerCheckpoint, out: Path, criterion: dict, lab
         data = DataConfig(tasks=(), ruler=(ruler,) if ruler else (), prompts=(prompts,) if prompts else ())
         root = label_requests(ckpt, data, out / "labels", criterion)
         return arrays_from_store(root, criterion)[0], f"{'RULER files ' + ruler if ruler else 'prompts ' + prompts} (all requests)"
-    store_arrays, _ = arrays_from_store(labels, criterion)
+    store_arrays, meta = arrays_from_store(labels, criterion)
+    ident, rec = meta["identity"], ckpt.record
+    if ident.get("sparse") != rec["sparse"] or [float(x) for x in ident.get("levels", [])] != [float(x) for x in rec["grid"]]:
+        raise UserError(f"label store {labels} was made with other sparse settings or grid than checkpoint "
+                        f"{rec.get('label_store', {}).get('path', '?')}'s; evaluate it on a store made like its own")
     return store_arrays.subset(_splits(store_arrays, ckpt.record["split"])["test"]), f"label store {labels}, test split"
 
 

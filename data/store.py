@@ -71,7 +71,14 @@ class LabelStore:
     def meta(self) -> dict:
         if not self.meta_path.is_file():
             raise UserError(f"{self.root} is not a label store (no {META_FILE}); run labeling first")
-        return json.loads(self.meta_path.read_text())
+        try:
+            meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{self.meta_path} is corrupt ({type(e).__name__}); restore it from version control "
+                            "or relabel into a new folder") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("identity"), dict) or "criterion" not in meta:
+            raise UserError(f"{self.meta_path} lacks the store's identity or criterion; restore it or relabel")
+        return meta
 
     @classmethod
     def open_for_writing(cls, root: str | Path, meta: dict, rank: int = 0) -> "LabelStore":
@@ -100,7 +107,7 @@ class LabelStore:
     def done_ids(self) -> set[str]:
         done: set[str] = set()
         for f in self.shards():
-            done.update(pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist())
+            done.update(_read_shard(f, ["sample_id"]).column("sample_id").to_pylist())
         return done
 
     def write_shard(self, records: list[dict], rank: int = 0) -> Path:
@@ -126,7 +133,7 @@ class LabelStore:
         shards = self.shards()
         if not shards:
             raise UserError(f"{self.root} has no labeled samples yet")
-        df = pd.concat([pq.read_table(f).to_pandas() for f in shards], ignore_index=True)
+        df = pd.concat([_read_shard(f).to_pandas() for f in shards], ignore_index=True)
         dup = df.duplicated(["sample_id", "level"])
         if dup.any():
             raise UserError(f"{self.root}: {int(dup.sum())} duplicated (sample, level) rows, e.g. "
@@ -135,6 +142,16 @@ class LabelStore:
 
 
 LOCK_FILE = "LOCK"
+
+
+def _read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One shard, or a UserError naming it (labeling refuses a store with a corrupt shard rather than
+    guessing which rows it held)."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"shard {path} is corrupt ({type(e).__name__}); delete it and rerun labeling, which "
+                        "relabels its samples") from None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,0 +1,99 @@
+"""A corrupt or tampered checkpoint is refused at load with one line, never accepted silently."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from controller.export import RECORD_FILE, WEIGHTS_FILE, load_checkpoint
+from data.errors import UserError
+
+RECORD_CASES = [
+    ("missing grid", lambda r: r.pop("grid"), "lacks grid"),
+    ("missing criterion", lambda r: r.pop("criterion"), "lacks criterion"),
+    ("missing label_store", lambda r: r.pop("label_store"), "lacks label_store"),
+    ("missing decision", lambda r: r.pop("decision"), "lacks decision"),
+    ("NaN in grid", lambda r: r["grid"].__setitem__(1, float("nan")), "grid"),
+    ("grid level 1", lambda r: r["grid"].__setitem__(-1, 1.0), "grid"),
+    ("grid not increasing", lambda r: r["grid"].reverse(), "grid"),
+    ("grid of strings", lambda r: r.__setitem__("grid", ["0", "0.5"]), "grid"),
+    ("bad sparse method", lambda r: r["sparse"].__setitem__("method", "magic"), "sparse.method"),
+    ("bad backend", lambda r: r["sparse"].__setitem__("backend", "gpu9"), "sparse.backend"),
+    ("negative block", lambda r: r["sparse"].__setitem__("block_size", -64), "sparse."),
+    ("alpha 2", lambda r: r.__setitem__("alpha", 2.0), "alpha"),
+    ("delta NaN", lambda r: r.__setitem__("delta", float("nan")), "delta"),
+    ("layers not a list", lambda r: r["sparse"].__setitem__("dense_layers", "0,1"), "dense_layers"),
+]
+
+WEIGHT_CASES = [
+    ("NaN weight", lambda w: w[next(k for k in w if "weight" in k)].fill_(float("nan")), "NaN"),
+    ("float64 weight", lambda w: w.__setitem__(next(k for k in w if "weight" in k), w[next(k for k in w if "weight" in k)].double()), "float32"),
+    ("missing normalisation", lambda w: w.pop("feature_mean"), "corrupt"),
+    ("zero std", lambda w: w["feature_std"].zero_(), "feature_std"),
+]
+
+
+def _copy(tiny_trained, tmp_path):
+    ckpt = tiny_trained[2]
+    out = tmp_path / "ckpt"
+    shutil.copytree(ckpt, out)
+    return out
+
+
+@pytest.mark.parametrize("name,edit,words", RECORD_CASES, ids=[c[0] for c in RECORD_CASES])
+def test_a_tampered_record_is_refused_in_one_line(tiny_trained, tmp_path, name, edit, words):
+    out = _copy(tiny_trained, tmp_path)
+    record = json.loads((out / RECORD_FILE).read_text())
+    edit(record)
+    (out / RECORD_FILE).write_text(json.dumps(record))
+    with pytest.raises(UserError, match=words) as e:
+        load_checkpoint(out)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name,edit,words", WEIGHT_CASES, ids=[c[0] for c in WEIGHT_CASES])
+def test_tampered_weights_are_refused_in_one_line(tiny_trained, tmp_path, name, edit, words):
+    from safetensors.torch import load_file, save_file
+    out = _copy(tiny_trained, tmp_path)
+    weights = load_file(str(out / WEIGHTS_FILE))
+    edit(weights)
+    save_file(weights, str(out / WEIGHTS_FILE))
+    with pytest.raises(UserError, match=words) as e:
+        load_checkpoint(out)
+    assert "\n" not in str(e.value)
+
+
+def test_the_untampered_copy_loads(tiny_trained, tmp_path):
+    ck = load_checkpoint(_copy(tiny_trained, tmp_path))
+    assert torch.isfinite(ck.net.feature_std).all()
+
+
+def test_corrupt_store_files_are_named_in_one_line(tiny_trained, tmp_path, capsys):
+    from data.store import LabelStore
+    store = tiny_trained[1]
+    copy = tmp_path / "store"
+    shutil.copytree(store.root, copy)
+    shard = sorted((copy / "shards").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[: len(shard.read_bytes()) // 2])   # truncated
+    for call in (lambda: LabelStore(copy).table(), lambda: LabelStore(copy).done_ids()):
+        with pytest.raises(UserError, match=shard.name) as e:
+            call()
+        assert "\n" not in str(e.value) and "delete it" in str(e.value)
+    (copy / "meta.json").write_text("{not json")
+    with pytest.raises(UserError, match="meta.json is corrupt"):
+        LabelStore(copy).meta()
+
+
+def test_eval_refuses_a_store_made_with_other_sparse_settings(tiny_lm, tiny_trained, tmp_path, capsys):
+    import eval as eval_cli
+    from controller.config import ControllerJobConfig
+    from data.config import load_config
+    from data.runner import run_labeling
+    job = load_config(ControllerJobConfig, "configs/test_tiny.yaml",
+                      [f"labeling.out={tmp_path / 'other'}", "sparse.block_size=16"]).label_job()
+    run_labeling(job, tiny_lm)
+    out = tmp_path / "report"
+    code = eval_cli.main(["--checkpoint", str(tiny_trained[2]), "--labels", str(tmp_path / "other"), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "other sparse settings" in err and "\n" not in err
+    assert not out.exists()
