@@ -28,6 +28,8 @@ class SplitConfig:
 
     def __post_init__(self):
         parts = (self.train, self.val, self.calibration)
+        if self.seed < 0:
+            raise UserError(f"split.seed must be >= 0, got {self.seed}")
         if min(parts) <= 0 or sum(parts) >= 1:
             raise UserError(f"split fractions must be > 0 and sum below 1 (the test split gets the rest), got {parts}")
 
@@ -43,8 +45,8 @@ class NetConfig:
     dropout: float = 0.1
 
     def __post_init__(self):
-        if self.hidden < 1 or self.depth < 1 or not 0 <= self.dropout < 1:
-            raise UserError("controller.net needs hidden >= 1, depth >= 1 and dropout in [0, 1)")
+        if not 1 <= self.hidden <= 65536 or not 1 <= self.depth <= 64 or not 0 <= self.dropout < 1:
+            raise UserError("net needs hidden in 1..65536, depth in 1..64 and dropout in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class TrainConfig:
             raise UserError(f"train.task_dropout must be in [0, 1], got {self.task_dropout}")
         if self.max_epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise UserError("train needs max_epochs >= 1, batch_size >= 1 and lr > 0")
+        if self.weight_decay < 0 or self.compute_weight < 0 or self.patience < 1 or self.seed < 0:
+            raise UserError("train needs weight_decay >= 0, compute_weight >= 0, patience >= 1 and seed >= 0")
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,9 @@ class ControllerJobConfig:
         bad = [s for s in self.stages if s not in STAGES]
         if not self.stages or bad:
             raise UserError(f"stages must be a non-empty list of {list(STAGES)}, got {list(self.stages)}")
+        if not any(math.isclose(self.calibration.fallback, g) for g in self.labeling.levels):
+            raise UserError(f"calibration.fallback {self.calibration.fallback} is not a grid level "
+                            f"{list(self.labeling.levels)}")
         if self.logging.wandb not in ("offline", "online", "disabled"):
             raise UserError(f"logging.wandb must be offline, online or disabled, got {self.logging.wandb!r}")
 

@@ -201,8 +201,20 @@ class Monitored(Guarded):
         super().__init__(base, guard, levels, name)
         self.threshold, self.seed = threshold, seed
         self.last_monitor: dict | None = None
+        self._memo: dict[str, tuple[np.ndarray, dict | None]] = {}
 
     def scores(self, features: np.ndarray) -> np.ndarray:
+        """Memoised per features array: evaluation asks for the same stream many times (every alpha
+        of a sweep), and each pass runs the window tests."""
+        import hashlib
+        x = np.ascontiguousarray(features)
+        key = hashlib.sha1(x.tobytes() + str(x.shape).encode()).hexdigest()
+        if key not in self._memo:
+            self._memo[key] = (self._scores(x), self.last_monitor)
+        scores, self.last_monitor = self._memo[key]
+        return scores.copy()
+
+    def _scores(self, features: np.ndarray) -> np.ndarray:
         scores = super().scores(features)
         alarmed, self.last_monitor = monitor_stream(self.guard, features, self.threshold, self.seed)
         scores[alarmed, :self.fallback_index + 1] = np.inf

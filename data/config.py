@@ -26,6 +26,15 @@ from .tasks.forms import FORM_SETS
 DEFAULT_GRID = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
 
 
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+MAX_LENGTH = 1 << 22          # tokens per generated request (4M): far beyond any model window we label
+MAX_SAMPLES = 1_000_000       # per (task, length)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "smollm2-135m"
@@ -35,6 +44,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"model.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not _cuda_available():
+            raise UserError("model.device is cuda but this machine has no CUDA device; use device: auto or cpu")
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,10 @@ class SparseConfig:
             raise UserError(f"sparse.method {self.method!r} is unknown; choose one of {sorted(METHODS)}")
         if self.backend not in BACKEND_CHOICES:
             raise UserError(f"sparse.backend {self.backend!r} is unknown; choose one of {list(BACKEND_CHOICES)}")
+        if min(self.block_size, self.last_queries, self.probe_window) < 1 or min(self.sink_blocks, self.local_blocks) < 0 \
+                or min((*self.dense_layers, 0)) < 0:
+            raise UserError("sparse.block_size, last_queries and probe_window must be >= 1, sink_blocks, local_blocks "
+                            "and layer indices >= 0")
         if not set(self.probe_layers) <= set(self.dense_layers) or not self.probe_layers:
             raise UserError("sparse.probe_layers must be a non-empty subset of sparse.dense_layers "
                             f"(got {list(self.probe_layers)} and {list(self.dense_layers)})")
@@ -87,11 +102,24 @@ class DataConfig:
         if self.max_prompts is not None and self.max_prompts < 1:
             raise UserError(f"data.max_prompts must be >= 1 (or null for all), got {self.max_prompts}")
         for spec in self.tasks:
-            build_task(spec)
+            _dry_render(spec)
         if self.tasks and (not self.lengths or min(self.lengths) < 64):
             raise UserError(f"data.lengths must be token counts >= 64, got {list(self.lengths)}")
-        if self.samples_per_length < 1:
-            raise UserError("data.samples_per_length must be >= 1")
+        if not 1 <= self.samples_per_length <= MAX_SAMPLES:
+            raise UserError(f"data.samples_per_length must lie in 1..{MAX_SAMPLES}, got {self.samples_per_length}")
+        if self.tasks and max(self.lengths) > MAX_LENGTH:
+            raise UserError(f"data.lengths must be at most {MAX_LENGTH} tokens, got {max(self.lengths)}")
+        if self.seed < 0:
+            raise UserError(f"data.seed must be >= 0, got {self.seed}")
+
+
+def _dry_render(spec: TaskSpec) -> None:
+    """Build the task and render a tiny instance, so impossible arguments fail here, in one line."""
+    gen = build_task(spec)
+    try:
+        gen.render("validate", 8)
+    except (ValueError, IndexError, TypeError, ZeroDivisionError, OverflowError, MemoryError) as e:
+        raise UserError(f"task {spec.name!r} cannot render with args {spec.args}: {e}") from None
 
 
 def data_identity(cfg: DataConfig) -> dict:
@@ -134,6 +162,9 @@ class CriterionConfig:
             raise UserError(f"criterion.tau must be >= 0, got {self.tau}")
 
 
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_false")
+
+
 @dataclass(frozen=True)
 class LabelingConfig:
     grid: tuple[float, ...] = DEFAULT_GRID
@@ -153,6 +184,12 @@ class LabelingConfig:
             raise UserError(f"labeling.grid must be strictly increasing, got {list(self.grid)}")
         if self.shard_size < 1 or self.devices < 1 or self.batch_samples < 1:
             raise UserError("labeling.shard_size, labeling.devices and labeling.batch_samples must be >= 1")
+        if not 0 <= self.loader_workers <= 64:
+            raise UserError(f"labeling.loader_workers must lie in 0..64, got {self.loader_workers}")
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"labeling.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if self.devices > 1024 or self.batch_samples > 4096 or self.shard_size > 1_000_000:
+            raise UserError("labeling.devices (<= 1024), batch_samples (<= 4096) or shard_size (<= 1e6) is implausibly large")
 
     @property
     def levels(self) -> tuple[float, ...]:
@@ -187,7 +224,9 @@ def _convert(tp, value, where: str):
         if value is None:
             return None
         return _convert(next(a for a in typing.get_args(tp) if a is not type(None)), value, where)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UserError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and (tp is bool or not isinstance(value, bool))):
         raise UserError(f"{where} must be {tp.__name__}, got {value!r}")
@@ -217,13 +256,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"override {item!r} must look like key.subkey=value")
         key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise UserError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise UserError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = value
     return data
 
 
@@ -236,7 +279,9 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), only_kn
         if not p.is_file():
             raise UserError(f"config file {p} does not exist; see configs/ for examples")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
         except yaml.YAMLError as e:
             raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     data = apply_overrides(data, list(overrides))

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from .config import LabelJobConfig
 from .labeling import Labeler, PlannedSample, plan_samples, realize, store_meta
 from .models import LoadedModel, load_model, resolve_dtype
+from .errors import UserError
 from .store import LabelStore, StoreLock
 from .tasks import Sample
 
@@ -164,10 +165,29 @@ def load_for_labeling(job: LabelJobConfig) -> LoadedModel:
     return load_model(job.model.name, str(dtype).removeprefix("torch."), "cpu")
 
 
+def check_devices(job: LabelJobConfig) -> None:
+    """Refuse more ranks than the machine has (Lightning would wait for them forever)."""
+    dev = target_device(job)
+    have = torch.cuda.device_count() if dev.type == "cuda" else (os.cpu_count() or 1)
+    if job.labeling.devices > have:
+        raise UserError(f"labeling.devices={job.labeling.devices} but this machine has {have} "
+                        f"{'CUDA devices' if dev.type == 'cuda' else 'CPU cores'}; use at most {have}")
+
+
+def check_layers(job: LabelJobConfig, lm: LoadedModel) -> None:
+    n = getattr(getattr(lm.model, "config", None), "num_hidden_layers", None)
+    layers = (*job.sparse.dense_layers, *job.sparse.probe_layers)
+    if isinstance(n, int) and layers and max(layers) >= n:
+        raise UserError(f"sparse.dense_layers / probe_layers name layer {max(layers)}, but {job.model.name} has "
+                        f"{n} layers (0..{n - 1})")
+
+
 def run_labeling(job: LabelJobConfig, lm: LoadedModel | None = None) -> LabelStore | None:
     """Label every sample of `job` not yet in its store. Returns the store on global rank 0,
     None on the other ranks of a distributed run."""
+    check_devices(job)
     lm = lm or load_for_labeling(job)
+    check_layers(job, lm)
     plan = plan_samples(job.data)
     meta = store_meta(job, lm, target_device(job))
     with StoreLock(job.labeling.out):

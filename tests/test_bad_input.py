@@ -1,0 +1,117 @@
+"""The bad-input corpus: every case prints exactly one `error:` line, exits with code 2 and leaves
+no new file. Config values, overrides, config files, tasks, models and devices, paths."""
+from pathlib import Path
+
+import pytest
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs/test_tiny.yaml")
+DEMO = str(ROOT / "configs/demo_smollm2.yaml")
+
+LABEL_CASES = [  # (override, words in the error) on the tiny label-only config
+    ("train.lr=.inf", "finite number"),
+    ("labeling.loader_workers=-1", "loader_workers"),
+    ("labeling.strategy=bogus", "labeling.strategy"),
+    ("labeling.devices=4096", "labeling.devices"),
+    ("labeling.devices=1000", "this machine has"),
+    ("labeling.batch_samples=0", "batch_samples"),
+    ("labeling.shard_size=0", "shard_size"),
+    ("labeling.grid=[0.0, .nan]", "finite number"),
+    ("labeling.grid=[0.0, .inf]", "finite number"),
+    ("data.samples_per_length=1000000000000", "samples_per_length"),
+    ("data.samples_per_length=0", "samples_per_length"),
+    ("data.lengths=[1000000000]", "data.lengths"),
+    ("data.lengths=[10]", "data.lengths"),
+    ("data.seed=-1", "data.seed"),
+    ("data.forms=[fancy]", "data.forms"),
+    ("data.forms=[]", "data.forms"),
+    ("data.tasks=[{name: niah_multiquery, args: {num_keys: 1, num_queries: 3}}]", "cannot render"),
+    ("data.tasks=[{name: niah_single, args: {nonsense: 1}}]", "bad args"),
+    ("data.tasks=[{name: nope}]", "unknown task"),
+    ("data.max_prompts=0", "max_prompts"),
+    ("sparse.probe_window=0", "probe_window"),
+    ("sparse.block_size=0", "block_size"),
+    ("sparse.sink_blocks=-1", "sink_blocks"),
+    ("sparse.dense_layers=[0, 99]", "has 4 layers"),
+    ("sparse.probe_layers=[5]", "subset"),
+    ("sparse.backend=tpu", "sparse.backend"),
+    ("model.device=tpu", "model.device"),
+    ("model.device=cuda", "no CUDA device"),
+    ("model.name=/nowhere/model.gguf", "does not exist"),
+    ("criterion.tau=-1", "criterion.tau"),
+    ("criterion.tau=.nan", "finite number"),
+    ("criterion.name=vibes", "criterion.name"),
+    ("labeling.grid=abc", "must be a list"),
+    ("labeling.grid=[0.0, 0.5", "not valid YAML"),
+    ("labeling=[1, 2]", "must be a mapping"),
+    ("stages=[dance]", "stages"),
+    ("nokey", "key.subkey=value"),
+]
+
+JOB_CASES = [  # on the demo controller config (committed store)
+    ("train.lr=.inf", "finite number"),
+    ("train.lr=0", "lr > 0"),
+    ("train.weight_decay=.nan", "finite number"),
+    ("train.weight_decay=-1", "weight_decay"),
+    ("train.compute_weight=.nan", "finite number"),
+    ("train.patience=0", "patience"),
+    ("train.seed=-3", "seed"),
+    ("train.task_dropout=2", "task_dropout"),
+    ("net.hidden=50000000", "net needs hidden"),
+    ("net.depth=0", "net needs hidden"),
+    ("net.dropout=1", "net needs hidden"),
+    ("split.train=0.9", "split fractions"),
+    ("split.seed=-1", "split.seed"),
+    ("calibration.alpha=0", "calibration.alpha"),
+    ("calibration.delta=.nan", "finite number"),
+    ("calibration.guard_p=1", "guard_p"),
+    ("calibration.fallback=0.42", "not a grid level"),
+    ("calibration.decision=magic", "calibration.decision"),
+    ("logging.wandb=sometimes", "logging.wandb"),
+    ("labels=README.md", "does not exist"),
+]
+
+
+def _files(root: Path) -> set:
+    return {p for p in root.rglob("*")}
+
+
+def _check(capsys, tmp_path, argv, words):
+    before = _files(tmp_path)
+    code = train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert words in err, err
+    assert _files(tmp_path) == before, "files were written"
+
+
+@pytest.mark.parametrize("override,words", LABEL_CASES, ids=[c[0][:40] for c in LABEL_CASES])
+def test_label_config_bad_input(capsys, tmp_path, override, words):
+    _check(capsys, tmp_path, ["--config", TINY, f"labeling.out={tmp_path / 'store'}", override], words)
+
+
+@pytest.mark.parametrize("override,words", JOB_CASES, ids=[c[0][:40] for c in JOB_CASES])
+def test_controller_config_bad_input(capsys, tmp_path, override, words):
+    _check(capsys, tmp_path, ["--config", DEMO, f"out={tmp_path / 'run'}", override], words)
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"\xff\xfe\x00binary", "not UTF-8"),
+    ("model: {name: caf\u00e9}".encode("latin-1"), "not UTF-8"),
+    (b"- a\n- b\n", "must be a mapping"),
+    (b"model: [unclosed\n", "not valid YAML"),
+    (b"out: 3\nstages: label\n", "must be"),
+], ids=["binary", "latin-1", "list", "broken yaml", "wrong types"])
+def test_bad_config_files(capsys, tmp_path, content, words):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_bytes(content)
+    _check(capsys, tmp_path, ["--config", str(cfg)], words)
+
+
+def test_out_that_is_a_file(capsys, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    _check(capsys, tmp_path, ["--config", DEMO, f"out={f}"], "is a file")
