@@ -42,19 +42,12 @@ def check_out(job: ControllerJobConfig, overwrite: bool) -> None:
 def save_resolved_config(job: ControllerJobConfig) -> None:
     """The config as run (file + overrides + defaults), beside the run's outputs."""
     import dataclasses
+    import json
     import yaml
     from data.store import write_text_atomic
     Path(job.out).mkdir(parents=True, exist_ok=True)
-    write_text_atomic(Path(job.out) / "config.resolved.yaml",
-                      yaml.safe_dump(json_ready(dataclasses.asdict(job)), sort_keys=False))
-
-
-def json_ready(obj):
-    if isinstance(obj, dict):
-        return {k: json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    return obj
+    plain = json.loads(json.dumps(dataclasses.asdict(job)))   # tuples -> lists, as YAML writes them
+    write_text_atomic(Path(job.out) / "config.resolved.yaml", yaml.safe_dump(plain, sort_keys=False))
 
 
 def label_only(job: ControllerJobConfig) -> str | None:

@@ -19,6 +19,7 @@ and `controller` modules below it.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -206,7 +207,6 @@ class Monitored(Guarded):
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Memoised per features array: evaluation asks for the same stream many times (every alpha
         of a sweep), and each pass runs the window tests."""
-        import hashlib
         x = np.ascontiguousarray(features)
         key = hashlib.sha1(x.tobytes() + str(x.shape).encode()).hexdigest()
         if key not in self._memo:
