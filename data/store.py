@@ -197,7 +197,7 @@ class StoreLock:
             pid, host = int(holder["pid"]), str(holder["host"])
         except (OSError, ValueError, KeyError, TypeError):
             holder, pid, host = {}, -1, socket.gethostname()   # unreadable: a crash while writing it
-        if host == socket.gethostname() and not _pid_alive(pid):
+        if host == socket.gethostname() and (pid <= 0 or not _pid_alive(pid)):   # kill(-1, 0) means "any process"
             self.path.unlink(missing_ok=True)   # its writer is dead
             return
         raise UserError(f"label store {self.path.parent} is being written by pid {pid} on {host} since "

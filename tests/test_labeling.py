@@ -165,6 +165,8 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tiny_l
     lock.write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname(), "started": "then"}))   # now dead
     df = run_labeling(job, tiny_lm).table()
     assert len(df) == 4 * len(job.labeling.levels) and not lock.exists()
+    lock.write_text("{half a lock")   # a crash while writing the lock: taken over
+    assert len(run_labeling(job, tiny_lm).table()) == len(df) and not lock.exists()
     lock.write_text(json.dumps({"pid": 1, "host": "another-host", "started": "x"}))   # cannot tell: refuse
     with pytest.raises(UserError, match="another-host"):
         run_labeling(job, tiny_lm)
