@@ -2,7 +2,11 @@
 transformers model, inside plain `model(...)` and `model.generate(...)` calls.
 
 Owns `attach(model, checkpoint)` -> `ControllerHandle` (`detach()` restores the model) and
-`Decision`. On every fresh prefill a forward pre-hook makes a `SparsePlan` current with no levels
+`Decision`. Before anything else, a fresh prefill that cannot gain is dispatched dense with no
+plan at all (it then runs exactly as unhooked SDPA: no probe, no decision, no host sync): every row
+outside the calibrated lengths (dense fallback), or the prompt shorter than the break-even length
+that the benchmark measured for this model on this card (`sparse_kernels.dispatch`). Otherwise a
+forward pre-hook makes a `SparsePlan` current with no levels
 yet, and a worker thread starts the token-id statistics; the dense probe layers run and call back;
 after the last probe layer the handle computes each row's features with
 `data.features.compute_features` (THE extractor labeling used), asks the net
@@ -13,7 +17,8 @@ fallback level (dense by default) and its `Decision` says `ood=True` and why. Th
 `monitor` (`monitor.ShiftMonitor`) bets on the stream of those p-values and tests every 100
 requests' features against the calibration requests (on its own worker thread): once the traffic as
 a whole stops looking exchangeable with the calibration requests, every later request runs at the
-fallback and says so, until `handle.monitor.reset()` or a recalibrated checkpoint. Decode and cached
+fallback and says so, until `handle.monitor.reset()` or a recalibrated checkpoint. A row decided at
+a level whose sparse path is slower than dense at this length runs dense and says so. Decode and cached
 continuations stay dense. Any
 failure while deciding a row makes that row dense and is logged, never raised.
 Imports `sparse_kernels`, `data` and `controller` modules below it.
@@ -34,6 +39,7 @@ from data.errors import UserError
 from data.features import ProbeCollector, compute_features, feature_vector, text_statistics
 from data.models import LoadedModel, model_fingerprint
 from sparse_kernels import SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
+from sparse_kernels.dispatch import BreakEven, recorded_break_even
 
 from .export import ControllerCheckpoint, load_checkpoint
 from .policies import deployed_policy
@@ -67,11 +73,17 @@ def check_model(model, ckpt: ControllerCheckpoint, strict: bool = True) -> None:
 
 
 class ControllerHandle:
-    def __init__(self, model, ckpt: ControllerCheckpoint, task: str | list[str] | None):
+    def __init__(self, model, ckpt: ControllerCheckpoint, task: str | list[str] | None,
+                 break_even: BreakEven | None = None):
         self.model, self.ckpt, self.task = model, ckpt, task
+        self.break_even = break_even   # None: sparse wherever the controller decides (no speed table applies)
         # per thread: concurrent generate() calls on one model each get their own plan and decisions
         self._local = threading.local()
-        self.force_level: float | None = None   # benchmarks: run this level, still computing the decision
+        # benchmarks: run this level, still probing and deciding (no length or break-even skip)
+        self.force_level: float | None = None
+        # False: probe and decide every fresh prefill (diagnostics, tests), without the skips before
+        # the probes (length outside the calibrated range, shorter than any break-even)
+        self.dispatch = True
         rec = ckpt.record["sparse"]
         self.selection = SelectionSpec(method=rec["method"], block_size=rec["block_size"], sink_blocks=rec["sink_blocks"],
                                        local_blocks=rec["local_blocks"], last_queries=rec["last_queries"])
@@ -154,10 +166,39 @@ class ControllerHandle:
         except Exception as e:  # noqa: BLE001 - the hook never raises into the caller: this call runs dense
             log.warning("controller could not start (%s: %s); running this call dense", type(e).__name__, e)
             self._active = None
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+                self._dense_call(ids.shape[0], f"controller could not start ({type(e).__name__}: {e}); ran dense")
         return None
 
-    def _dense_call(self, rows: int, why: str) -> None:
-        self._record([Decision(0.0, 1.0, 0.0, why) for _ in range(rows)], [None] * rows)
+    def _dense_call(self, rows: int, why: str | list[str], ood: bool = False) -> None:
+        whys = why if isinstance(why, list) else [why] * rows
+        self._record([Decision(0.0, 1.0, 0.0, w, ood) for w in whys], [None] * rows, seconds=0.0)
+
+    def _outside_lengths(self, lengths: list[int]) -> bool:
+        """Every row outside the guard's calibrated lengths, with a dense fallback. A guard that cannot
+        say is not skipped on: the decision path meets the failure and reports it per row."""
+        g = self.guard
+        try:
+            return g is not None and g.fallback == 0 and all(not g.min_tokens <= t <= g.max_tokens for t in lengths)
+        except Exception:  # noqa: BLE001 - a broken guard is reported where the rows are decided
+            return False
+
+    def _skip_reason(self, n: int, lengths: list[int]) -> tuple[list[str], bool] | None:
+        """Why no row of this prefill needs probes or a decision (every row runs dense, and the
+        adapter sees no plan: the call runs exactly as unhooked SDPA), or None."""
+        if self.force_level is not None or not self.dispatch:
+            return None
+        if self._outside_lengths(lengths):
+            g = self.guard
+            return [f"length {t} tokens is outside the calibrated range {g.min_tokens}-{g.max_tokens}; ran dense"
+                    for t in lengths], True
+        if self.break_even is not None and n < self.break_even.shortest():
+            shortest = self.break_even.shortest()
+            where = f"below {shortest} tokens" if np.isfinite(shortest) else "at every measured length"
+            return [f"sparse prefill is slower than dense {where} here ({n} tokens; {self.break_even.source}); "
+                    "ran dense without a decision"] * len(lengths), False
+        return None
 
     def _start_prefill(self, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -176,16 +217,21 @@ class ControllerHandle:
         if mask is not None and mask.dim() != 2:
             self._dense_call(ids.shape[0], f"{mask.dim()}-D attention mask: rows cannot be told apart; ran dense")
             return None
+        lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
+        skip = self._skip_reason(ids.shape[1], lengths)
+        if skip is not None:
+            self._dense_call(ids.shape[0], *skip)
+            return None
         rows = [ids[r][mask[r].bool()] if mask is not None else ids[r] for r in range(ids.shape[0])]
         collector = ProbeCollector()
         plan = SparsePlan(levels=None, selection=self.selection, dense_layers=self.dense_layers, backend=self.backend,
                           probe_layers=self.probe_layers, on_probe=lambda layer, stats: self._probe(layer, stats),
                           probe_window=self.probe_window)
-        ctx = use_plan(plan)
-        ctx.__enter__()
         rows = [r.cpu().numpy() for r in rows]
         text = [self._text_worker.submit(text_statistics, ids) for ids in rows]
-        self._active = (ctx, plan, collector, rows, {}, text)
+        ctx = use_plan(plan)   # entered last: nothing after it can fail and leave the plan current
+        ctx.__enter__()
+        self._active = (ctx, plan, collector, rows, {"tokens": int(ids.shape[1])}, text)
 
     def _decide_row(self, r: int, ids: np.ndarray, pooled: dict, text_stats: dict, info: dict) -> float:
         """The level of one request: the calibrated decision, or the guard's fallback when the
@@ -221,6 +267,8 @@ class ControllerHandle:
                 info[r] = (1.0, f"{type(e).__name__}: {e}", False, None)
         if self.force_level is not None:
             levels[:] = self.force_level
+        else:
+            self._veto_slow_levels(levels, info)
         self._local.seconds = time.perf_counter() - start
         try:
             plan.set_levels(torch.from_numpy(levels))
@@ -229,6 +277,18 @@ class ControllerHandle:
             for r in range(len(rows)):
                 info[r] = (1.0, f"{type(e).__name__}: {e}", False, None)
             plan.set_levels(torch.zeros(len(rows), dtype=torch.float64))
+
+    def _veto_slow_levels(self, levels: np.ndarray, info: dict) -> None:
+        """Rows decided at a level whose sparse path is slower than dense at this length run dense
+        (always safe) and say why; the controller's P(safe) stays in the decision."""
+        if self.break_even is None:
+            return
+        n = info["tokens"]
+        for r, level in enumerate(levels):
+            if level > 0 and not self.break_even.allows(float(level), n):
+                prob, _, ood, p_value = info[r]
+                info[r] = (prob, self.break_even.why_dense(float(level), n), ood, p_value)
+                levels[r] = 0.0
 
     def _after(self, module, args, kwargs, output):
         if self._active is None:
@@ -247,12 +307,36 @@ class ControllerHandle:
         return None
 
 
+def resolve_break_even(model, break_even: str | BreakEven | dict | None) -> BreakEven | None:
+    """`auto`: on CUDA, the table the benchmark recorded for this model on this card; without one,
+    every request runs dense (a warning says how to record one). On CPU no table applies (None)."""
+    if break_even is None or isinstance(break_even, BreakEven):
+        return break_even
+    if isinstance(break_even, dict):
+        return BreakEven(tuple(sorted((float(k), int(v)) for k, v in break_even.items())), "given to attach")
+    if break_even != "auto":
+        raise UserError(f"break_even must be 'auto', None, a BreakEven or {{level: tokens}}, got {break_even!r}")
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    card, model_id = torch.cuda.get_device_name(device), model_fingerprint(model)[0]["id"]
+    table = recorded_break_even(model_id, card)
+    if table is None:
+        log.warning("no break-even table for model %s on %s: every request runs dense. Record one with "
+                    "`python -m controller.benchmark --checkpoint CKPT --out sparse_kernels/bench/CARD.json`, or "
+                    "attach(..., break_even=None) to run sparse wherever the controller decides", model_id, card)
+        table = BreakEven((), f"no break-even table for {card}")
+    return table
+
+
 def attach(model, checkpoint: str | Path | ControllerCheckpoint, task: str | list[str] | None = None,
-           strict: bool = True) -> ControllerHandle:
+           strict: bool = True, break_even: str | BreakEven | dict | None = "auto") -> ControllerHandle:
     """Attach a controller to a frozen transformers model (or a `LoadedModel`); returns the handle.
-    `task` names the request type when the caller knows it (else the controller assumes `unknown`)."""
+    `task` names the request type when the caller knows it (else the controller assumes `unknown`).
+    `break_even` (see `resolve_break_even`): from which length each level is worth running here;
+    shorter requests run dense with no probe and no decision, exactly as unhooked SDPA."""
     if isinstance(model, LoadedModel):
         model = model.model
     ckpt = checkpoint if isinstance(checkpoint, ControllerCheckpoint) else load_checkpoint(checkpoint)
     check_model(model, ckpt, strict)
-    return ControllerHandle(model, ckpt, task)
+    return ControllerHandle(model, ckpt, task, resolve_break_even(model, break_even))

@@ -10,6 +10,7 @@ to the features in `data/features.py`. Imports nothing from `data/` or `controll
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -41,42 +42,68 @@ def _visible_keys(pos: torch.Tensor, key_valid, batch: int) -> torch.Tensor:
     return counts.clamp_min(2.0)
 
 
+def _sampled_block_ids(nq: int, count: int) -> list[int]:
+    if nq <= 1:
+        return [0]
+    return torch.linspace(0, nq - 1, count + 1, dtype=torch.float64)[1:].ceil().long().unique().tolist()
+
+
 def sampled_query_blocks(nq: int, count: int, device) -> torch.Tensor:
     """Up to `count` distinct query-block ids spread evenly over (0, nq - 1], the last included
     (block 0 sees only itself, so its recall is always 1)."""
-    if nq <= 1:
-        return torch.zeros(1, dtype=torch.long, device=device)
-    ids = torch.linspace(0, nq - 1, count + 1, dtype=torch.float64)[1:].ceil().long().unique()
-    return ids.to(device)
+    return torch.tensor(_sampled_block_ids(nq, count), dtype=torch.long, device=device)
+
+
+def _positions_of(blocks: list[int], block_size: int, n: int, per_block: int) -> tuple[list[int], list[int]]:
+    pos, owner = [], []
+    for s, blk in enumerate(blocks):
+        start, stop = blk * block_size, min((blk + 1) * block_size, n)
+        take = torch.linspace(stop - 1, start, min(per_block, stop - start)).round().long().unique().tolist()
+        pos += take
+        owner += [s] * len(take)
+    return pos, owner
 
 
 def sampled_query_positions(blocks: torch.Tensor, block_size: int, n: int,
                             per_block: int = QUERIES_PER_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions [R], owner [R]): up to `per_block` queries of each sampled block, spread evenly
     over the block's valid queries with its last one included, and the sampled block each belongs to."""
-    pos, owner = [], []
-    for s, blk in enumerate(blocks.tolist()):
-        start, stop = blk * block_size, min((blk + 1) * block_size, n)
-        take = torch.linspace(stop - 1, start, min(per_block, stop - start)).round().long().unique()
-        pos.append(take)
-        owner.append(torch.full((len(take),), s, dtype=torch.long))
-    return torch.cat(pos).to(blocks.device), torch.cat(owner).to(blocks.device)
+    pos, owner = _positions_of(blocks.tolist(), block_size, n, per_block)
+    return (torch.tensor(pos, dtype=torch.long, device=blocks.device),
+            torch.tensor(owner, dtype=torch.long, device=blocks.device))
 
 
-def sampled_block_mass(q, k, blocks: torch.Tensor, block_size: int, scale: float, key_valid=None) -> torch.Tensor:
-    """[B, Hq, S, nk]: for each sampled query block, the attention mass its sampled queries put on
-    each key block (softmax over causal, valid keys; mean over those queries)."""
+def _to_device(values: list, dtype, device: torch.device) -> torch.Tensor:
+    """A host list on `device` without waiting for queued kernels (pinned, non-blocking copy)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _sample_plan(n: int, block_size: int, count: int, per_block: int, device: torch.device):
+    """(blocks [S], positions [R], owner [R], queries per sampled block [S]) on `device`, built on
+    the host from the shapes alone and cached per shape: the probe pays no host sync for them."""
+    blocks = _sampled_block_ids(num_blocks(n, block_size), count)
+    pos, owner = _positions_of(blocks, block_size, n, per_block)
+    per = [max(owner.count(s), 1) for s in range(len(blocks))]
+    return (_to_device(blocks, torch.long, device), _to_device(pos, torch.long, device),
+            _to_device(owner, torch.long, device), _to_device(per, torch.float32, device))
+
+
+def sampled_block_mass(q, k, plan, block_size: int, scale: float, key_valid=None) -> torch.Tensor:
+    """[B, Hq, S, nk]: for each sampled query block of `plan` (`_sample_plan`), the attention mass its
+    sampled queries put on each key block (softmax over causal, valid keys; mean over those queries)."""
     n = q.shape[2]
-    pos, owner = sampled_query_positions(blocks, block_size, n)
+    blocks, pos, owner, per = plan
     logits = group_scores(q[:, :, pos].float(), k.float()) * scale            # [B, Hq, R, N]
     allowed = (torch.arange(n, device=q.device)[None, :] <= pos[:, None])[None, None]
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :]
     probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
     per_row = sum_key_blocks(probs, block_size)                               # [B, Hq, R, nk]
-    sums = torch.zeros(*per_row.shape[:2], len(blocks), per_row.shape[-1], device=q.device)
+    sums = torch.zeros(*per_row.shape[:2], blocks.shape[0], per_row.shape[-1], device=q.device)
     sums.index_add_(2, owner, per_row)
-    return sums / torch.bincount(owner, minlength=len(blocks)).clamp_min(1)[None, None, :, None]
+    return sums / per[None, None, :, None]
 
 
 def _ranked_blocks(q, k, blocks: torch.Tensor, spec: SelectionSpec, scale: float, key_valid):
@@ -101,12 +128,13 @@ def mass_recall(q: torch.Tensor, k: torch.Tensor, scale: float, spec: SelectionS
     `kept_block_counts` of them, so every level costs one gather."""
     b, _, n, _ = q.shape
     nq = num_blocks(n, spec.block_size)
-    blocks = sampled_query_blocks(nq, sampled, q.device)
-    mass = sampled_block_mass(q, k, blocks, spec.block_size, scale, key_valid)      # [B, Hq, S, nk]
+    plan = _sample_plan(n, spec.block_size, sampled, QUERIES_PER_BLOCK, q.device)
+    blocks = plan[0]
+    mass = sampled_block_mass(q, k, plan, spec.block_size, scale, key_valid)        # [B, Hq, S, nk]
     order, forced_counts = _ranked_blocks(q, k, blocks, spec, scale, key_valid)
     covered = mass.gather(-1, order).cumsum(-1) / mass.sum(-1, keepdim=True).clamp_min(1e-30)
-    densities = torch.tensor([1.0 - lv for lv in levels], dtype=torch.float64)
-    counts = kept_block_counts(densities.repeat_interleave(b).to(q.device), nq, forced_counts.repeat(len(levels), 1))
+    densities = _to_device([1.0 - lv for lv in levels for _ in range(b)], torch.float64, q.device)
+    counts = kept_block_counts(densities, nq, forced_counts.repeat(len(levels), 1))
     counts = counts.view(len(levels), b, nq)[:, :, blocks]                                 # [L, B, S]
     out = {}
     for i, level in enumerate(levels):

@@ -120,10 +120,10 @@ def pool_blocks(x: torch.Tensor, block_size: int, valid: torch.Tensor | None) ->
     pad = nb * block_size - n
     if valid is None:  # sum in float32 without materialising a float32 copy of x
         xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
-        sums = xp.view(b, h, nb, block_size, d).sum(3, dtype=torch.float32)
-        cnt = torch.full((nb,), float(block_size), device=x.device)
-        cnt[-1] = block_size - pad
-        return sums / cnt[:, None]
+        means = xp.view(b, h, nb, block_size, d).sum(3, dtype=torch.float32) / block_size
+        if pad:   # the last block holds fewer rows (an in-place scale: no tensor from the host, no sync)
+            means[:, :, -1].mul_(block_size / (block_size - pad))
+        return means
     w = valid.float()
     xf = torch.nn.functional.pad(x.float() * w[:, None, :, None], (0, 0, 0, pad))
     wf = torch.nn.functional.pad(w, (0, pad))

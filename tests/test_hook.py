@@ -43,6 +43,7 @@ def test_hook_features_equal_labeling_features(tiny_lm, tiny_trained):
     job, store, ckpt, _, _ = tiny_trained
     table = store.table().query("level == 0").set_index("sample_id")
     with attach(tiny_lm, ckpt) as handle:
+        handle.dispatch = False   # every sample probed, also those outside the calibrated lengths
         for i in (0, 4, 9):
             sample, ids = _prompt(job, tiny_lm.tokenizer, i)
             handle.task = sample.task
@@ -57,6 +58,7 @@ def test_export_load_attach_generate_gives_the_in_memory_decisions(tiny_lm, tiny
     guard = load_checkpoint(ckpt).guard
     in_memory = Guarded(controller_policy(net, levels, job.calibration.decision), guard, levels)
     with attach(tiny_lm, str(ckpt)) as handle:
+        handle.dispatch = False   # every sample probed: its features give the expected decision
         for i in range(len(build_samples(job.data, tiny_lm.tokenizer))):
             sample, ids = _prompt(job, tiny_lm.tokenizer, i)
             handle.task = sample.task

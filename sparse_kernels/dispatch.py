@@ -1,0 +1,92 @@
+"""Break-even dispatch: from which prompt length a sparsity level's sparse prefill beats dense, for
+one model on one card, as the benchmark measured it.
+
+Owns `BreakEven` (per measured level, the shortest length from which the hooked prefill at that
+level, decision included, ran faster than dense SDPA at that length and at every longer measured
+length) and `recorded_break_even`, which finds the table the benchmark wrote for a (model, card)
+under `sparse_kernels/bench/*.json` (key `break_even`). Below its break-even a level is not worth
+running: the hook runs dense there and says why. Imports nothing from `data/` or `controller/`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).parent / "bench"
+WIN_MARGIN = 0.98   # a level wins at a length when its time is at most this share of dense's
+
+
+@dataclass(frozen=True)
+class BreakEven:
+    """levels: ((level, tokens), ...) ascending by level; a level absent from it never won."""
+    levels: tuple[tuple[float, int], ...]
+    source: str
+
+    def tokens_for(self, level: float) -> int | None:
+        """Break-even of `level`: that of the largest measured level at or below it (a sparser level
+        is never slower, so this is conservative); None when no measured level at or below it won."""
+        best = None
+        for lv, tokens in self.levels:
+            if lv <= level + 1e-9:
+                best = tokens
+        return best
+
+    def allows(self, level: float, n_tokens: int) -> bool:
+        """True when `level` is dense (0) or its measured break-even is at most `n_tokens`."""
+        if level <= 0:
+            return True
+        tokens = self.tokens_for(level)
+        return tokens is not None and n_tokens >= tokens
+
+    def shortest(self) -> float:
+        """The shortest length from which some level is worth running (inf when none is)."""
+        return min((t for _, t in self.levels), default=math.inf)
+
+    def why_dense(self, level: float, n_tokens: int) -> str:
+        tokens = self.tokens_for(level)
+        where = f"below {tokens} tokens" if tokens is not None else "at every measured length"
+        return f"level {level:g} runs slower than dense {where} here ({n_tokens} tokens; {self.source}); ran dense"
+
+    @classmethod
+    def from_rows(cls, rows: list[dict], source: str, margin: float = WIN_MARGIN) -> "BreakEven":
+        """From end-to-end rows {N, level, ms_with_decision (or ms), ms_dense} of one model and card."""
+        by_level: dict[float, list[tuple[int, bool]]] = {}
+        for r in rows:
+            ms = r.get("ms_with_decision", r["ms"])
+            by_level.setdefault(float(r["level"]), []).append((int(r["N"]), ms <= margin * r["ms_dense"]))
+        levels = []
+        for level, points in sorted(by_level.items()):
+            start = None
+            for n, won in sorted(points, reverse=True):   # longest first: the run of wins down from the longest
+                if not won:
+                    break
+                start = n
+            if start is not None:
+                levels.append((level, start))
+        return cls(tuple(levels), source)
+
+    def to_json(self) -> dict:
+        return {"levels": {f"{lv:g}": t for lv, t in self.levels}, "source": self.source}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BreakEven":
+        return cls(tuple(sorted((float(k), int(v)) for k, v in d["levels"].items())), str(d["source"]))
+
+
+def recorded_break_even(model_id: str, device_name: str, directory: Path = BENCH_DIR) -> BreakEven | None:
+    """The newest table the benchmark recorded for this model (fingerprint id) on this card, or None."""
+    found = []
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        table = d.get("break_even") if isinstance(d, dict) else None
+        if isinstance(table, dict) and table.get("model_id") == model_id and d.get("device") == device_name:
+            found.append((str(d.get("started", "")), path.name, table))
+    if not found:
+        return None
+    started, name, table = max(found)
+    return BreakEven.from_json({"levels": table["levels"], "source": f"measured on {device_name}, {name} ({started})"})

@@ -1,0 +1,137 @@
+"""Break-even dispatch: the table from benchmark rows, its lookup per (model, card), and the hook's
+zero-cost dense path (no plan, no probe, logits bit-identical to unhooked SDPA), the probed dense
+path (also bit-identical) and the veto of levels slower than dense at a length."""
+import json
+
+import pytest
+import torch
+
+import sparse_kernels.hf as adapter
+from controller.hook import attach, resolve_break_even
+from data.errors import UserError
+from data.labeling import build_samples
+from data.tasks import prompt_ids
+from sparse_kernels.dispatch import BreakEven, recorded_break_even
+
+
+def _row(n, level, ms, dense):
+    return {"N": n, "mode": "forced", "level": level, "ms": ms, "ms_with_decision": ms, "ms_dense": dense}
+
+
+def test_break_even_is_the_start_of_the_run_of_wins_down_from_the_longest_length():
+    dense = {16384: 45.0, 32768: 128.0, 65536: 416.0}
+    rows = [_row(16384, 0.9, 60.0, 45.0), _row(32768, 0.9, 70.0, 128.0), _row(65536, 0.9, 200.0, 416.0),
+            _row(16384, 0.8, 40.0, 45.0), _row(32768, 0.8, 127.0, 128.0), _row(65536, 0.8, 300.0, 416.0),
+            _row(16384, 0.5, 50.0, 45.0), _row(32768, 0.5, 130.0, 128.0), _row(65536, 0.5, 420.0, 416.0)]
+    table = BreakEven.from_rows(rows, "test")
+    # 0.8 won at 16K and 64K but lost at 32K (127 > 0.98 x 128): only from 64K; 0.5 never won
+    assert table.levels == ((0.8, 65536), (0.9, 32768))
+    assert table.tokens_for(0.93) == 32768 and table.tokens_for(0.85) == 65536 and table.tokens_for(0.7) is None
+    assert table.allows(0.9, 32768) and not table.allows(0.9, 32767) and not table.allows(0.5, 10**9)
+    assert table.allows(0.0, 1) and table.shortest() == 32768
+    assert BreakEven.from_json(json.loads(json.dumps(table.to_json()))) == BreakEven(table.levels, "test")
+    assert min(dense) < table.shortest()
+
+
+def test_recorded_table_is_found_by_model_and_card_newest_first(tmp_path):
+    def write(name, device, model_id, started, tokens):
+        table = {"model_id": model_id, "levels": {"0.9": tokens}, "source": "bench"}
+        (tmp_path / name).write_text(json.dumps({"device": device, "started": started, "break_even": table}))
+    write("a.json", "NVIDIA H200", "m1", "2026-01-01T00:00:00Z", 32768)
+    write("b.json", "NVIDIA H200", "m1", "2026-02-01T00:00:00Z", 16384)
+    write("c.json", "NVIDIA H100", "m1", "2026-03-01T00:00:00Z", 8192)
+    (tmp_path / "broken.json").write_text("{not json")
+    assert recorded_break_even("m1", "NVIDIA H200", tmp_path).levels == ((0.9, 16384),)
+    assert recorded_break_even("m1", "NVIDIA H100", tmp_path).levels == ((0.9, 8192),)
+    assert recorded_break_even("m2", "NVIDIA H200", tmp_path) is None
+    assert recorded_break_even("m1", "NVIDIA A100", tmp_path) is None
+
+
+def test_break_even_argument(tiny_lm):
+    assert resolve_break_even(tiny_lm.model, "auto") is None            # CPU: no speed table applies
+    assert resolve_break_even(tiny_lm.model, None) is None
+    assert resolve_break_even(tiny_lm.model, {"0.9": 100}).levels == ((0.9, 100),)
+    with pytest.raises(UserError, match="break_even must be"):
+        resolve_break_even(tiny_lm.model, "fast")
+
+
+def _ids(job, tokenizer, i):
+    sample = build_samples(job.data, tokenizer)[i]
+    return torch.tensor([prompt_ids(tokenizer, sample, job.data.chat_template)])
+
+
+def _counting_probes(monkeypatch):
+    calls = []
+    real = adapter.attention_probe
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(adapter, "attention_probe", counted)
+    return calls
+
+
+def test_below_break_even_runs_exactly_unhooked_sdpa_without_probes(tiny_lm, tiny_trained, monkeypatch):
+    job, _, ckpt, _, _ = tiny_trained
+    ids = _ids(job, tiny_lm.tokenizer, 0)
+    with torch.no_grad():
+        unhooked = tiny_lm.model(input_ids=ids).logits
+    calls = _counting_probes(monkeypatch)
+    with attach(tiny_lm, ckpt, break_even={0.5: 10**6}) as handle, torch.no_grad():
+        hooked = tiny_lm.model(input_ids=ids).logits
+        (d,) = handle.last_decisions
+        assert adapter.current_plan() is None
+    assert torch.equal(hooked, unhooked)
+    assert not calls and d.level == 0.0 and not d.ood and "slower than dense below 1000000 tokens" in d.fallback
+    assert handle.last_features == [None] and handle.last_decision_seconds == 0.0
+
+
+def test_probed_dense_path_gives_bit_identical_logits(tiny_lm, tiny_trained, monkeypatch):
+    job, _, ckpt, _, _ = tiny_trained
+    ids = _ids(job, tiny_lm.tokenizer, 3)
+    with torch.no_grad():
+        unhooked = tiny_lm.model(input_ids=ids).logits
+    calls = _counting_probes(monkeypatch)
+    with attach(tiny_lm, ckpt, break_even=None) as handle, torch.no_grad():
+        handle.force_level = 0.0   # probes and the decision run, then every layer dense
+        hooked = tiny_lm.model(input_ids=ids).logits
+    assert calls and torch.equal(hooked, unhooked)
+
+
+def test_out_of_range_lengths_skip_the_probes_and_say_so(tiny_lm, tiny_trained, monkeypatch):
+    job, _, ckpt, _, _ = tiny_trained
+    tok = tiny_lm.tokenizer
+    ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. " * 200)["input_ids"]])
+    calls = _counting_probes(monkeypatch)
+    with attach(tiny_lm, ckpt, break_even=None) as handle, torch.no_grad():
+        assert ids.shape[1] > handle.guard.max_tokens
+        tiny_lm.model(input_ids=ids)
+        (d,) = handle.last_decisions
+        assert not calls and d.ood and d.level == 0.0 and "outside the calibrated range" in d.fallback
+        handle.dispatch = False   # diagnostics: probed and decided anyway; the guard flags it as before
+        tiny_lm.model(input_ids=ids)
+        (d,) = handle.last_decisions
+        assert calls and d.ood and d.level == 0.0 and d.p_value is not None
+
+
+def test_levels_slower_than_dense_at_the_length_are_vetoed(tiny_lm, tiny_trained):
+    job, _, ckpt, _, _ = tiny_trained
+    n = len(build_samples(job.data, tiny_lm.tokenizer))
+
+    def decide(break_even):
+        out = []
+        with attach(tiny_lm, ckpt, break_even=break_even) as handle, torch.no_grad():
+            handle.dispatch = False
+            for i in range(n):
+                tiny_lm.model(input_ids=_ids(job, tiny_lm.tokenizer, i))
+                out.append(handle.last_decisions[0])
+        return out
+    free = decide(None)
+    # every sparse level needs 10**6 tokens; the shortest entry (2 tokens) keeps the decision running
+    vetoed = decide(BreakEven(((1e-4, 2), (0.01, 10**6)), "test table"))
+    sparse = [i for i, d in enumerate(free) if d.level > 0]
+    assert sparse, "the test needs sparse decisions"
+    for i, (a, b) in enumerate(zip(free, vetoed)):
+        assert b.level == 0.0 and b.achieved_sparsity == 0.0
+        if i in sparse:
+            assert "runs slower than dense below 1000000 tokens" in b.fallback and b.probability == a.probability
