@@ -3,9 +3,13 @@ SmolLM2-135M prefill end to end with the controller hook, in one run on one GPU;
 
   python -m controller.benchmark --checkpoint runs/demo/checkpoint --out sparse_kernels/bench/h100.json
 
-Owns `bench_end_to_end` (prefill at 2K/4K/8K: the dense model with SDPA against the hooked model
-with levels forced to 0.5/0.8/0.9 on the flex and triton backends, and the decision's own cost,
-features + controller, as a fraction of dense prefill) and the command line. The kernel part is
+Owns `bench_end_to_end`: prefill at 2K..128K, rows with keys N, mode (`dense`: the unhooked model
+with SDPA; `forced`: a level set before the forward, no probe and no decision, with
+`ms_with_decision` = the same level forced through the hook with probes and decision, whose
+difference is the decision's true overhead; `hook_dense`: the hook's own path for a request it
+runs dense; `decided`: the controller's own decision), level, ms, ms_dense (same run), speedup,
+peak_mib; and the break-even table those forced rows give (`sparse_kernels.dispatch`), which
+`attach` reads for this model on this card. And the command line. The kernel part is
 `sparse_kernels.bench`. Imports every layer below it; nothing imports it.
 """
 from __future__ import annotations
@@ -21,102 +25,145 @@ from pathlib import Path
 import numpy as np
 import torch
 
-E2E_LENGTHS = (2048, 4096, 8000)
-E2E_LEVELS = (0.5, 0.8, 0.9)
+E2E_LENGTHS = (2048, 8000, 16384, 32768, 65536, 131072)
+REQUIRED_FORCED = (0.8, 0.9, 0.95)
 
 
-def _prefill_ms(model, ids, mode: str = "median") -> float:
-    import triton.testing
+def _reps(n: int) -> int:
+    return 10 if n <= 16384 else 5 if n <= 65536 else 3
+
+
+def _measure(fn, n: int) -> tuple[float, float]:
+    """(median ms over `_reps(n)` calls after one warm-up call, peak MiB allocated during them; 0
+    off CUDA, where only the rows' mechanics are tested)."""
+    cuda = torch.cuda.is_available()
     with torch.no_grad():
-        return float(triton.testing.do_bench(lambda: model(input_ids=ids, logits_to_keep=1), warmup=25, rep=200,
-                                             return_mode=mode))
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(_reps(n)):
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times)), (torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0)
 
 
-def _prompt(tokenizer, length: int) -> torch.Tensor:
-    from data.labeling import realize
+def _prompt(tokenizer, length: int, vocab: int, device) -> torch.Tensor:
+    """A real niah prompt up to 8K (the calibrated traffic); random token ids beyond (timing only)."""
+    if length > 8000:
+        gen = torch.Generator().manual_seed(length)
+        return torch.randint(min(100, vocab // 4), vocab - min(100, vocab // 4), (1, length), generator=gen).to(device)
+    from data.labeling import PlannedSample, realize
     from data.tasks import prompt_ids
     from data.tasks.base import TaskSpec, generated_sample_id
-    from data.labeling import PlannedSample
     spec = TaskSpec("niah_single")
     sample = realize(PlannedSample(generated_sample_id(spec.name, length, 0, 0), spec, length, 0, 0, True), tokenizer)
-    return torch.tensor([prompt_ids(tokenizer, sample, True)], device="cuda")
+    return torch.tensor([prompt_ids(tokenizer, sample, True)], device=device)
 
 
-def bench_end_to_end(checkpoint: str, model_name: str, log=print) -> list[dict]:
+def _row(n, mode, level, ms, peak, dense, **extra) -> dict:
+    row = {"N": n, "mode": mode, "level": level, "ms": round(ms, 3), "ms_dense": round(dense, 3),
+           "speedup": round(dense / ms, 3), "peak_mib": round(peak, 1), **extra}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _forced_rows(lm, checkpoint, prompts: dict, levels, dense: dict) -> list[dict]:
+    """Each level forced through the hook with probes and the decision (`ms_with_decision`), then the
+    same level forced with the hook detached (a plan set before the forward: no probe, no decision):
+    their difference is the decision's true overhead. The monitor is reset before each measurement,
+    so no window test (once per 100 requests, on a worker thread) runs during the timing."""
     from controller.hook import attach
-    from data.models import load_model
-    lm = load_model(model_name, dtype="bfloat16", device="cuda")
-    rows = []
-    for length in E2E_LENGTHS:
-        ids = _prompt(lm.tokenizer, length)
-        dense = _prefill_ms(lm.model, ids)
-        with attach(lm, checkpoint, task="niah_single") as handle:
-            handle.force_level = None
-            with torch.no_grad():
-                lm.model(input_ids=ids, logits_to_keep=1)
-            decision_s = [handle.last_decision_seconds]
-            handle.force_level = 0.0   # decided dense: probes + decision run, every layer then dense
-            ms = _prefill_ms(lm.model, ids)
-            rows.append({"N": int(ids.shape[1]), "backend": "dense (decided)", "level": 0.0,
-                         "ms_dense_sdpa": round(dense, 3), "ms_hooked": round(ms, 3), "speedup": round(dense / ms, 3),
-                         "achieved_sparsity": 0.0, "decision_ms": round(1e3 * handle.last_decision_seconds, 3),
-                         "decision_share_of_dense": round(1e3 * handle.last_decision_seconds / dense, 4)})
-            log(json.dumps(rows[-1]))
-            for backend in ("flex", "triton"):
-                handle.backend = backend
-                for level in E2E_LEVELS:
-                    handle.force_level = level
-                    ms = _prefill_ms(lm.model, ids)
-                    decision_s.append(handle.last_decision_seconds)
-                    d = handle.last_decisions[0]
-                    rows.append({"N": int(ids.shape[1]), "backend": backend, "level": level, "ms_dense_sdpa": round(dense, 3),
-                                 "ms_hooked": round(ms, 3), "speedup": round(dense / ms, 3),
-                                 "achieved_sparsity": round(d.achieved_sparsity, 4),
-                                 "decision_ms": round(1e3 * float(np.median(decision_s)), 3),
-                                 "decision_share_of_dense": round(1e3 * float(np.median(decision_s)) / dense, 4)})
-                    log(json.dumps(rows[-1]))
-    return rows
-
-
-def bench_dense_path(checkpoint: str, model_name: str, rounds: int = 3, log=print) -> list[dict]:
-    """Where a decided-dense request's time goes, interleaved `rounds` times, minima (a 135M model's
-    prefill is launch-bound, so host jitter dominates medians): A dense SDPA; B the adapter
-    registered, no plan; C a plan at level 0 without probes; D probes only (no decision); E the
-    hook with its decision forced dense."""
-    from controller.hook import attach
-    from data.features import ProbeCollector
-    from data.models import load_model
     from sparse_kernels import SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
-    lm = load_model(model_name, dtype="bfloat16", device="cuda")
-    m, rows = lm.model, []
-
-    def planned(**plan):
-        def run():
-            with use_plan(SparsePlan(dense_layers=frozenset({0, 1}), **plan)):
-                return m(input_ids=ids, logits_to_keep=1)
-        return run
-    for length in E2E_LENGTHS:
-        ids = _prompt(lm.tokenizer, length)
-        res: dict[str, list[float]] = {k: [] for k in "ABCDE"}
-        for _ in range(rounds):
-            res["A"].append(_prefill_ms(m, ids, "min"))
-            prev = enable_sparse_attention(m)
-            res["B"].append(_prefill_ms(m, ids, "min"))
-            res["C"].append(_timed(planned(levels=torch.zeros(1, dtype=torch.float64))))
-            res["D"].append(_timed(planned(levels=None, probe_layers=frozenset({0, 1}), on_probe=ProbeCollector())))
-            disable_sparse_attention(m, prev)
-            with attach(lm, checkpoint, task="niah_single") as handle:
-                handle.force_level = 0.0
-                res["E"].append(_prefill_ms(m, ids, "min"))
-        rows.append({"N": int(ids.shape[1]), **{f"ms_{k}": round(min(v), 3) for k, v in res.items()}})
-        log(json.dumps(rows[-1]))
+    with_decision = {}
+    with attach(lm, checkpoint, break_even=None) as handle:
+        sparse = (handle.selection, handle.dense_layers, handle.backend)
+        for n, ids in prompts.items():
+            for level in levels:
+                if handle.monitor is not None:
+                    handle.monitor.reset()
+                handle.force_level = level
+                ms, _ = _measure(lambda: lm.model(input_ids=ids, logits_to_keep=1), n)
+                with_decision[n, level] = (ms, handle.last_decisions[0].achieved_sparsity)
+    rows, previous = [], enable_sparse_attention(lm.model)
+    try:
+        for n, ids in prompts.items():
+            for level in levels:
+                def forced():
+                    plan = SparsePlan(levels=torch.full((1,), level, dtype=torch.float64), selection=sparse[0],
+                                      dense_layers=sparse[1], backend=sparse[2])
+                    with use_plan(plan):
+                        return lm.model(input_ids=ids, logits_to_keep=1)
+                ms, peak = _measure(forced, n)
+                ms_dec, achieved = with_decision[n, level]
+                rows.append(_row(int(ids.shape[1]), "forced", level, ms, peak, dense[n], ms_with_decision=round(ms_dec, 3),
+                                 decision_overhead_ms=round(ms_dec - ms, 3),
+                                 decision_overhead_share=round((ms_dec - ms) / dense[n], 4),
+                                 achieved_sparsity=round(achieved, 4)))
+    finally:
+        disable_sparse_attention(lm.model, previous)
     return rows
 
 
-def _timed(fn) -> float:
-    import triton.testing
-    with torch.no_grad():
-        return float(triton.testing.do_bench(fn, warmup=25, rep=300, return_mode="min"))
+def _hooked_rows(lm, handle, ids, dense: float) -> list[dict]:
+    """hook_dense: the hook's own path for a request it runs dense (skipped before the probes where
+    its dispatch skips, else probes + decision + dense); decided: the controller's own decision."""
+    n = int(ids.shape[1])
+    call = lambda: lm.model(input_ids=ids, logits_to_keep=1)  # noqa: E731
+    handle.force_level = 0.0
+    ms_probed, peak_probed = _measure(call, n)
+    handle.force_level = None
+    skipped = handle._skip_reason(n, [n]) is not None
+    ms, peak = _measure(call, n)
+    d = handle.last_decisions[0]
+    own = skipped and d.level == 0   # the hook's own path for this request is the dense one
+    rows = [_row(n, "hook_dense", None, ms if own else ms_probed, peak if own else peak_probed, dense,
+                 path="skipped" if skipped else "probed", ms_probed=round(ms_probed, 3))]
+    rows.append(_row(n, "decided", d.level, ms, peak, dense, fallback=d.fallback, ood=d.ood,
+                     achieved_sparsity=round(d.achieved_sparsity, 4)))
+    return rows
+
+
+def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, device: str = "cuda",
+                     dtype: str = "bfloat16") -> tuple[list[dict], dict]:
+    """End-to-end prefill rows (keys N, mode, level, ms, ms_dense, speedup, peak_mib) and the
+    break-even table this run measured (from the forced rows, decision included)."""
+    from controller.export import load_checkpoint
+    from controller.hook import attach
+    from data.models import load_model, model_fingerprint
+    from sparse_kernels.dispatch import BreakEven
+    lm = load_model(model_name, dtype=dtype, device=device)
+    vocab = lm.model.config.vocab_size
+    prompts = {n: _prompt(lm.tokenizer, n, vocab, device) for n in lengths}
+    dense = {n: _measure(lambda: lm.model(input_ids=ids, logits_to_keep=1), n) for n, ids in prompts.items()}
+    rows = [_row(int(prompts[n].shape[1]), "dense", None, ms, peak, ms) for n, (ms, peak) in dense.items()]
+    ckpt = load_checkpoint(checkpoint)
+    levels = sorted({float(x) for x in ckpt.levels if x > 0} | set(REQUIRED_FORCED))
+    rows += _forced_rows(lm, ckpt, prompts, levels, {n: ms for n, (ms, _) in dense.items()})
+    card = torch.cuda.get_device_name() if device == "cuda" else device
+    table = BreakEven.from_rows([r for r in rows if r["mode"] == "forced"], f"measured on {card}")
+    with attach(lm, ckpt, break_even=table) as handle:
+        for n, ids in prompts.items():
+            if handle.monitor is not None:
+                handle.monitor.reset()
+            rows += _hooked_rows(lm, handle, ids, dense[n][0])
+    record = {"model": model_name, "model_id": model_fingerprint(lm.model)[0]["id"], **table.to_json(),
+              "rule": "a level is worth running from the shortest length from which, decision included, it "
+                      "took at most 0.98x dense at that length and every longer measured length"}
+    return rows, record
+
+
+def e2e_table(rows: list[dict]) -> str:
+    lines = ["| N | mode | level | ms | ms dense | speedup | decision overhead ms | peak MiB |", "|" + "---|" * 8]
+    for r in rows:
+        level = "-" if r["level"] is None else r["level"]
+        lines.append(f"| {r['N']} | {r['mode']} | {level} | {r['ms']} | {r['ms_dense']} | {r['speedup']} | "
+                     f"{r.get('decision_overhead_ms', '-')} | {r['peak_mib']} |")
+    return "\n".join(lines)
 
 
 def _versions() -> dict:
@@ -133,7 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--lengths", default=None, help="comma-separated kernel lengths (default 8K,32K,64K,128K)")
     p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end rows (needs --checkpoint)")
-    p.add_argument("--dense-path", action="store_true", help="also the decided-dense breakdown (needs --checkpoint)")
+    p.add_argument("--e2e-lengths", default=None, help="comma-separated end-to-end lengths (default 2K..128K)")
     p.add_argument("--probe-cost", action="store_true", help="only the probe statistics' cost per layer at 8K and 32K")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -141,6 +188,7 @@ def main(argv=None) -> int:
         return 2
     from sparse_kernels.bench import LENGTHS, bench_kernels, kernel_table
     lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else LENGTHS
+    e2e_lengths = tuple(int(x) for x in args.e2e_lengths.split(",")) if args.e2e_lengths else E2E_LENGTHS
     result = {"device": torch.cuda.get_device_name(), "versions": _versions(),
               "command": "python -m controller.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -163,11 +211,9 @@ def main(argv=None) -> int:
     result["kernels"] = [] if args.skip_kernels else bench_kernels(lengths=lengths)
     save()
     if args.checkpoint:
-        result["end_to_end"] = bench_end_to_end(args.checkpoint, args.model)
+        result["end_to_end"], result["break_even"] = bench_end_to_end(args.checkpoint, args.model, e2e_lengths)
         save()
-    if args.checkpoint and args.dense_path:
-        result["dense_path"] = bench_dense_path(args.checkpoint, args.model)
-        save()
+        print(e2e_table(result["end_to_end"]))
     print(kernel_table(result["kernels"]))
     return 0
 

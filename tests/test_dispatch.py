@@ -135,3 +135,21 @@ def test_levels_slower_than_dense_at_the_length_are_vetoed(tiny_lm, tiny_trained
         assert b.level == 0.0 and b.achieved_sparsity == 0.0
         if i in sparse:
             assert "runs slower than dense below 1000000 tokens" in b.fallback and b.probability == a.probability
+
+
+def test_benchmark_end_to_end_rows_and_break_even_on_the_tiny_model(tiny_trained):
+    """The end-to-end rows' mechanics on CPU (timings there mean nothing; they are taken on the GPU)."""
+    from controller.benchmark import bench_end_to_end, e2e_table
+    _, _, ckpt, _, _ = tiny_trained
+    rows, record = bench_end_to_end(str(ckpt), "tiny-random-llama", lengths=(300,), device="cpu", dtype="float32")
+    modes = [r["mode"] for r in rows]
+    assert modes.count("dense") == 1 and modes.count("hook_dense") == 1 and modes.count("decided") == 1
+    forced = [r for r in rows if r["mode"] == "forced"]
+    assert {0.8, 0.9, 0.95} <= {r["level"] for r in forced}
+    for r in rows:
+        assert {"N", "mode", "level", "ms", "ms_dense", "speedup", "peak_mib"} <= set(r)
+        assert r["ms"] > 0 and r["ms_dense"] > 0 and (r["level"] is None) == (r["mode"] in ("dense", "hook_dense"))
+    for r in forced:
+        assert r["ms_with_decision"] > 0 and r["achieved_sparsity"] > 0
+    assert set(record) >= {"model", "model_id", "levels", "source", "rule"}
+    assert e2e_table(rows).count("\n") == len(rows) + 1
