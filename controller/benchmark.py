@@ -29,8 +29,11 @@ E2E_LENGTHS = (2048, 8000, 16384, 32768, 65536, 131072)
 REQUIRED_FORCED = (0.8, 0.9, 0.95)
 
 
+ROUNDS = 3   # every mode is measured once per round, rounds interleaved with dense (the host's speed drifts)
+
+
 def _reps(n: int) -> int:
-    return 10 if n <= 16384 else 5 if n <= 65536 else 3
+    return 5 if n <= 16384 else 3 if n <= 65536 else 2
 
 
 def _measure(fn, n: int) -> tuple[float, float]:
@@ -65,6 +68,18 @@ def _prompt(tokenizer, length: int, vocab: int, device) -> torch.Tensor:
     return torch.tensor([prompt_ids(tokenizer, sample, True)], device=device)
 
 
+class _Samples(dict):
+    """(median ms, max peak MiB) per key over the rounds."""
+    def add(self, key, measured: tuple[float, float]) -> None:
+        self.setdefault(key, []).append(measured)
+
+    def ms(self, key) -> float:
+        return float(np.median([m for m, _ in self[key]]))
+
+    def peak(self, key) -> float:
+        return max(p for _, p in self[key])
+
+
 def _row(n, mode, level, ms, peak, dense, **extra) -> dict:
     row = {"N": n, "mode": mode, "level": level, "ms": round(ms, 3), "ms_dense": round(dense, 3),
            "speedup": round(dense / ms, 3), "peak_mib": round(peak, 1), **extra}
@@ -72,60 +87,68 @@ def _row(n, mode, level, ms, peak, dense, **extra) -> dict:
     return row
 
 
-def _forced_rows(lm, checkpoint, prompts: dict, levels, dense: dict) -> list[dict]:
-    """Each level forced through the hook with probes and the decision (`ms_with_decision`), then the
-    same level forced with the hook detached (a plan set before the forward: no probe, no decision):
-    their difference is the decision's true overhead. The monitor is reset before each measurement,
-    so no window test (once per 100 requests, on a worker thread) runs during the timing."""
+def _forced_round(lm, ckpt, ids, levels, samples: _Samples) -> None:
+    """One round at one length: dense; each level forced with the hook detached (a plan set before
+    the forward: no probe, no decision); each level forced through the hook with probes and the
+    decision. The monitor is reset before each measurement, so no window test (once per 100
+    requests, on a worker thread) runs during the timing."""
     from controller.hook import attach
     from sparse_kernels import SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
-    with_decision = {}
-    with attach(lm, checkpoint, break_even=None) as handle:
+    n, call = int(ids.shape[1]), lambda: lm.model(input_ids=ids, logits_to_keep=1)  # noqa: E731
+    samples.add("dense", _measure(call, n))
+    with attach(lm, ckpt, break_even=None) as handle:
         sparse = (handle.selection, handle.dense_layers, handle.backend)
-        for n, ids in prompts.items():
-            for level in levels:
-                if handle.monitor is not None:
-                    handle.monitor.reset()
-                handle.force_level = level
-                ms, _ = _measure(lambda: lm.model(input_ids=ids, logits_to_keep=1), n)
-                with_decision[n, level] = (ms, handle.last_decisions[0].achieved_sparsity)
-    rows, previous = [], enable_sparse_attention(lm.model)
+        for level in levels:
+            if handle.monitor is not None:
+                handle.monitor.reset()
+            handle.force_level = level
+            samples.add(("decision", level), _measure(call, n))
+            samples.setdefault(("achieved", level), handle.last_decisions[0].achieved_sparsity)
+    previous = enable_sparse_attention(lm.model)
     try:
-        for n, ids in prompts.items():
-            for level in levels:
-                def forced():
-                    plan = SparsePlan(levels=torch.full((1,), level, dtype=torch.float64), selection=sparse[0],
-                                      dense_layers=sparse[1], backend=sparse[2])
-                    with use_plan(plan):
-                        return lm.model(input_ids=ids, logits_to_keep=1)
-                ms, peak = _measure(forced, n)
-                ms_dec, achieved = with_decision[n, level]
-                rows.append(_row(int(ids.shape[1]), "forced", level, ms, peak, dense[n], ms_with_decision=round(ms_dec, 3),
-                                 decision_overhead_ms=round(ms_dec - ms, 3),
-                                 decision_overhead_share=round((ms_dec - ms) / dense[n], 4),
-                                 achieved_sparsity=round(achieved, 4)))
+        for level in levels:
+            def forced():
+                with use_plan(SparsePlan(levels=torch.full((1,), level, dtype=torch.float64), selection=sparse[0],
+                                         dense_layers=sparse[1], backend=sparse[2])):
+                    return call()
+            samples.add(("forced", level), _measure(forced, n))
     finally:
         disable_sparse_attention(lm.model, previous)
+
+
+def _forced_rows(n: int, levels, s: _Samples) -> list[dict]:
+    dense = s.ms("dense")
+    rows = [_row(n, "dense", None, dense, s.peak("dense"), dense)]
+    for level in levels:
+        ms, ms_dec = s.ms(("forced", level)), s.ms(("decision", level))
+        rows.append(_row(n, "forced", level, ms, s.peak(("forced", level)), dense, ms_with_decision=round(ms_dec, 3),
+                         decision_overhead_ms=round(ms_dec - ms, 3), decision_overhead_share=round((ms_dec - ms) / dense, 4),
+                         achieved_sparsity=round(s[("achieved", level)], 4)))
     return rows
 
 
-def _hooked_rows(lm, handle, ids, dense: float) -> list[dict]:
+def _hooked_rows(lm, handle, ids) -> list[dict]:
     """hook_dense: the hook's own path for a request it runs dense (skipped before the probes where
-    its dispatch skips, else probes + decision + dense); decided: the controller's own decision."""
-    n = int(ids.shape[1])
-    call = lambda: lm.model(input_ids=ids, logits_to_keep=1)  # noqa: E731
-    handle.force_level = 0.0
-    ms_probed, peak_probed = _measure(call, n)
-    handle.force_level = None
+    its dispatch skips, else probes + decision + dense); decided: the controller's own decision.
+    Each round measures dense with the hook detached first (`handle.detached()`)."""
+    n, call, s = int(ids.shape[1]), lambda: lm.model(input_ids=ids, logits_to_keep=1), _Samples()  # noqa: E731
+    for _ in range(ROUNDS):
+        with handle.detached():
+            s.add("dense", _measure(call, n))
+        if handle.monitor is not None:
+            handle.monitor.reset()
+        handle.force_level = 0.0
+        s.add("probed", _measure(call, n))
+        handle.force_level = None
+        s.add("own", _measure(call, n))
+    d, dense = handle.last_decisions[0], s.ms("dense")
     skipped = handle._skip_reason(n, [n]) is not None
-    ms, peak = _measure(call, n)
-    d = handle.last_decisions[0]
     own = skipped and d.level == 0   # the hook's own path for this request is the dense one
-    rows = [_row(n, "hook_dense", None, ms if own else ms_probed, peak if own else peak_probed, dense,
-                 path="skipped" if skipped else "probed", ms_probed=round(ms_probed, 3))]
-    rows.append(_row(n, "decided", d.level, ms, peak, dense, fallback=d.fallback, ood=d.ood,
-                     achieved_sparsity=round(d.achieved_sparsity, 4)))
-    return rows
+    key = "own" if own else "probed"
+    return [_row(n, "hook_dense", None, s.ms(key), s.peak(key), dense, path="skipped" if own else "probed",
+                 ms_probed=round(s.ms("probed"), 3)),
+            _row(n, "decided", d.level, s.ms("own"), s.peak("own"), dense, fallback=d.fallback, ood=d.ood,
+                 achieved_sparsity=round(d.achieved_sparsity, 4))]
 
 
 def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, device: str = "cuda",
@@ -139,21 +162,23 @@ def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, devi
     lm = load_model(model_name, dtype=dtype, device=device)
     vocab = lm.model.config.vocab_size
     prompts = {n: _prompt(lm.tokenizer, n, vocab, device) for n in lengths}
-    dense = {n: _measure(lambda: lm.model(input_ids=ids, logits_to_keep=1), n) for n, ids in prompts.items()}
-    rows = [_row(int(prompts[n].shape[1]), "dense", None, ms, peak, ms) for n, (ms, peak) in dense.items()]
     ckpt = load_checkpoint(checkpoint)
     levels = sorted({float(x) for x in ckpt.levels if x > 0} | set(REQUIRED_FORCED))
-    rows += _forced_rows(lm, ckpt, prompts, levels, {n: ms for n, (ms, _) in dense.items()})
+    rows = []
+    for ids in prompts.values():
+        samples = _Samples()
+        for _ in range(ROUNDS):
+            _forced_round(lm, ckpt, ids, levels, samples)
+        rows += _forced_rows(int(ids.shape[1]), levels, samples)
     card = torch.cuda.get_device_name() if device == "cuda" else device
     table = BreakEven.from_rows([r for r in rows if r["mode"] == "forced"], f"measured on {card}")
     with attach(lm, ckpt, break_even=table) as handle:
-        for n, ids in prompts.items():
-            if handle.monitor is not None:
-                handle.monitor.reset()
-            rows += _hooked_rows(lm, handle, ids, dense[n][0])
+        for ids in prompts.values():
+            rows += _hooked_rows(lm, handle, ids)
     record = {"model": model_name, "model_id": model_fingerprint(lm.model)[0]["id"], **table.to_json(),
               "rule": "a level is worth running from the shortest length from which, decision included, it "
-                      "took at most 0.98x dense at that length and every longer measured length"}
+                      "took at most 0.98x dense (median of interleaved rounds) at that length and every longer "
+                      "measured length"}
     return rows, record
 
 

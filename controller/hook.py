@@ -153,6 +153,19 @@ class ControllerHandle:
         self._monitor_worker.shutdown(wait=False, cancel_futures=True)
         disable_sparse_attention(self.model, self._previous)
 
+    @contextlib.contextmanager
+    def detached(self):
+        """Inside the block the model runs as if no controller were attached: its own attention
+        implementation, hooks paused (benchmarks: the unhooked baseline in the same process). It
+        switches the model for every thread: not for use while other threads serve requests."""
+        self._local.paused = True
+        disable_sparse_attention(self.model, self._previous)
+        try:
+            yield self
+        finally:
+            enable_sparse_attention(self.model)
+            self._local.paused = False
+
     def __enter__(self) -> "ControllerHandle":
         return self
 
@@ -176,6 +189,8 @@ class ControllerHandle:
         return self.task[row] if isinstance(self.task, (list, tuple)) else self.task
 
     def _before(self, module, args, kwargs):
+        if getattr(self._local, "paused", False):
+            return None
         try:
             self._start_prefill(args, kwargs)
         except Exception as e:  # noqa: BLE001 - the hook never raises into the caller: this call runs dense
@@ -241,6 +256,7 @@ class ControllerHandle:
         collector = ProbeCollector()
         plan = SparsePlan(levels=None, selection=self.selection, dense_layers=self.dense_layers, backend=self.backend,
                           probe_layers=self.probe_layers, on_probe=lambda layer, stats: self._probe(layer, stats),
+                          before_sparse=self._decide_pending,
                           probe_window=self.probe_window)
         rows = [r.cpu().numpy() for r in rows]
         text = [self._text_worker.submit(text_statistics, ids) for ids in rows]
@@ -267,10 +283,28 @@ class ControllerHandle:
         return float(self.ckpt.levels[idx[0]])
 
     def _probe(self, layer: int, stats: dict) -> None:
-        ctx, plan, collector, rows, info, text = self._active
+        """A probe layer's statistics; after the last one, their copy to the host starts and the
+        decision waits for the first sparse layer (`SparsePlan.before_sparse`), so the GPU runs the
+        layers queued in between while the host decides."""
+        collector = self._active[2]
         collector(layer, stats)
-        if layer != max(self.probe_layers):
-            return
+        if layer == max(self.probe_layers):
+            collector.start_copy()
+
+    def _decide_pending(self) -> None:
+        """Every row's level, set on the plan (the plan's `before_sparse`, called inside the model's
+        forward: nothing may escape, so any failure runs the whole call dense)."""
+        plan, rows, info = self._active[1], self._active[3], self._active[4]
+        try:
+            self._decide_rows()
+        except Exception as e:  # noqa: BLE001 - e.g. the thread pools could not be limited
+            log.warning("controller failed (%s: %s); running this call dense", type(e).__name__, e)
+            for r in range(len(rows)):
+                info[r] = (1.0, f"{type(e).__name__}: {e}", False, None)
+            plan.set_levels(torch.zeros(len(rows), dtype=torch.float64))
+
+    def _decide_rows(self) -> None:
+        ctx, plan, collector, rows, info, text = self._active
         start = time.perf_counter()
         levels = np.zeros(len(rows))
         with self._one_thread():
@@ -310,6 +344,9 @@ class ControllerHandle:
         if self._active is None:
             return None
         ctx, plan, collector, rows, info, _ = self._active
+        if plan.levels is None and plan.before_sparse is not None and collector.layers:
+            plan.before_sparse = None   # no sparse layer ran (every layer dense): decide for the record
+            self._decide_pending()
         self._active = None
         ctx.__exit__(None, None, None)
         levels = plan.levels.tolist() if plan.levels is not None else [0.0] * len(rows)

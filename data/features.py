@@ -14,6 +14,7 @@ import zlib
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from sparse_kernels.probes import PROBE_STATS
@@ -34,16 +35,36 @@ class ProbeCollector:
     def __init__(self):
         self.layers: dict[int, dict[str, torch.Tensor]] = {}
         self._host: np.ndarray | None = None   # [layers, stats, B] once read
+        self._copy: tuple[torch.Tensor, torch.cuda.Event] | None = None   # a copy under way (pinned, event)
 
     def __call__(self, layer: int, stats: dict[str, torch.Tensor]) -> None:
         self.layers[layer] = {k: v.detach() for k, v in stats.items()}
-        self._host = None
+        self._host, self._copy = None, None
+
+    def _stacked(self) -> torch.Tensor:
+        return torch.stack([torch.stack([st[s].float() for s in PROBE_STATS]) for st in self.layers.values()])
+
+    def start_copy(self) -> None:
+        """Start the device-to-host copy without waiting (CUDA: into pinned memory, with an event):
+        `host()` then waits for these statistics only, not for the kernels queued after them."""
+        stacked = self._stacked()
+        if not stacked.is_cuda:
+            self._host = stacked.numpy()
+            return
+        pinned = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+        pinned.copy_(stacked, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._copy = (pinned, done)
 
     def host(self) -> np.ndarray:
         """[layers, PROBE_STATS, B] float32 on the host (one device-to-host copy)."""
+        if self._host is None and self._copy is not None:
+            pinned, done = self._copy
+            done.synchronize()
+            self._host, self._copy = pinned.numpy(), None
         if self._host is None:
-            stacked = torch.stack([torch.stack([st[s].float() for s in PROBE_STATS]) for st in self.layers.values()])
-            self._host = stacked.cpu().numpy()
+            self._host = self._stacked().cpu().numpy()
         return self._host
 
     def pooled(self, row: int) -> dict[str, float]:
@@ -54,16 +75,25 @@ class ProbeCollector:
         return {s: float(values[:, i].mean()) for i, s in enumerate(PROBE_STATS)}
 
 
+def _distinct(values: np.ndarray) -> int:
+    """Number of distinct values: a count table for small non-negative ids, a hash table otherwise
+    (both exact; neither sorts)."""
+    if values.size and values.dtype == np.int32 and values.min() >= 0 and values.max() < 1 << 22:
+        return int(np.count_nonzero(np.bincount(values)))
+    return len(pd.unique(values))
+
+
 def text_statistics(token_ids: Sequence[int] | np.ndarray) -> dict[str, float]:
-    """zlib ratio of the int32 ids, distinct-token share, repeated-bigram share (numpy, ~1 ms at 8K)."""
+    """zlib ratio of the int32 ids, distinct-token share, repeated-bigram share. The hook computes
+    them on a worker while the probe layers run; zlib (GIL released) dominates: ~12 ms at 32K."""
     ids = np.asarray(token_ids, dtype=np.int32)
     raw = ids.tobytes()
     n = max(len(ids), 1)
     pairs = (ids[:-1].astype(np.int64) << 32) | ids[1:].astype(np.int64)
     return {
         "compression_ratio": len(zlib.compress(raw, 6)) / max(len(raw), 1),
-        "unique_token_ratio": np.unique(ids).size / n,
-        "repeated_bigram_ratio": 1.0 - np.unique(pairs).size / max(len(ids) - 1, 1),
+        "unique_token_ratio": _distinct(ids) / n,
+        "repeated_bigram_ratio": 1.0 - _distinct(pairs) / max(len(ids) - 1, 1),
     }
 
 

@@ -12,6 +12,7 @@ hook) sets a plan. Rules, per attention call:
 - prefill of a layer in `dense_layers`, or every row at level 0 -> dense SDPA, with its blocks
   counted as host-side integers (no GPU work, no host sync: a request run dense pays nothing per layer);
 - probe layers (a subset of the dense ones) call `on_probe(layer_idx, stats)` first;
+- the first sparse layer reached with no levels yet calls `before_sparse()` once (a deferred decision);
 - otherwise: select blocks per row at density 1 - level, run the backend, count the blocks.
 Imports nothing from `data/` or `controller/`.
 """
@@ -96,6 +97,9 @@ class SparsePlan:
     probe_layers: frozenset[int] = frozenset()
     on_probe: Callable[[int, dict[str, torch.Tensor]], None] | None = None
     probe_window: int = 64
+    # called once, at the first sparse layer reached while levels is None, to set them (the hook decides
+    # there: the GPU still has the layers queued after the last probe to run while the host decides)
+    before_sparse: Callable[[], None] | None = None
     counts: BlockCounts = field(default_factory=BlockCounts)
     all_dense: bool = True   # every row at level 0 (kept by set_levels; the adapter reads it per layer)
 
@@ -149,6 +153,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     if plan.on_probe is not None and layer in plan.probe_layers:   # probe layers are dense layers
         plan.on_probe(layer, attention_probe(query, key, scale, plan.probe_window, plan.selection.block_size,
                                              _key_valid(attention_mask), plan.selection))
+    if plan.levels is None and plan.before_sparse is not None and layer not in plan.dense_layers:
+        decide, plan.before_sparse = plan.before_sparse, None
+        decide()
     levels = plan.levels
     if layer in plan.dense_layers or levels is None or plan.all_dense:
         # the dense path: host-side accounting only, then exactly transformers' SDPA

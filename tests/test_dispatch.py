@@ -3,6 +3,8 @@ zero-cost dense path (no plan, no probe, logits bit-identical to unhooked SDPA),
 path (also bit-identical) and the veto of levels slower than dense at a length."""
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -153,3 +155,54 @@ def test_benchmark_end_to_end_rows_and_break_even_on_the_tiny_model(tiny_trained
         assert r["ms_with_decision"] > 0 and r["achieved_sparsity"] > 0
     assert set(record) >= {"model", "model_id", "levels", "source", "rule"}
     assert e2e_table(rows).count("\n") == len(rows) + 1
+
+
+def test_the_deferred_decision_runs_once_at_the_first_sparse_layer(tiny_lm, gen):
+    from sparse_kernels import SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
+    from sparse_kernels.select import SelectionSpec
+    seen, calls = [], []
+    real = adapter.sdpa_attention_forward
+
+    def traced(module, *a, **k):
+        seen.append(module.layer_idx)
+        return real(module, *a, **k)
+    previous = enable_sparse_attention(tiny_lm.model)
+    plan = SparsePlan(levels=None, selection=SelectionSpec(block_size=32), dense_layers=frozenset({0}),
+                      backend="reference")
+    plan.before_sparse = lambda: (calls.append(list(seen)), plan.set_levels(torch.zeros(1)))
+    ids = torch.randint(0, 1000, (1, 80), generator=gen)
+    try:
+        with use_plan(plan), torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(adapter, "sdpa_attention_forward", traced)
+            tiny_lm.model(input_ids=ids)
+    finally:
+        disable_sparse_attention(tiny_lm.model, previous)
+    assert calls == [[0]] and plan.before_sparse is None   # after dense layer 0, before layer 1, once
+
+
+def test_probe_statistics_copied_ahead_read_the_same(gen):
+    from data.features import ProbeCollector
+    from sparse_kernels.probes import PROBE_STATS
+    stats = [{s: torch.rand(2, generator=gen) for s in PROBE_STATS} for _ in range(2)]
+    direct, ahead = ProbeCollector(), ProbeCollector()
+    for layer, st in enumerate(stats):
+        direct(layer, st)
+        ahead(layer, st)
+    ahead.start_copy()
+    assert np.array_equal(direct.host(), ahead.host()) and direct.pooled(1) == ahead.pooled(1)
+
+
+def test_detached_handle_runs_the_unhooked_model(tiny_lm, tiny_trained, monkeypatch):
+    job, _, ckpt, _, _ = tiny_trained
+    ids = _ids(job, tiny_lm.tokenizer, 0)
+    calls = _counting_probes(monkeypatch)
+    unhooked_impl = tiny_lm.model.config._attn_implementation
+    with attach(tiny_lm, ckpt, break_even=None) as handle, torch.no_grad():
+        hooked_impl = tiny_lm.model.config._attn_implementation
+        with handle.detached():
+            assert tiny_lm.model.config._attn_implementation == unhooked_impl
+            tiny_lm.model(input_ids=ids)
+            assert not calls
+        assert tiny_lm.model.config._attn_implementation == hooked_impl
+        tiny_lm.model(input_ids=ids)
+        assert calls

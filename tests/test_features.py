@@ -60,8 +60,8 @@ def test_text_statistics_equal_their_plain_python_definition():
 
     from data.features import text_statistics
     rng = random.Random(0)
-    for n in (1, 2, 17, 500):
-        ids = [rng.randrange(0, 60) for _ in range(n)]
+    for n, vocab in ((1, 60), (2, 60), (17, 60), (500, 60), (3000, 49152), (3000, 1 << 23)):
+        ids = [rng.randrange(0, vocab) for _ in range(n)]
         raw = np.asarray(ids, dtype=np.int32).tobytes()
         want = {"compression_ratio": len(zlib.compress(raw, 6)) / len(raw),
                 "unique_token_ratio": len(set(ids)) / n,
