@@ -39,7 +39,8 @@ import torch
 from data.errors import UserError
 from data.features import ProbeCollector, compute_features, feature_vector, text_statistics
 from data.models import LoadedModel, model_fingerprint
-from sparse_kernels import SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
+from sparse_kernels import (SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention,
+                            unsupported_reason, use_plan)
 from sparse_kernels.dispatch import BreakEven, recorded_break_even
 
 from .export import ControllerCheckpoint, load_checkpoint
@@ -392,4 +393,7 @@ def attach(model, checkpoint: str | Path | ControllerCheckpoint, task: str | lis
         model = model.model
     ckpt = checkpoint if isinstance(checkpoint, ControllerCheckpoint) else load_checkpoint(checkpoint)
     check_model(model, ckpt, strict)
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise UserError(reason)
     return ControllerHandle(model, ckpt, task, resolve_break_even(model, break_even))

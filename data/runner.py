@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
+from sparse_kernels import unsupported_reason
+
 from .config import LabelJobConfig
 from .labeling import Labeler, PlannedSample, plan_samples, realize, store_meta
 from .models import LoadedModel, load_model, resolve_dtype
@@ -175,6 +177,10 @@ def check_devices(job: LabelJobConfig) -> None:
 
 
 def check_layers(job: LabelJobConfig, lm: LoadedModel) -> None:
+    """The sparse settings fit this model (layer indices, attention the sparse paths can honour)."""
+    reason = unsupported_reason(lm.model)
+    if reason is not None:
+        raise UserError(f"{job.model.name}: {reason}")
     n = getattr(getattr(lm.model, "config", None), "num_hidden_layers", None)
     layers = (*job.sparse.dense_layers, *job.sparse.probe_layers)
     if isinstance(n, int) and layers and max(layers) >= n:

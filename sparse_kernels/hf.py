@@ -9,6 +9,8 @@ The adapter knows nothing about controllers: whoever runs the model (the labeler
 hook) sets a plan. Rules, per attention call:
 - no current plan, decode (query length 1) or a prefill continuing a cache -> dense SDPA,
   exactly transformers' own `sdpa_attention_forward`;
+- a sliding-window layer (transformers passes `sliding_window`) -> dense SDPA with the model's own
+  window mask, always, counted as a dense layer over the blocks its window reaches;
 - prefill of a layer in `dense_layers`, or every row at level 0 -> dense SDPA, with its blocks
   counted as host-side integers (no GPU work, no host sync: a request run dense pays nothing per layer);
 - probe layers (a subset of the dense ones) call `on_probe(layer_idx, stats)` first;
@@ -156,7 +158,12 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     if plan.levels is None and plan.before_sparse is not None and layer not in plan.dense_layers:
         decide, plan.before_sparse = plan.before_sparse, None
         decide()
-    levels = plan.levels
+    levels, window = plan.levels, kwargs.get("sliding_window")
+    if window is not None:
+        # a sliding-window layer runs exactly as the model defines it (its mask holds the window) and
+        # counts as a dense layer: sparsity applies to global layers only
+        _count_dense(plan, query, sparse=False, window=int(window))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if layer in plan.dense_layers or levels is None or plan.all_dense:
         # the dense path: host-side accounting only, then exactly transformers' SDPA
         _count_dense(plan, query, sparse=layer not in plan.dense_layers)
@@ -180,10 +187,35 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     return out.transpose(1, 2).contiguous(), None
 
 
-def _count_dense(plan: SparsePlan, query: torch.Tensor, sparse: bool) -> None:
+def _count_dense(plan: SparsePlan, query: torch.Tensor, sparse: bool, window: int | None = None) -> None:
+    """Blocks a dense call computes: the causal ones, or within a sliding window only those it reaches."""
     b, h, n, _ = query.shape
-    nq = -(-n // plan.selection.block_size)
-    plan.counts.add_dense(b, h * nq * (nq + 1) // 2, sparse)
+    bs = plan.selection.block_size
+    nq = -(-n // bs)
+    if window is None or window >= n:
+        blocks = nq * (nq + 1) // 2
+    else:   # query block i reaches back at most ceil(window / bs) blocks before its own
+        reach = -(-window // bs) + 1
+        blocks = sum(min(i + 1, reach) for i in range(nq))
+    plan.counts.add_dense(b, h * blocks, sparse)
+
+
+class UnsupportedModel(ValueError):
+    """The model's attention has a feature the sparse paths do not implement."""
+
+
+def unsupported_reason(model) -> str | None:
+    """Why block-sparse attention cannot honour this model's attention, or None. (Sliding-window
+    layers are honoured: they always run dense. Attention scaling is honoured by every backend.)"""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(cfg, "attn_logit_softcapping", None)
+    if cap is not None:
+        return (f"{cfg.model_type} caps attention logits (attn_logit_softcapping={cap}), which the sparse backends "
+                "do not implement; this model cannot run block-sparse attention")
+    if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()):
+        return (f"{cfg.model_type} has learned attention sinks, which the sparse backends do not implement; "
+                "this model cannot run block-sparse attention")
+    return None
 
 
 def register() -> None:
@@ -193,7 +225,11 @@ def register() -> None:
 
 
 def enable_sparse_attention(model) -> str:
-    """Switch `model` to the adapter; returns the implementation to restore later."""
+    """Switch `model` to the adapter; returns the implementation to restore later. Raises
+    UnsupportedModel for attention it cannot honour (`unsupported_reason`)."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise UnsupportedModel(reason)
     register()
     previous = model.config._attn_implementation
     if previous != ATTENTION_NAME:

@@ -73,12 +73,17 @@ def _counting_probes(monkeypatch):
     return calls
 
 
+def _unhooked(tiny_lm, job, i, monkeypatch):
+    """(ids of sample i, the unhooked model's logits, the probe-call counter installed after them)."""
+    ids = _ids(job, tiny_lm.tokenizer, i)
+    with torch.no_grad():
+        logits = tiny_lm.model(input_ids=ids).logits
+    return ids, logits, _counting_probes(monkeypatch)
+
+
 def test_below_break_even_runs_exactly_unhooked_sdpa_without_probes(tiny_lm, tiny_trained, monkeypatch):
     job, _, ckpt, _, _ = tiny_trained
-    ids = _ids(job, tiny_lm.tokenizer, 0)
-    with torch.no_grad():
-        unhooked = tiny_lm.model(input_ids=ids).logits
-    calls = _counting_probes(monkeypatch)
+    ids, unhooked, calls = _unhooked(tiny_lm, job, 0, monkeypatch)
     with attach(tiny_lm, ckpt, break_even={0.5: 10**6}) as handle, torch.no_grad():
         hooked = tiny_lm.model(input_ids=ids).logits
         (d,) = handle.last_decisions
@@ -90,10 +95,7 @@ def test_below_break_even_runs_exactly_unhooked_sdpa_without_probes(tiny_lm, tin
 
 def test_probed_dense_path_gives_bit_identical_logits(tiny_lm, tiny_trained, monkeypatch):
     job, _, ckpt, _, _ = tiny_trained
-    ids = _ids(job, tiny_lm.tokenizer, 3)
-    with torch.no_grad():
-        unhooked = tiny_lm.model(input_ids=ids).logits
-    calls = _counting_probes(monkeypatch)
+    ids, unhooked, calls = _unhooked(tiny_lm, job, 3, monkeypatch)
     with attach(tiny_lm, ckpt, break_even=None) as handle, torch.no_grad():
         handle.force_level = 0.0   # probes and the decision run, then every layer dense
         hooked = tiny_lm.model(input_ids=ids).logits
@@ -206,3 +208,24 @@ def test_detached_handle_runs_the_unhooked_model(tiny_lm, tiny_trained, monkeypa
         assert tiny_lm.model.config._attn_implementation == hooked_impl
         tiny_lm.model(input_ids=ids)
         assert calls
+
+
+def test_committed_benchmark_json_carries_the_promised_rows_and_table():
+    from sparse_kernels.dispatch import BENCH_DIR
+    d = json.loads((BENCH_DIR / "h200.json").read_text())
+    assert d["device"] and {"torch", "triton", "transformers"} <= set(d["versions"])
+    rows = d["end_to_end"]
+    for r in rows:
+        assert {"N", "mode", "level", "ms", "ms_dense"} <= set(r) and r["mode"] in ("dense", "hook_dense", "forced", "decided")
+        assert (r["level"] is None) == (r["mode"] in ("dense", "hook_dense")) and r["ms"] > 0 and r["ms_dense"] > 0
+    lengths = {r["N"] for r in rows}
+    assert len(lengths) == 6 and min(lengths) <= 2048 and max(lengths) >= 131072
+    for n in lengths:
+        modes = {(r["mode"], r["level"]) for r in rows if r["N"] == n}
+        assert {("dense", None), ("hook_dense", None), ("forced", 0.8), ("forced", 0.9), ("forced", 0.95)} <= modes
+        assert any(m == "decided" for m, _ in modes)
+    kernel_keys = {"N", "hq", "hkv", "d", "block", "kept", "ms_sdpa", "ms_flex", "ms_triton", "ms_ideal", "triton_over_ideal"}
+    assert d["kernels"] and all(kernel_keys <= set(r) for r in d["kernels"])
+    table = recorded_break_even(d["break_even"]["model_id"], d["device"])
+    assert table is not None and table.levels and BreakEven.from_rows(
+        [r for r in rows if r["mode"] == "forced"], "check").levels == table.levels

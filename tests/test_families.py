@@ -1,0 +1,127 @@
+"""The adapter on tiny random models of five architecture families, built offline from configs:
+level 0 equals the unhooked model's logits, sparse levels equal the reference backend, sliding-window
+layers are left exactly as the model defines them (never block-sparse), and attention the sparse
+paths cannot honour (logit softcapping) is refused in one line."""
+import pytest
+import torch
+
+import sparse_kernels.hf as adapter
+from sparse_kernels import (SelectionSpec, SparsePlan, UnsupportedModel, disable_sparse_attention,
+                            enable_sparse_attention, use_plan)
+
+N, VOCAB, WINDOW, BLOCK = 150, 512, 48, 32
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, attn_implementation="sdpa")
+SLIDING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+
+def build(family: str):
+    import transformers as tf
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**COMMON),
+        "qwen2": lambda: tf.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=WINDOW, layer_types=SLIDING),
+        "qwen3": lambda: tf.Qwen3Config(**COMMON),
+        "mistral": lambda: tf.MistralConfig(**COMMON, sliding_window=WINDOW),
+        "gemma3": lambda: tf.Gemma3TextConfig(**COMMON, sliding_window=WINDOW, layer_types=SLIDING,
+                                              query_pre_attn_scalar=24),
+        "gemma2": lambda: tf.Gemma2Config(**{**COMMON, "attn_implementation": "eager"}, sliding_window=WINDOW,
+                                          attn_logit_softcapping=50.0),
+    }
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        cfg = configs[family]()
+        model = tf.Gemma3ForCausalLM(cfg) if family == "gemma3" else tf.AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+def sliding_layers(model) -> set[int]:
+    """Layers the model itself runs with a sliding window (what transformers passes per layer)."""
+    cfg = model.config
+    if getattr(cfg, "layer_types", None) and getattr(cfg, "sliding_window", None):
+        if cfg.model_type == "qwen2" and not cfg.use_sliding_window:
+            return set()
+        return {i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"}
+    return set(range(cfg.num_hidden_layers)) if getattr(cfg, "sliding_window", None) else set()
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
+
+
+def _ids():
+    return torch.randint(0, VOCAB, (2, N), generator=torch.Generator().manual_seed(0))
+
+
+def _run(model, plan=None):
+    with torch.no_grad():
+        if plan is None:
+            return model(input_ids=_ids()).logits
+        previous = enable_sparse_attention(model)
+        try:
+            with use_plan(plan):
+                return model(input_ids=_ids()).logits
+        finally:
+            disable_sparse_attention(model, previous)
+
+
+def _plan(levels, dense_layers, backend):
+    return SparsePlan(levels=torch.tensor(levels, dtype=torch.float64), selection=SelectionSpec(block_size=BLOCK),
+                      dense_layers=frozenset(dense_layers), backend=backend)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_level_zero_equals_the_unhooked_model(family):
+    model = build(family)
+    assert torch.equal(_run(model, _plan([0.0, 0.0], {0}, "reference")), _run(model))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sliding_window_layers_are_never_block_sparse(family, monkeypatch):
+    model = build(family)
+    sliding, layers = sliding_layers(model), set(range(model.config.num_hidden_layers))
+    assert family not in ("qwen2", "mistral", "gemma3") or sliding, "the test needs sliding layers"
+    # every global layer dense: a sparse level may touch nothing, so logits equal the unhooked model's
+    plan = _plan([0.9, 0.9], layers - sliding, "reference")
+    assert torch.equal(_run(model, plan), _run(model))
+    assert plan.counts.causal_sparse == 0
+    # global layers sparse: each sliding layer still goes to SDPA with the model's own (window) mask
+    dense_calls = []
+    real = adapter.sdpa_attention_forward
+
+    def traced(module, *a, **k):
+        dense_calls.append(module.layer_idx)
+        return real(module, *a, **k)
+    monkeypatch.setattr(adapter, "sdpa_attention_forward", traced)
+    plan = _plan([0.9, 0.9], {0} - sliding, "reference")
+    _run(model, plan)
+    assert set(dense_calls) == sliding | ({0} - sliding)
+    nq = -(-N // BLOCK)   # the sparse share is counted over the global, non-dense layers only
+    assert plan.counts.causal_sparse == len(layers - sliding - {0}) * 4 * nq * (nq + 1) // 2
+    if layers - sliding - {0}:
+        assert plan.counts.achieved_sparsity().min() > 0.3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_levels_on_triton_equal_the_reference_backend(family):
+    model = build(family)
+    plan = lambda backend: _plan([0.0, 0.8], {0}, backend)  # noqa: E731
+    ref, tri = _run(model, plan("reference")), _run(model, plan("triton"))
+    assert torch.allclose(tri, ref, atol=2e-4, rtol=1e-3), (tri - ref).abs().max()
+
+
+def test_sliding_layers_count_only_the_blocks_their_window_reaches():
+    model = build("gemma3")
+    plan = _plan([0.0, 0.0], {0, 1, 2, 3}, "reference")
+    _run(model, plan)
+    nq = -(-N // BLOCK)
+    causal = 4 * nq * (nq + 1) // 2                       # heads x causal blocks of one layer
+    reach = -(-WINDOW // BLOCK) + 1
+    window = 4 * sum(min(i + 1, reach) for i in range(nq))
+    assert plan.counts.dense_all == 2 * causal + 2 * window
+
+
+def test_softcapped_attention_is_refused_in_one_line():
+    model = build("gemma2")
+    with pytest.raises(UnsupportedModel, match="attn_logit_softcapping=50.0") as err:
+        enable_sparse_attention(model)
+    assert "\n" not in str(err.value)
+    assert model.config._attn_implementation == "eager"   # the model is left as it was
