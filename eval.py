@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.errors import UserError
+from data.errors import UserError, check_output_folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         from controller.pipeline import evaluate_checkpoint
+        check_output_folder(args.out, f"--out {args.out}")
         criterion = "fidelity" if args.prompts and args.criterion is None else args.criterion
         out = evaluate_checkpoint(args.checkpoint, args.out, labels=args.labels, ruler=args.ruler,
                                   prompts=args.prompts, criterion=criterion)

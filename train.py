@@ -19,7 +19,7 @@ from pathlib import Path
 
 from controller.config import ControllerJobConfig
 from data.config import load_config
-from data.errors import UserError
+from data.errors import UserError, check_output_folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,8 +35,10 @@ def check_out(job: ControllerJobConfig, overwrite: bool) -> None:
     ckpt = Path(job.out) / "checkpoint"
     if "train" in job.stages and ckpt.exists() and not overwrite:
         raise UserError(f"{ckpt} exists; pass --overwrite to replace it, or choose another out=DIR")
-    if Path(job.out).is_file():
-        raise UserError(f"out={job.out} is a file; give a folder")
+    if "train" in job.stages:
+        check_output_folder(job.out, f"out={job.out}")
+    if "label" in job.stages or job.labels is None:   # labels are written into labeling.out
+        check_output_folder(job.labeling.out, f"labeling.out={job.labeling.out}")
 
 
 def save_resolved_config(job: ControllerJobConfig) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from data.config import DataConfig
-from data.errors import UserError
+from data.errors import UserError, check_output_folder
 from data.store import criterion_dict
 from data.tasks import read_prompts
 
@@ -125,11 +125,7 @@ def certified_line(r: Recalibrated) -> str:
 def _check_out(out: Path, checkpoint: Path) -> None:
     if out.resolve() == checkpoint.resolve():
         raise UserError(f"--out {out} is the input checkpoint; write the recalibrated one to a new folder")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is an existing file; give a folder path for the new checkpoint")
-    parent = next((p for p in out.resolve().parents if p.exists()), None)
-    if parent is None or not parent.is_dir():
-        raise UserError(f"--out {out} lies under a file; give a folder path for the new checkpoint")
+    check_output_folder(out, f"--out {out}")
 
 
 def _prompt_count(prompts: str, criterion: dict, max_requests: int | None) -> int:

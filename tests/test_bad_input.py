@@ -1,5 +1,6 @@
 """The bad-input corpus: every case prints exactly one `error:` line, exits with code 2 and leaves
 no new file. Config values, overrides, config files, tasks, models and devices, paths."""
+import os
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,32 @@ def test_out_that_is_a_file(capsys, tmp_path):
     f = tmp_path / "afile"
     f.write_text("x")
     _check(capsys, tmp_path, ["--config", DEMO, f"out={f}"], "is a file")
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_output_folders_that_cannot_be_folders(capsys, tmp_path, where, tiny_trained):
+    import calibrate as calibrate_cli
+    import eval as eval_cli
+    f = tmp_path / "afile"
+    f.write_text("x")
+    bad = f if where == "file" else f / "sub" / "dir"
+    words = "is a file" if where == "file" else "lies under a file"
+    _check(capsys, tmp_path, ["--config", DEMO, f"out={bad}"], words)
+    _check(capsys, tmp_path, ["--config", TINY, f"labeling.out={bad}"], words)
+    for cli in (eval_cli, calibrate_cli):
+        before = _files(tmp_path)
+        code = cli.main(["--checkpoint", str(tiny_trained[2]), "--prompts", str(f), "--out", str(bad)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("error: ") and "\n" not in err and words in err, err
+        assert _files(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_output_folder_that_is_not_writable(capsys, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        _check(capsys, tmp_path, ["--config", DEMO, f"out={ro / 'run'}"], "is not writable")
+    finally:
+        ro.chmod(0o755)
