@@ -71,6 +71,8 @@ def run(job: ControllerJobConfig) -> str | None:
     from controller.pipeline import evaluate_checkpoint, resolve_labels, train_controller
     from dataclasses import replace
     labels = resolve_labels(job)
+    if labels is None:   # a non-zero rank of the labeling run: its share is written; rank 0 trains
+        return None
     save_resolved_config(job)
     checkpoint = train_controller(replace(job, labels=labels)).checkpoint
     print(f"checkpoint: {checkpoint}")

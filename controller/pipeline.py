@@ -59,8 +59,9 @@ def _check_reuse(meta: dict, job: ControllerJobConfig, root: str) -> None:
                         "point `labels` at a matching store or set labels: null to label anew")
 
 
-def resolve_labels(job: ControllerJobConfig) -> str:
-    """The label store to train on: `job.labels` if set (checked), else labeling into labeling.out."""
+def resolve_labels(job: ControllerJobConfig) -> str | None:
+    """The label store to train on: `job.labels` if set (checked), else labeling into labeling.out
+    (None on the non-zero ranks of a distributed labeling run: rank 0 trains)."""
     if job.labels is not None:
         from data.store import LabelStore
         if not Path(job.labels).is_dir():
@@ -69,7 +70,7 @@ def resolve_labels(job: ControllerJobConfig) -> str:
         return job.labels
     from data.runner import run_labeling
     store = run_labeling(job.label_job())
-    return str(store.root)
+    return None if store is None else str(store.root)
 
 
 def build_policies(net, train: LabelArrays, seed: int, rule: str, guard: ShiftGuard | None = None,

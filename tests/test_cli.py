@@ -101,3 +101,23 @@ def test_an_existing_checkpoint_is_replaced_only_with_overwrite(capsys, tmp_path
     import yaml
     resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
     assert resolved["train"]["max_epochs"] == 2 and resolved["labels"] == "data/labels/smollm2-135m/v2"
+
+
+def test_labeling_on_two_ranks_then_training_in_one_command(tmp_path):
+    """train.py with labeling on 2 gloo ranks (Lightning's subprocess DDP launcher) and training:
+    every rank labels its share, rank 1 then exits cleanly and rank 0 trains and evaluates."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "train.py", "--config", "configs/test_tiny_controller.yaml", "stages=[train, evaluate]",
+           "labels=null", "labeling.devices=2", "labeling.strategy=ddp", f"labeling.out={tmp_path / 'labels'}",
+           f"out={tmp_path / 'run'}"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and "Traceback" not in log and "Error" not in log, log[-3000:]
+    shards = sorted(p.name for p in (tmp_path / "labels" / "shards").iterdir())
+    assert any(n.startswith("part-r000-") for n in shards) and any(n.startswith("part-r001-") for n in shards)
+    assert (tmp_path / "run" / "checkpoint" / "controller.json").is_file()
+    assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "run" / "report")
