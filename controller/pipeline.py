@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,14 +105,32 @@ def fit_guard(net, cal: LabelArrays, calibration: dict, ignore_task: bool) -> Sh
                           ignore_task=ignore_task)
 
 
-def calibration_data(source: str, cal: LabelArrays, criterion: dict, store: str, files: list | None = None) -> dict:
+def path_from(target: str | Path, checkpoint_dir: str | Path) -> str:
+    """`target` relative to a checkpoint folder (recorded beside the path as given, so a checkpoint
+    moved together with its stores still finds them)."""
+    return os.path.relpath(Path(target).resolve(), Path(checkpoint_dir).resolve())
+
+
+def find_store(path: str, from_checkpoint: str | None, checkpoint_dir: str | Path | None, what: str) -> str:
+    """A store a checkpoint names: at its recorded path, else relative to the checkpoint folder."""
+    if Path(path).is_dir():
+        return path
+    if from_checkpoint and checkpoint_dir is not None and (Path(checkpoint_dir) / from_checkpoint).is_dir():
+        return str(Path(checkpoint_dir) / from_checkpoint)
+    where = f" or {Path(checkpoint_dir) / from_checkpoint}" if from_checkpoint and checkpoint_dir is not None else ""
+    raise UserError(f"the checkpoint's {what} label store is missing (looked at {path}{where}); "
+                    "put the store back at one of those paths")
+
+
+def calibration_data(source: str, cal: LabelArrays, criterion: dict, store: str, checkpoint_dir: Path,
+                     files: list | None = None) -> dict:
     """What a checkpoint's guarantee was calibrated on, for its record and reports."""
-    return {"source": source, "label_store": store, "label_store_sha256": store_hash(store), "files": files or [],
-            **requests_summary(cal, criterion)}
+    return {"source": source, "label_store": store, "label_store_from_checkpoint": path_from(store, checkpoint_dir),
+            "label_store_sha256": store_hash(store), "files": files or [], **requests_summary(cal, criterion)}
 
 
 def make_record(job: ControllerJobConfig, meta: dict, labels: str, net, cal, info: dict, arrays: LabelArrays,
-                guard: ShiftGuard, cal_data: dict) -> dict:
+                guard: ShiftGuard, cal_data: dict, checkpoint_dir: Path) -> dict:
     from data.labeling import _git_sha
     return {"guard": guard.to_json(), "calibration_data": cal_data,
         "feature_version": FEATURE_VERSION, "feature_names": list(FEATURE_NAMES),
@@ -119,7 +138,8 @@ def make_record(job: ControllerJobConfig, meta: dict, labels: str, net, cal, inf
         "grid": [float(x) for x in arrays.levels], "sparse": meta["identity"]["sparse"],
         "calibration": cal.to_json(), "alpha": cal.alpha, "delta": cal.delta,
         "model": {"name": meta.get("model_name"), "fingerprint": meta["identity"]["model"]},
-        "label_store": {"path": labels, "sha256": store_hash(labels), "samples": len(arrays)},
+        "label_store": {"path": labels, "path_from_checkpoint": path_from(labels, checkpoint_dir),
+                        "sha256": store_hash(labels), "samples": len(arrays)},
         "criterion": criterion_dict(job.criterion), "split": asdict(job.split), "sweep": list(job.calibration.sweep), "decision": job.calibration.decision,
         "net": {"n_features": len(FEATURE_NAMES), "n_sparse_levels": len(arrays.levels) - 1, **asdict(job.net)},
         "training": {**info, **asdict(job.train)}, "versions": versions(), "git_sha": _git_sha(),
@@ -154,8 +174,10 @@ def train_on_arrays(job: ControllerJobConfig, arrays: LabelArrays, meta: dict, l
         print(f"warning: no threshold passes Learn-then-Test at alpha={cal.alpha}, delta={cal.delta} on "
               f"{cal.n} calibration requests; the controller falls back to dense for every request")
     guard = fit_guard(net, cal_arrays, asdict(job.calibration), ignore_task=job.train.task_dropout >= 1.0)
-    cal_data = calibration_data(f"calibration split of label store {labels}", cal_arrays, criterion_dict(job.criterion), labels)
-    path = export_checkpoint(out / "checkpoint", net, make_record(job, meta, labels, net, cal, info, arrays, guard, cal_data))
+    ckpt_dir = out / "checkpoint"
+    cal_data = calibration_data(f"calibration split of label store {labels}", cal_arrays, criterion_dict(job.criterion),
+                                labels, ckpt_dir)
+    path = export_checkpoint(ckpt_dir, net, make_record(job, meta, labels, net, cal, info, arrays, guard, cal_data, ckpt_dir))
     return Trained(path, net, cal)
 
 
@@ -179,20 +201,19 @@ def label_requests(ckpt: ControllerCheckpoint, data: DataConfig, out: Path, crit
     return "" if store is None else str(store.root)   # "": a non-zero rank of a distributed run
 
 
-def calibration_arrays(rec: dict, criterion: dict) -> tuple[LabelArrays, LabelArrays, str]:
+def calibration_arrays(rec: dict, criterion: dict, checkpoint_dir: str | Path | None = None
+                       ) -> tuple[LabelArrays, LabelArrays, str]:
     """(training split, calibration requests, where they come from) of a checkpoint: the requests it
     was last calibrated on (its own store's calibration split, or a recalibration's label store)."""
-    train_root = rec["label_store"]["path"]
-    if not Path(train_root).is_dir():
-        raise UserError(f"the checkpoint's training label store {train_root} is missing; baselines are fitted on it")
+    recorded = rec["label_store"]["path"]
+    train_root = find_store(recorded, rec["label_store"].get("path_from_checkpoint"), checkpoint_dir, "training")
     arrays, _ = arrays_from_store(train_root, criterion)
     splits = _splits(arrays, rec["split"])
     train, cal = arrays.subset(splits["train"]), arrays.subset(splits["calibration"])
     data = rec.get("calibration_data", {})
-    if data.get("label_store") and data["label_store"] != train_root:
-        if not Path(data["label_store"]).is_dir():
-            raise UserError(f"the checkpoint's calibration label store {data['label_store']} is missing")
-        cal = arrays_from_store(data["label_store"], criterion)[0]
+    if data.get("label_store") and data["label_store"] != recorded:
+        cal_root = find_store(data["label_store"], data.get("label_store_from_checkpoint"), checkpoint_dir, "calibration")
+        cal = arrays_from_store(cal_root, criterion)[0]
     return train, cal, data.get("source", f"calibration split of label store {train_root}")
 
 
@@ -238,7 +259,7 @@ def evaluate_checkpoint(checkpoint: str, out: str, labels: str | None = None, ru
     crit = criterion_dict(rec["criterion"])
     if criterion is not None:
         crit["name"] = criterion
-    train, cal, cal_source = calibration_arrays(rec, crit)
+    train, cal, cal_source = calibration_arrays(rec, crit, Path(checkpoint))
     test, where = evaluated_arrays(ckpt, out_dir, crit, labels, ruler, prompts)
     policies = build_policies(ckpt.net, train, rec["split"]["seed"], rec["decision"], ckpt.guard,
                               deployed_policy(ckpt.net, ckpt.levels, rec))

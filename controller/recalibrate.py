@@ -167,7 +167,7 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
                            model: str | None = None, policy: str = "auto") -> tuple[Path, str] | None:
     """calibrate.py: check everything, label the prompts, recalibrate, export. Returns (checkpoint
     folder, certified line), or None on a non-zero rank of a distributed labeling run."""
-    from .pipeline import label_requests
+    from .pipeline import label_requests, path_from
     out_path, ckpt_path = Path(out), Path(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     _check_out(out_path, ckpt_path)
@@ -193,7 +193,7 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
     from .dataset import store_hash
     cal = arrays_from_store(root, crit)[0]
     source = {"source": f"prompts {prompts}", "files": file_digests(prompts), "label_store": root,
-              "label_store_sha256": store_hash(root)}
+              "label_store_from_checkpoint": path_from(root, out_path), "label_store_sha256": store_hash(root)}
     r = recalibrate(ckpt, cal, alpha, delta, crit, source, guard_p, policy)
     line = certified_line(r)
     path = export_checkpoint(out_path, ckpt.net, r.record, {"calibration.md": calibration_report(r, checkpoint, prompts)})

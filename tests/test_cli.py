@@ -121,3 +121,29 @@ def test_labeling_on_two_ranks_then_training_in_one_command(tmp_path):
     assert any(n.startswith("part-r000-") for n in shards) and any(n.startswith("part-r001-") for n in shards)
     assert (tmp_path / "run" / "checkpoint" / "controller.json").is_file()
     assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "run" / "report")
+
+
+def test_a_checkpoint_moved_with_its_store_still_finds_it(tiny_trained, tmp_path, capsys):
+    """The record keeps the store's path relative to the checkpoint: moving both keeps eval working;
+    with the store gone too, one line names both places it looked."""
+    import json
+    import shutil
+
+    import eval as eval_cli
+    _, store, ckpt, _, _ = tiny_trained
+    moved = tmp_path / "moved"
+    shutil.copytree(store.root, moved / "labels")
+    shutil.copytree(ckpt, moved / "run" / "checkpoint")
+    record_file = moved / "run" / "checkpoint" / "controller.json"
+    record = json.loads(record_file.read_text())
+    assert record["label_store"]["path_from_checkpoint"] == "../../labels"
+    record["label_store"]["path"] = record["calibration_data"]["label_store"] = str(tmp_path / "gone")
+    record_file.write_text(json.dumps(record))
+    args = ["--checkpoint", str(moved / "run" / "checkpoint"), "--labels", str(moved / "labels")]
+    assert eval_cli.main([*args, "--out", str(tmp_path / "e1")]) == 0
+    capsys.readouterr()
+    shutil.rmtree(moved / "labels")
+    assert eval_cli.main(["--checkpoint", str(moved / "run" / "checkpoint"), "--labels", str(store.root),
+                          "--out", str(tmp_path / "e2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(tmp_path / "gone") in err and "labels" in err

@@ -233,7 +233,7 @@ def test_calibrate_bad_input_one_line_exit_2_nothing_written(tiny_lm, tiny_train
              (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--criterion", "gold"], "no `outputs`"),
              (["--prompts", str(bad), "--out", str(tmp_path / "o")], "bad.jsonl:2"),
              (["--prompts", str(prompts), "--out", str(ckpt)], "is the input checkpoint"),
-             (["--prompts", str(prompts), "--out", str(tmp_path / "file")], "existing file"),
+             (["--prompts", str(prompts), "--out", str(tmp_path / "file")], "is a file"),
              (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--delta", "1.5"], "must lie in (0, 1)"),
              (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--model", "smollm2-135m", "--alpha", "0.9"],
               "is not the model the controller was trained for")]
