@@ -18,12 +18,14 @@ import sys
 from pathlib import Path
 
 from controller.config import ControllerJobConfig
-from data.config import load_config
+from data.config import config_keys_help, load_config
 from data.errors import UserError, check_output_folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="config keys (YAML sections, or dotted overrides key=value), with defaults:\n"
+                                       + config_keys_help(ControllerJobConfig))
     p.add_argument("--config", required=True, help="YAML file in configs/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/checkpoint (refused otherwise)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. out=runs/x calibration.alpha=0.1")

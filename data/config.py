@@ -50,15 +50,15 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SparseConfig:
-    method: str = "block_topk"
-    block_size: int = 64
-    sink_blocks: int = 1
-    local_blocks: int = 1
-    last_queries: int = 64
-    dense_layers: tuple[int, ...] = (0, 1)
-    probe_layers: tuple[int, ...] = (0, 1)
-    probe_window: int = 64
-    backend: str = "auto"
+    method: str = "block_topk"                   # block selection: block_topk or vertical_slash
+    block_size: int = 64                         # tokens per block (a power of two >= 16)
+    sink_blocks: int = 1                         # first key blocks always kept
+    local_blocks: int = 1                        # blocks ending at the diagonal always kept
+    last_queries: int = 64                       # vertical_slash: final queries that estimate the pattern
+    dense_layers: tuple[int, ...] = (0, 1)       # layers that always run dense
+    probe_layers: tuple[int, ...] = (0, 1)       # dense layers whose attention gives the probe features
+    probe_window: int = 64                       # last queries the probe statistics read
+    backend: str = "auto"                        # auto, triton, flex or reference
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -292,3 +292,38 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), only_kn
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """{field: the comment on its line in the class source} (the config's documentation)."""
+    import inspect
+    import re
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    found = (re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line) for line in source.splitlines())
+    return {m.group(1): m.group(2).strip() for m in found if m}
+
+
+def config_keys(cls, prefix: str = "", defaults=None) -> list[tuple[str, str, str]]:
+    """[(dotted key, default, comment)] of every leaf of a config dataclass, for --help."""
+    comments, out = _field_comments(cls), []
+    defaults = cls() if defaults is None else defaults
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            out += config_keys(type(value), f"{prefix}{f.name}.", value)
+        else:
+            shown = json.dumps(to_dict(value) if dataclasses.is_dataclass(value) else
+                               [to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
+                               if isinstance(value, tuple) else value)
+            out.append((prefix + f.name, shown, comments.get(f.name, "")))
+    return out
+
+
+def config_keys_help(cls) -> str:
+    """The config keys as a text block: `key = default  # comment`, one per line."""
+    rows = config_keys(cls)
+    width = min(max(len(f"{k} = {d}") for k, d, _ in rows), 52)
+    return "\n".join(f"  {f'{k} = {d}':<{width}}  {('# ' + c) if c else ''}".rstrip() for k, d, c in rows)

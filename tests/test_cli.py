@@ -147,3 +147,15 @@ def test_a_checkpoint_moved_with_its_store_still_finds_it(tiny_trained, tmp_path
                           "--out", str(tmp_path / "e2")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and str(tmp_path / "gone") in err and "labels" in err
+
+
+def test_help_lists_every_config_key_with_its_default(capsys):
+    from controller.config import ControllerJobConfig
+    from data.config import config_keys
+    with pytest.raises(SystemExit) as done:
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    keys = [k for k, _, _ in config_keys(ControllerJobConfig)]
+    assert len(keys) > 50 and all(f"  {k} = " in out for k in keys)
+    assert "calibration.alpha = 0.05" in out and "# tokens per block" in out
