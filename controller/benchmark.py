@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -221,9 +220,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out)
+        from data.store import write_text_atomic
+        write_text_atomic(out, json.dumps(result, indent=1))
 
     if args.probe_cost:
         from sparse_kernels.bench import bench_probe_cost

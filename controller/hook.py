@@ -29,6 +29,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from .export import ControllerCheckpoint, load_checkpoint
 from .policies import deployed_policy
 
 log = logging.getLogger(__name__)
+_ATTACHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> its attached handle
 
 
 def _one_thread_factory():
@@ -147,12 +149,16 @@ class ControllerHandle:
             self._local.seconds = seconds
 
     def detach(self) -> None:
+        """Restore the model (idempotent: a second call does nothing)."""
+        if _ATTACHED.get(self.model) is not self:
+            return
         for h in self._hooks:
             h.remove()
         self._hooks = []
         self._text_worker.shutdown(wait=False, cancel_futures=True)
         self._monitor_worker.shutdown(wait=False, cancel_futures=True)
         disable_sparse_attention(self.model, self._previous)
+        del _ATTACHED[self.model]
 
     @contextlib.contextmanager
     def detached(self):
@@ -396,4 +402,8 @@ def attach(model, checkpoint: str | Path | ControllerCheckpoint, task: str | lis
     reason = unsupported_reason(model)
     if reason is not None:
         raise UserError(reason)
-    return ControllerHandle(model, ckpt, task, resolve_break_even(model, break_even))
+    if model in _ATTACHED:
+        raise UserError("this model already has a controller attached; detach it first (handle.detach())")
+    handle = ControllerHandle(model, ckpt, task, resolve_break_even(model, break_even))
+    _ATTACHED[model] = handle
+    return handle

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 
 import lightning as L
 import numpy as np
@@ -124,7 +125,8 @@ def fit_net(job: ControllerJobConfig, data: LabelDataModule, out: str) -> tuple[
                           job.train.compute_weight, float(train.features[:, LOG_LENGTH_COLUMN].max()))
     best = KeepBest()
     trainer = L.Trainer(max_epochs=job.train.max_epochs, accelerator="cpu", devices=1, deterministic=True,
-                        logger=make_loggers(job, out), enable_checkpointing=False, enable_progress_bar=False,
+                        logger=make_loggers(job, out), enable_checkpointing=False,
+                        enable_progress_bar=sys.stderr.isatty(),   # a bar on a terminal, none in logs and CI
                         enable_model_summary=False, log_every_n_steps=1,
                         callbacks=[best, EarlyStopping("val_loss", patience=job.train.patience)])
     trainer.fit(module, datamodule=data)

@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -221,7 +222,7 @@ def evaluated_arrays(ckpt: ControllerCheckpoint, out: Path, criterion: dict, lab
                      ruler: str | None, prompts: str | None) -> tuple[LabelArrays, str]:
     if ruler is not None or prompts is not None:
         data = DataConfig(tasks=(), ruler=(ruler,) if ruler else (), prompts=(prompts,) if prompts else ())
-        root = label_requests(ckpt, data, out / "labels", criterion)
+        root = label_requests(ckpt, data, out / "labels", criterion, progress=sys.stderr.isatty())   # bars on a terminal
         return arrays_from_store(root, criterion)[0], f"{'RULER files ' + ruler if ruler else 'prompts ' + prompts} (all requests)"
     store_arrays, meta = arrays_from_store(labels, criterion)
     ident, rec = meta["identity"], ckpt.record

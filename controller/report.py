@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from data.figures import label_vs_length, plot_label_vs_length
-from data.store import write_text_atomic
+from data.store import atomic_target, write_text_atomic
 
 from .dataset import LabelArrays
 
@@ -82,11 +81,10 @@ def breakdown_table(policies: dict, key: str, value: str = "compute_saved") -> s
 
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
-    tmp = path.with_name(path.name + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
+    with atomic_target(path, ".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_tradeoff(metrics: dict, path: Path) -> None:

@@ -6,13 +6,12 @@ the store folder, atomically). Imports nothing from `controller`.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .store import LabelStore, apply_criterion, sample_labels
+from .store import LabelStore, apply_criterion, atomic_target, sample_labels, write_text_atomic
 
 
 def bootstrap_ci(values: np.ndarray, level: float = 0.95, resamples: int = 2000, seed: int = 0):
@@ -54,10 +53,9 @@ def plot_label_vs_length(table: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_target(path, ".tmp.png") as tmp:   # the suffix tells matplotlib the format
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_length_finding(store: LabelStore, criterion=None) -> tuple[Path, Path]:
@@ -66,9 +64,7 @@ def write_length_finding(store: LabelStore, criterion=None) -> tuple[Path, Path]
     labels = sample_labels(apply_criterion(store.table(), criterion if criterion is not None else meta["criterion"]))
     table = label_vs_length(labels)
     md, png = store.root / "label_vs_length.md", store.root / "label_vs_length.png"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(table.to_markdown(index=False) + "\n")
-    os.replace(tmp, md)
+    write_text_atomic(md, table.to_markdown(index=False) + "\n")
     sparse = meta["identity"]["sparse"]
     title = (f"{meta['model_name']} ({meta['identity']['model']['id']}), {sparse['method']} block {sparse['block_size']}, "
              f"{labels['sample_id'].nunique()} samples")

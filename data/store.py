@@ -12,6 +12,7 @@ Owns `LabelStore` (create / resume with identity check / write shards / read), `
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -32,12 +33,24 @@ SHARD_DIR = "shards"
 RUNS_FILE = "runs.jsonl"
 
 
+@contextlib.contextmanager
+def atomic_target(path: str | Path, suffix: str = ".tmp"):
+    """THE atomic write: yields a temporary path beside `path` to write; when the block succeeds it is
+    renamed into place, when it fails it is removed (a crash mid-write never leaves a half file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + suffix)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary name beside `path`, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -115,9 +128,8 @@ class LabelStore:
         own = sorted(self.shard_dir.glob(f"part-r{rank:03d}-*.parquet"))
         index = int(own[-1].stem.rsplit("-", 1)[1]) + 1 if own else 0
         path = self.shard_dir / f"part-r{rank:03d}-{index:05d}.parquet"
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(pa.Table.from_pylist(records), tmp, compression="zstd")
-        os.replace(tmp, path)
+        with atomic_target(path) as tmp:
+            pq.write_table(pa.Table.from_pylist(records), tmp, compression="zstd")
         return path
 
     def append_run(self, record: dict) -> None:

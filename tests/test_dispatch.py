@@ -229,3 +229,19 @@ def test_committed_benchmark_json_carries_the_promised_rows_and_table():
     table = recorded_break_even(d["break_even"]["model_id"], d["device"])
     assert table is not None and table.levels and BreakEven.from_rows(
         [r for r in rows if r["mode"] == "forced"], "check").levels == table.levels
+
+
+def test_one_controller_per_model_and_detach_is_idempotent(tiny_lm, tiny_trained):
+    _, _, ckpt, _, _ = tiny_trained
+    before = tiny_lm.model.config._attn_implementation
+    handle = attach(tiny_lm, ckpt, break_even=None)
+    try:
+        with pytest.raises(UserError, match="already has a controller attached"):
+            attach(tiny_lm, ckpt, break_even=None)
+    finally:
+        handle.detach()
+    handle.detach()
+    assert tiny_lm.model.config._attn_implementation == before and not tiny_lm.model._forward_pre_hooks
+    with attach(tiny_lm, ckpt, break_even=None):
+        pass
+    assert tiny_lm.model.config._attn_implementation == before

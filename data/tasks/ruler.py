@@ -9,7 +9,6 @@ else `unknown`. A malformed line is a UserError naming the file and line. Import
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -117,13 +116,11 @@ def read_ruler(path: str | Path) -> list[Sample]:
 
 def write_ruler(samples: list[Sample], path: str | Path) -> None:
     """Write samples as RULER JSONL (atomically: a temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    from ..store import atomic_target
+    with atomic_target(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for i, s in enumerate(samples):
             fh.write(json.dumps({"index": i, "input": s.input, "outputs": list(s.outputs),
                                  "length": s.target_length, "answer_prefix": s.answer_prefix}) + "\n")
-    os.replace(tmp, path)
 
 
 assert set(MAX_NEW_TOKENS) >= {"niah", *[t for t in TASK_TYPES if not t.startswith("niah")], UNKNOWN_TASK}
