@@ -188,12 +188,41 @@ def check_layers(job: LabelJobConfig, lm: LoadedModel) -> None:
                         f"{n} layers (0..{n - 1})")
 
 
+def labeling_bytes(job: LabelJobConfig, lm: LoadedModel) -> int:
+    """A floor on what labeling the longest generated request holds at once: the weights, the KV
+    caches of `batch_samples` samples x grid levels rows (kept from prefill through decoding), and
+    one sample's prefill MLP activations (levels rows x gate, up, product)."""
+    cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+    n = max(job.data.lengths) if job.data.tasks else 0
+    width = next(lm.model.parameters()).element_size()
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rows = len(job.labeling.levels)
+    kv = job.labeling.batch_samples * rows * n * 2 * cfg.num_hidden_layers * heads * head_dim
+    mlp = rows * n * 3 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    return (kv + mlp) * width + sum(p.numel() * p.element_size() for p in lm.model.parameters())
+
+
+def check_memory(job: LabelJobConfig, lm: LoadedModel) -> None:
+    """Refuse, before anything is written, a job whose floor estimate exceeds the device's memory."""
+    dev = target_device(job)
+    total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = labeling_bytes(job, lm)
+    if need > 0.95 * total:
+        raise UserError(f"labeling {max(job.data.lengths)}-token requests, {job.labeling.batch_samples} samples x "
+                        f"{len(job.labeling.levels)} levels at once, needs at least {need / 2**30:.1f} GiB (weights, KV "
+                        f"caches, activations), more than this {dev.type} device's {total / 2**30:.1f} GiB; lower "
+                        "labeling.batch_samples or data.lengths")
+
+
 def run_labeling(job: LabelJobConfig, lm: LoadedModel | None = None) -> LabelStore | None:
     """Label every sample of `job` not yet in its store. Returns the store on global rank 0,
     None on the other ranks of a distributed run."""
     check_devices(job)
     lm = lm or load_for_labeling(job)
     check_layers(job, lm)
+    check_memory(job, lm)
     plan = plan_samples(job.data)
     meta = store_meta(job, lm, target_device(job))
     with StoreLock(job.labeling.out):

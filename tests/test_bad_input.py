@@ -25,6 +25,8 @@ LABEL_CASES = [  # (override, words in the error) on the tiny label-only config
     ("data.samples_per_length=0", "samples_per_length"),
     ("data.lengths=[1000000000]", "data.lengths"),
     ("data.lengths=[10]", "data.lengths"),
+    (("data.lengths=[4000000]", "labeling.batch_samples=64"), "needs at least"),   # ~1.8 TiB: refused anywhere
+    (("labeling.batch_samples=4096", "data.lengths=[1000000]"), "lower labeling.batch_samples"),
     ("data.seed=-1", "data.seed"),
     ("data.forms=[fancy]", "data.forms"),
     ("data.forms=[]", "data.forms"),
@@ -89,9 +91,10 @@ def _check(capsys, tmp_path, argv, words):
     assert _files(tmp_path) == before, "files were written"
 
 
-@pytest.mark.parametrize("override,words", LABEL_CASES, ids=[c[0][:40] for c in LABEL_CASES])
+@pytest.mark.parametrize("override,words", LABEL_CASES, ids=[str(c[0])[:40] for c in LABEL_CASES])
 def test_label_config_bad_input(capsys, tmp_path, override, words):
-    _check(capsys, tmp_path, ["--config", TINY, f"labeling.out={tmp_path / 'store'}", override], words)
+    overrides = list(override) if isinstance(override, tuple) else [override]
+    _check(capsys, tmp_path, ["--config", TINY, f"labeling.out={tmp_path / 'store'}", *overrides], words)
 
 
 @pytest.mark.parametrize("override,words", JOB_CASES, ids=[c[0][:40] for c in JOB_CASES])
