@@ -237,6 +237,14 @@ class ControllerHandle:
                     "ran dense without a decision"] * len(lengths), False
         return None
 
+    def _uncached_step(self, ids: torch.Tensor, kwargs) -> bool:
+        """A `use_cache=False` call whose ids extend this thread's last prefill's ids by new tokens."""
+        last = getattr(self._local, "last_ids", None)
+        if kwargs.get("use_cache") is not False or last is None or last.device != ids.device:
+            return False
+        return (last.shape[0] == ids.shape[0] and ids.shape[1] > last.shape[1]
+                and torch.equal(ids[:, :last.shape[1]], last))
+
     def _start_prefill(self, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
@@ -250,6 +258,9 @@ class ControllerHandle:
             return None
         if ids.dim() != 2 or ids.shape[1] < 2:
             return None
+        if self._uncached_step(ids, kwargs):
+            return None   # generate(use_cache=False) re-feeds the growing sequence: a continuation, dense
+        self._local.last_ids = ids
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             self._dense_call(ids.shape[0], f"{mask.dim()}-D attention mask: rows cannot be told apart; ran dense")

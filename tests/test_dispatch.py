@@ -245,3 +245,17 @@ def test_one_controller_per_model_and_detach_is_idempotent(tiny_lm, tiny_trained
     with attach(tiny_lm, ckpt, break_even=None):
         pass
     assert tiny_lm.model.config._attn_implementation == before
+
+
+def test_generation_without_a_cache_decides_once(tiny_lm, tiny_trained, monkeypatch):
+    """generate(use_cache=False) re-feeds the growing sequence each step: only the first call is a
+    prefill (probed and decided); the steps run dense and keep its decision."""
+    job, _, ckpt, _, _ = tiny_trained
+    ids, _, calls = _unhooked(tiny_lm, job, 3, monkeypatch)
+    with attach(tiny_lm, ckpt, break_even=None) as handle, torch.no_grad():
+        handle.dispatch = False
+        out = tiny_lm.model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+        first = handle.last_decisions
+        assert out.shape[1] > ids.shape[1] + 1 and len(calls) == len(handle.probe_layers)
+        tiny_lm.model(input_ids=ids, use_cache=False)   # the same prompt again is a new request
+        assert len(calls) == 2 * len(handle.probe_layers) and first[0].level == handle.last_decisions[0].level
