@@ -9,6 +9,7 @@ Imports nothing from `data/` or `controller/`.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -38,6 +39,31 @@ def _triton(q, k, v, block_mask, block_size, scale, attn_mask, key_valid, index=
 
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": _reference, "flex": _flex, "triton": _triton}
 BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+SELECTIONS = ("torch", "triton")
+
+
+def resolve_selection(device: torch.device, name: str | None = None) -> str:
+    """Which block selection runs: `name` if given; else SPARSE_FUSED_TOPK (0: torch, 1: triton
+    wherever Triton runs, the interpreter in tests); else triton on CUDA with Triton, torch elsewhere."""
+    if name is None:
+        flag = os.environ.get("SPARSE_FUSED_TOPK")
+        if flag is not None and flag not in ("0", "1"):
+            raise ValueError(f"SPARSE_FUSED_TOPK must be 0 or 1, got {flag!r}")
+        name = ("triton" if device.type == "cuda" else "torch") if flag is None else ("triton" if flag == "1" else "torch")
+    if name not in SELECTIONS:
+        raise ValueError(f"unknown selection {name!r}; choose one of {list(SELECTIONS)}")
+    return "triton" if name == "triton" and triton_attention.available(device) else "torch"
+
+
+def selection(device: torch.device, name: str | None = None):
+    """The `fused` argument of `select.select_blocks*` for this device: None (plain torch) or the
+    Triton selection. THE place that chooses it."""
+    if resolve_selection(device, name) == "torch":
+        return None
+    from .triton_select import fused_select
+    return fused_select
 
 
 def resolve_backend(name: str, device: torch.device) -> str:

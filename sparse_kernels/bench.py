@@ -15,12 +15,12 @@ heads outside the timing (its fastest path). The command line lives in `controll
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
 from .flex import _compiled_flex, _split_full_partial, kv_index
+from .backends import selection
 from .select import SelectionSpec, block_accounting, select_blocks_with_index
 from .triton_attention import block_sparse_attention
 
@@ -58,29 +58,21 @@ def _timed(row: dict, key: str, fn) -> None:
         row.setdefault("errors", {})[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def _with_fused(flag: str, fn):
-    """Run fn with SPARSE_FUSED_TOPK set to flag ("0": torch selection, "1": Triton selection)."""
-    before = os.environ.get("SPARSE_FUSED_TOPK")
-    os.environ["SPARSE_FUSED_TOPK"] = flag
-    try:
-        return fn()
-    finally:
-        os.environ.pop("SPARSE_FUSED_TOPK") if before is None else os.environ.__setitem__("SPARSE_FUSED_TOPK", before)
-
-
 def bench_point(q, k, v, k_dense, v_dense, kept_target: float, block: int, ms_sdpa: float) -> dict:
     hq, hkv, n, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     spec = SelectionSpec(block_size=block)
     density = torch.tensor([kept_target], dtype=torch.float64)
-    select = lambda: select_blocks_with_index(q, k, density, spec, 1 / math.sqrt(d))  # noqa: E731
-    index_only = lambda: select_blocks_with_index(q, k, density, spec, 1 / math.sqrt(d), with_mask=False)  # noqa: E731
-    mask, counts, idx = _with_fused("0", select)
+    fused = selection(q.device, "triton")
+    select = lambda f: select_blocks_with_index(q, k, density, spec, 1 / math.sqrt(d), fused=f)  # noqa: E731
+    index_only = lambda: select_blocks_with_index(q, k, density, spec, 1 / math.sqrt(d), with_mask=False,  # noqa: E731
+                                                  fused=fused)
+    mask, counts, idx = select(None)
     kept_blocks, causal = block_accounting(mask)
     row = {"N": n, "hq": hq, "hkv": hkv, "d": d, "block": block, "kept_target": kept_target,
            "kept": round(float(kept_blocks[0]) / causal, 4), "ms_sdpa": ms_sdpa}
-    _timed(row, "ms_select_torch", lambda: _with_fused("0", select))
-    _timed(row, "ms_select", lambda: _with_fused("1", index_only))  # what the adapter runs for triton
-    row["fused_select_equal"] = bool(torch.equal(_with_fused("1", select)[0], mask))
+    _timed(row, "ms_select_torch", lambda: select(None))
+    _timed(row, "ms_select", index_only)  # what the adapter runs for triton
+    row["fused_select_equal"] = bool(torch.equal(select(fused)[0], mask))
     flex = _flex_call(q, k, v, mask, block)
     _timed(row, "ms_flex", flex)
     triton_fn = lambda: block_sparse_attention(q, k, v, counts, idx, block)[0]  # noqa: E731

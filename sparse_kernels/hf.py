@@ -31,7 +31,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .backends import BACKENDS, resolve_backend
+from .backends import BACKENDS, resolve_backend, selection
 from .probes import attention_probe
 from . import triton_attention
 from .select import (SelectionSpec, block_accounting, index_accounting, select_blocks,
@@ -176,10 +176,11 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     if backend == "triton" and triton_attention.supports(query, plan.selection.block_size, key_valid):
         # the kernel reads top-k's index directly; blocks are counted from it (no mask is built)
         block_mask, *index = select_blocks_with_index(query, key, 1.0 - levels, plan.selection, scale,
-                                                      key_valid, with_mask=False)
+                                                      key_valid, with_mask=False, fused=selection(query.device))
         kept, causal = index_accounting(index[0])
     else:
-        block_mask = select_blocks(query, key, 1.0 - levels, plan.selection, scale, key_valid)
+        block_mask = select_blocks(query, key, 1.0 - levels, plan.selection, scale, key_valid,
+                                   fused=selection(query.device))
         kept, causal = block_accounting(block_mask)
     plan.counts.add(kept, causal)
     out = BACKENDS[backend](query, key, value, block_mask, plan.selection.block_size, scale,

@@ -11,7 +11,6 @@ Imports nothing from `data/` or `controller/`.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -205,33 +204,13 @@ def density_on(density: torch.Tensor, device: torch.device) -> torch.Tensor:
     return density.to(device)
 
 
-def _fused_topk(device: torch.device) -> bool:
-    """The Triton selection (triton_select.py): on by default on CUDA with Triton installed;
-    SPARSE_FUSED_TOPK=0 turns it off, =1 turns it on wherever Triton runs (the interpreter in tests)."""
-    from .triton_attention import available
-    flag = os.environ.get("SPARSE_FUSED_TOPK")
-    if flag is not None and flag not in ("0", "1"):
-        raise ValueError(f"SPARSE_FUSED_TOPK must be 0 or 1, got {flag!r}")
-    wanted = device.type == "cuda" if flag is None else flag == "1"
-    return wanted and available(device)
-
-
-def _fused_select(q, k, density, spec: SelectionSpec, scale: float, key_valid, sink, kmax: int, with_mask: bool):
-    """Triton path: block means and scores (unscaled: a positive scale does not change the order)
-    for block_topk, then one fused top-k that writes counts, index and, if asked, the mask."""
-    from .triton_select import pool_blocks_triton, topk_index_triton
-    if spec.method == "block_topk" and key_valid is None:
-        scores = group_scores(pool_blocks_triton(q, spec.block_size), pool_blocks_triton(k, spec.block_size))
-    else:
-        scores = METHODS[spec.method](q, k, spec, scale, key_valid)
-    return topk_index_triton(scores, density_on(density, q.device), sink, spec.sink_blocks, spec.local_blocks,
-                             kmax, with_mask)
-
-
-def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_valid, with_mask: bool = True):
+def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_valid, with_mask: bool = True,
+            fused=None):
     """(mask [B, Hq, nq, nk] or None, counts, index [B, Hq, nq, K]): counts [B, nq] from the torch
-    top-k or [B, Hq, nq] from the fused one; both None when every row is dense. Only
-    `select_blocks_with_index` converts them, so mask-only callers pay nothing for the index."""
+    top-k or [B, Hq, nq] from a fused one; both None when every row is dense. Only
+    `select_blocks_with_index` converts them, so mask-only callers pay nothing for the index.
+    `fused(q, k, density, spec, scale, key_valid, sink, kmax, with_mask)`, when given, replaces the
+    torch scoring and top-k (`backends.selection` chooses it; this module stays plain torch)."""
     b, hq, n, _ = q.shape
     nb = num_blocks(n, spec.block_size)
     if bool((density >= 1).all()):
@@ -241,8 +220,8 @@ def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_
     kmax = nb
     if density.device.type == "cpu":
         kmax = min(nb, max(math.ceil(float(density.max()) * nb), spec.sink_blocks + spec.local_blocks))
-    if _fused_topk(q.device):
-        return _fused_select(q, k, density, spec, scale, key_valid, sink, kmax, with_mask)
+    if fused is not None:
+        return fused(q, k, density, spec, scale, key_valid, sink, kmax, with_mask)
     forced = forced_block_mask(nb, spec, sink)
     counts = kept_block_counts(density_on(density, q.device), nb, forced.sum(-1))
     scores = METHODS[spec.method](q, k, spec, scale, key_valid)
@@ -251,18 +230,18 @@ def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_
 
 
 def select_blocks(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float,
-                  key_valid: torch.Tensor | None = None) -> torch.Tensor:
+                  key_valid: torch.Tensor | None = None, fused=None) -> torch.Tensor:
     """q [B, Hq, N, D], k [B, Hkv, N, D], density [B] -> bool block mask [B, Hq, nq, nk]."""
-    return _select(q, k, density, spec, scale, key_valid)[0]
+    return _select(q, k, density, spec, scale, key_valid, fused=fused)[0]
 
 
 def select_blocks_with_index(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float,
-                             key_valid: torch.Tensor | None = None, with_mask: bool = True):
+                             key_valid: torch.Tensor | None = None, with_mask: bool = True, fused=None):
     """As `select_blocks`, plus the index the Triton kernel reads, straight from top-k (no sort of
     the mask): (mask [B, Hq, nq, nk], counts [B, Hq, nq] int32, indices [B, Hq, nq, K] int32).
     with_mask=False: the fused path skips writing the mask (None then; count blocks with
     `index_accounting`)."""
-    mask, counts, index = _select(q, k, density, spec, scale, key_valid, with_mask)
+    mask, counts, index = _select(q, k, density, spec, scale, key_valid, with_mask, fused)
     if counts is None:  # every row dense: query block i reads blocks 0..i
         b, hq, nb = mask.shape[:3]
         counts = torch.arange(1, nb + 1, device=mask.device, dtype=torch.int32).expand(b, hq, nb).contiguous()

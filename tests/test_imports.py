@@ -91,3 +91,13 @@ def test_the_shipping_path_imports_no_training_code():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "", f"the shipping path imports {done.stdout.strip()}"
+
+
+def test_plain_torch_is_the_ground_floor_of_sparse_kernels():
+    """Selection, reference attention, probes and the break-even table import no Triton module: the
+    one place choosing the Triton selection or kernel is `backends` (and the adapter asks it)."""
+    triton_modules = {"triton", "sparse_kernels.triton_select", "sparse_kernels.triton_attention",
+                      "sparse_kernels.triton_select.fused_select", "sparse_kernels.triton_attention.triton"}
+    for name in ("select", "reference", "probes", "dispatch"):
+        imported = module_imports(ROOT / "sparse_kernels" / f"{name}.py")
+        assert not imported & triton_modules, f"sparse_kernels/{name}.py imports {imported & triton_modules}"

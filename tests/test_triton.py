@@ -218,7 +218,9 @@ def test_pooling_kernel_equals_torch_pooling(gen):
 @pytest.mark.parametrize("method,padded", [("block_topk", False), ("vertical_slash", False), ("block_topk", True)])
 def test_selection_with_the_fused_topk_switch(method, padded, monkeypatch, gen):
     """Whole selection, torch path vs Triton path (pooling + fused top-k), per-row densities."""
+    from sparse_kernels.backends import selection
     from sparse_kernels.select import block_accounting, index_accounting, select_blocks_with_index
+    dev = torch.device(DEVICE)
     q, k = torch.randn(2, 4, 300, 16, generator=gen), torch.randn(2, 2, 300, 16, generator=gen)
     density = torch.tensor([0.3, 0.6])
     valid = torch.ones(2, 300, dtype=torch.bool)
@@ -226,19 +228,22 @@ def test_selection_with_the_fused_topk_switch(method, padded, monkeypatch, gen):
         valid[1, :70] = False
     spec = SelectionSpec(method=method, block_size=32)
     monkeypatch.setenv("SPARSE_FUSED_TOPK", "0")
-    plain = select_blocks_with_index(q, k, density, spec, 0.25, valid if padded else None)
+    assert selection(dev) is None
+    plain = select_blocks_with_index(q, k, density, spec, 0.25, valid if padded else None, fused=selection(dev))
     monkeypatch.setenv("SPARSE_FUSED_TOPK", "1")
+    triton_select = selection(dev)
+    assert triton_select is not None
     fused = select_blocks_with_index(q.to(DEVICE), k.to(DEVICE), density, spec, 0.25,
-                                     valid.to(DEVICE) if padded else None)
+                                     valid.to(DEVICE) if padded else None, fused=triton_select)
     # ties among empty (all-padding, score -inf) blocks may break either way: compare the others
     nonempty = torch.nn.functional.pad(valid, (0, 20)).view(2, -1, 32).any(-1)[:, None, None, :] if padded else torch.ones(1, dtype=torch.bool)
     assert torch.equal(fused[0].cpu() & nonempty, plain[0] & nonempty) and torch.equal(fused[1].cpu(), plain[1])
     index_only = select_blocks_with_index(q.to(DEVICE), k.to(DEVICE), density, spec, 0.25,
-                                          valid.to(DEVICE) if padded else None, with_mask=False)
+                                          valid.to(DEVICE) if padded else None, with_mask=False, fused=triton_select)
     assert index_only[0] is None and torch.equal(index_only[1].cpu(), plain[1])
     kept, causal = index_accounting(index_only[1].cpu())
     want_kept, want_causal = block_accounting(plain[0])
     assert torch.equal(kept.long(), want_kept) and causal == want_causal
     monkeypatch.setenv("SPARSE_FUSED_TOPK", "yes")
     with pytest.raises(ValueError, match="SPARSE_FUSED_TOPK must be 0 or 1"):
-        select_blocks_with_index(q, k, density, spec, 0.25)
+        selection(dev)
