@@ -315,7 +315,7 @@ class ControllerHandle:
         plan, rows, info = self._active[1], self._active[3], self._active[4]
         try:
             self._decide_rows()
-        except Exception as e:  # noqa: BLE001 - e.g. the thread pools could not be limited
+        except Exception as e:  # noqa: BLE001 - e.g. a level the plan refuses, thread pools not limited
             log.warning("controller failed (%s: %s); running this call dense", type(e).__name__, e)
             for r in range(len(rows)):
                 info[r] = (1.0, f"{type(e).__name__}: {e}", False, None)
@@ -338,13 +338,7 @@ class ControllerHandle:
         else:
             self._veto_slow_levels(levels, info)
         self._local.seconds = time.perf_counter() - start
-        try:
-            plan.set_levels(torch.from_numpy(levels))
-        except Exception as e:  # noqa: BLE001 - e.g. a level the plan refuses: every row runs dense
-            log.warning("controller levels refused (%s: %s); running this call dense", type(e).__name__, e)
-            for r in range(len(rows)):
-                info[r] = (1.0, f"{type(e).__name__}: {e}", False, None)
-            plan.set_levels(torch.zeros(len(rows), dtype=torch.float64))
+        plan.set_levels(torch.from_numpy(levels))   # refused levels: `_decide_pending` runs the call dense
 
     def _veto_slow_levels(self, levels: np.ndarray, info: dict) -> None:
         """Rows decided at a level whose sparse path is slower than dense at this length run dense
@@ -384,7 +378,7 @@ def resolve_break_even(model, break_even: str | BreakEven | dict | None) -> Brea
     if break_even is None or isinstance(break_even, BreakEven):
         return break_even
     if isinstance(break_even, dict):
-        return BreakEven(tuple(sorted((float(k), int(v)) for k, v in break_even.items())), "given to attach")
+        return BreakEven.from_json({"levels": break_even, "source": "given to attach"})
     if break_even != "auto":
         raise UserError(f"break_even must be 'auto', None, a BreakEven or {{level: tokens}}, got {break_even!r}")
     device = next(model.parameters()).device

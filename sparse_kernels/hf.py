@@ -195,9 +195,9 @@ def _count_dense(plan: SparsePlan, query: torch.Tensor, sparse: bool, window: in
     nq = -(-n // bs)
     if window is None or window >= n:
         blocks = nq * (nq + 1) // 2
-    else:   # query block i reaches back at most ceil(window / bs) blocks before its own
-        reach = -(-window // bs) + 1
-        blocks = sum(min(i + 1, reach) for i in range(nq))
+    else:   # query block i reaches min(i + 1, reach) blocks: a triangle, then a band of width reach
+        reach = min(-(-window // bs) + 1, nq)
+        blocks = reach * (reach + 1) // 2 + (nq - reach) * reach
     plan.counts.add_dense(b, h * blocks, sparse)
 
 
