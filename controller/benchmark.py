@@ -197,22 +197,42 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
+def _parse_shapes(text: str) -> tuple[tuple[int, int, int, int], ...] | None:
+    """Kernel shapes from `Hq:Hkv:D:block,...`; None when malformed."""
+    try:
+        shapes = tuple(tuple(int(x) for x in part.split(":")) for part in text.split(","))
+    except ValueError:
+        return None
+    if not shapes or any(len(s) != 4 or min(s) < 1 or s[0] % s[1] for s in shapes):
+        return None
+    return shapes
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write (e.g. sparse_kernels/bench/h100.json)")
     p.add_argument("--checkpoint", help="controller checkpoint for the end-to-end rows (skipped without)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--lengths", default=None, help="comma-separated kernel lengths (default 8K,32K,64K,128K)")
+    p.add_argument("--shapes", default=None,
+                   help="kernel shapes Hq:Hkv:D:block, comma-separated (default 32:8:128:128,9:3:64:64; "
+                        "Gemma 3 270M is 4:1:256:64)")
     p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end rows (needs --checkpoint)")
     p.add_argument("--e2e-lengths", default=None, help="comma-separated end-to-end lengths (default 2K..128K)")
     p.add_argument("--probe-cost", action="store_true", help="only the probe statistics' cost per layer at 8K and 32K")
     args = p.parse_args(argv)
+    shapes = _parse_shapes(args.shapes) if args.shapes else None
+    if args.shapes and shapes is None:
+        print(f"error: --shapes {args.shapes!r}: give Hq:Hkv:D:block[,...] with Hq a multiple of Hkv, e.g. 4:1:256:64",
+              file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU; run it on the GPU machine", file=sys.stderr)
         return 2
-    from sparse_kernels.bench import LENGTHS, bench_kernels, kernel_table
+    from sparse_kernels.bench import LENGTHS, SHAPES, bench_kernels, kernel_table
     lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else LENGTHS
     e2e_lengths = tuple(int(x) for x in args.e2e_lengths.split(",")) if args.e2e_lengths else E2E_LENGTHS
+    shapes = shapes or SHAPES
     result = {"device": torch.cuda.get_device_name(), "versions": _versions(),
               "command": "python -m controller.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -231,7 +251,7 @@ def main(argv=None) -> int:
     if args.skip_kernels and not args.checkpoint:
         print("error: --skip-kernels leaves nothing to run without --checkpoint", file=sys.stderr)
         return 2
-    result["kernels"] = [] if args.skip_kernels else bench_kernels(lengths=lengths)
+    result["kernels"] = [] if args.skip_kernels else bench_kernels(shapes=shapes, lengths=lengths)
     save()
     if args.checkpoint:
         result["end_to_end"], result["break_even"] = bench_end_to_end(args.checkpoint, args.model, e2e_lengths)

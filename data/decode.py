@@ -22,6 +22,29 @@ def crop_cache(cache, length: int) -> None:
         cache.crop(-extra)
 
 
+def has_sliding_layers(cache) -> bool:
+    """True for a cache with sliding-window layers (Gemma 2/3, Mistral...): they keep only the last
+    window of tokens, so they cannot be left-padded into one stacked batch."""
+    return any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", None) or ())
+
+
+def snapshot_cache(cache) -> list[tuple] | None:
+    """The per-layer key/value tensors and lengths of a cache with per-layer tensors, else None.
+    Dynamic layers replace their tensors on update (never write into them), so keeping references
+    is enough to roll back; a sliding-window layer cannot be cropped once its window is full."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+        return None
+    return [(layer.keys, layer.values, getattr(layer, "cumulative_length", None)) for layer in layers]
+
+
+def restore_cache(cache, saved: list[tuple]) -> None:
+    for layer, (keys, values, length) in zip(cache.layers, saved):
+        layer.keys, layer.values = keys, values
+        if length is not None:
+            layer.cumulative_length = length
+
+
 def cache_layers(cache) -> list:
     layers = getattr(cache, "layers", None)
     if not layers or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
@@ -52,13 +75,17 @@ class DecodeBatch:
     first_logits: torch.Tensor   # [R, V] logits after each row's prompt
     lengths: torch.Tensor        # [R] long, on the model's device
     width: int
+    saved: list[tuple] | None = None   # the prompt-only cache, restored by `reset` (None: crop instead)
 
     @classmethod
     def stack(cls, caches: list, firsts: list[torch.Tensor], lengths: list[int]) -> "DecodeBatch":
+        if len(caches) > 1 and any(has_sliding_layers(c) for c in caches):
+            raise ValueError("caches with sliding-window layers cannot be stacked; decode their samples one at a time")
         rows = [f.shape[0] for f in firsts]
         width = max(lengths)
         per_row = torch.tensor([n for n, r in zip(lengths, rows) for _ in range(r)], device=firsts[0].device)
-        return cls(stack_caches(caches, width), torch.cat(firsts), per_row, width)
+        cache = stack_caches(caches, width)
+        return cls(cache, torch.cat(firsts), per_row, width, snapshot_cache(cache))
 
     @property
     def rows(self) -> int:
@@ -79,7 +106,11 @@ class DecodeBatch:
         return {"input_ids": tokens, "position_ids": positions, "attention_mask": (cols >= pad).long()}
 
     def reset(self) -> None:
-        crop_cache(self.cache, self.width)
+        """Back to the prompt-only cache after a decode or teacher-forcing pass."""
+        if self.saved is not None:
+            restore_cache(self.cache, self.saved)
+        else:
+            crop_cache(self.cache, self.width)
 
 
 def pad_rows(rows: list[list[int]], fill: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,6 +136,9 @@ class Labeler:
         # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
         self.cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
         enable_sparse_attention(lm.model)
+        # sliding-window caches keep only their window: such samples are decoded one at a time
+        self.sliding = getattr(lm.model.config, "sliding_window", None) is not None and any(
+            t == "sliding_attention" for t in getattr(lm.model.config, "layer_types", None) or ("sliding_attention",))
 
     def plan(self, collector: ProbeCollector) -> SparsePlan:
         sp = self.job.sparse
@@ -196,6 +199,8 @@ class Labeler:
     def label_samples(self, samples: list[Sample]) -> list[dict]:
         """Label K samples: K sparse prefills, then one stacked dense decode of all K x levels rows.
         Decode and teacher seconds are the batch's, divided evenly among its samples."""
+        if len(samples) > 1 and self.sliding:
+            return [r for s in samples for r in self.label_samples([s])]
         pre = [self.prefill(s) for s in samples]
         batch = DecodeBatch.stack([p.cache for p in pre], [p.first for p in pre], [len(p.ids) for p in pre])
         for p in pre:

@@ -125,3 +125,29 @@ def test_softcapped_attention_is_refused_in_one_line():
         enable_sparse_attention(model)
     assert "\n" not in str(err.value)
     assert model.config._attn_implementation == "eager"   # the model is left as it was
+
+
+def test_a_sliding_window_cache_rolls_back_to_its_prompt_and_is_never_stacked():
+    """Labeling decodes a sample several times from its prompt's cache. A full sliding-window layer
+    cannot be cropped, so the batch restores the prompt-only tensors; the passes after a rollback
+    equal a fresh pass over prompt + tokens."""
+    import inspect
+
+    from data.decode import DecodeBatch
+    model = build("gemma3")
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids, extra = _ids()[:1], torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        batch = DecodeBatch.stack([cache], [out.logits[:, -1]], [N])
+        passes = []
+        for _ in range(2):
+            passes.append(model(use_cache=True, **{arg: batch.cache}, **batch.inputs(extra, 0)).logits)
+            batch.reset()
+        fresh = model(input_ids=torch.cat([ids, extra], 1)).logits[:, N:]
+    assert N > WINDOW
+    torch.testing.assert_close(passes[0], passes[1], rtol=0, atol=0)
+    torch.testing.assert_close(passes[1], fresh, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="one at a time"):
+        DecodeBatch.stack([cache, cache], [out.logits[:, -1]] * 2, [N, N])
