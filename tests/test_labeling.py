@@ -170,3 +170,27 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tiny_l
     lock.write_text(json.dumps({"pid": 1, "host": "another-host", "started": "x"}))   # cannot tell: refuse
     with pytest.raises(UserError, match="another-host"):
         run_labeling(job, tiny_lm)
+
+
+def test_a_sample_the_tokenizer_cannot_make_is_skipped_not_fatal(tiny_lm, tmp_path, monkeypatch, caplog):
+    """A planned sample that cannot be made at its target length with this tokenizer (a task's
+    smallest instance is longer) is skipped with a warning; the others are labeled, and a rerun
+    tries the skipped one again."""
+    from data.labeling import PlannedSample
+    job = tiny_job(tmp_path / "store")
+    original = PlannedSample.realize
+    victim = None
+
+    def realize(self, tokenizer):
+        nonlocal victim
+        victim = victim or self.sample_id
+        if self.sample_id == victim:
+            raise UserError("target length 96 is too short for this task (minimum ~120 tokens)")
+        return original(self, tokenizer)
+    monkeypatch.setattr(PlannedSample, "realize", realize)
+    with caplog.at_level("WARNING"):
+        df = run_labeling(job, tiny_lm).table()
+    assert df.sample_id.nunique() == 3 and victim not in set(df.sample_id)
+    assert any(victim in r.getMessage() and "too short" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(PlannedSample, "realize", original)
+    assert victim in set(run_labeling(job, tiny_lm).table().sample_id)
