@@ -174,7 +174,8 @@ def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, devi
     with attach(lm, ckpt, break_even=table) as handle:
         for ids in prompts.values():
             rows += _hooked_rows(lm, handle, ids)
-    record = {"model": model_name, "model_id": model_fingerprint(lm.model)[0]["id"], **table.to_json(),
+    fp = model_fingerprint(lm.model)[0]
+    record = {"model": model_name, "model_id": fp["id"], "weights_id": fp["weights_id"], **table.to_json(),
               "rule": "a level is worth running from the shortest length from which, decision included, it "
                       "took at most 0.98x dense (median of interleaved rounds) at that length and every longer "
                       "measured length"}

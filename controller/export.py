@@ -117,6 +117,10 @@ def validate_record(record: dict) -> None:
     for k in ("dense_layers", "probe_layers"):
         if not isinstance(sp.get(k), list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in sp[k]):
             raise ValueError(f"sparse.{k} must be a list of layer indices")
+    model = record["model"]
+    fp = model.get("fingerprint") if isinstance(model, dict) else None
+    if not isinstance(fp, dict) or not isinstance(fp.get("id"), str) or not isinstance(fp.get("weights_id", ""), str):
+        raise ValueError("model.fingerprint must be a mapping with a string id (and a string weights_id)")
     _check_number(record["alpha"], "alpha", 0, 1)
     _check_number(record["delta"], "delta", 0, 1)
     if not isinstance(record["net"], dict) or not isinstance(record["calibration"], dict):

@@ -39,7 +39,7 @@ import torch
 
 from data.errors import UserError
 from data.features import ProbeCollector, compute_features, feature_vector, text_statistics
-from data.models import LoadedModel, model_fingerprint
+from data.models import LoadedModel, model_fingerprint, same_weights
 from sparse_kernels import (SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention,
                             unsupported_reason, use_plan)
 from sparse_kernels.dispatch import BreakEven, recorded_break_even
@@ -84,9 +84,14 @@ def check_model(model, ckpt: ControllerCheckpoint, strict: bool = True) -> None:
     if diff:
         raise UserError(f"controller was trained for model {want.get('id')} ({', '.join(f'{k}={want.get(k)}' for k in diff)}), "
                         f"this model has {', '.join(f'{k}={fp.get(k)}' for k in diff)}; train a controller for this model")
-    if fp["id"] != want["id"] and (recorded or strict):
-        how = "" if recorded else " (load it with data.models.load_model so its file fingerprint is known, or attach with strict=False)"
-        raise UserError(f"controller was trained for model {want['id']}, this model's weights are {fp['id']}{how}")
+    if same_weights(fp, want) or not (recorded or strict):
+        return
+    if want.get("weights_id") is not None:
+        raise UserError(f"controller was trained for model {want['id']} (weights {want['weights_id']}), this model's "
+                        f"weights are {fp['weights_id']}; train a controller for this model")
+    how = "" if recorded else (" (this checkpoint predates weight ids: load the model with data.models.load_model so "
+                               "its file fingerprint is known, retrain, or attach with strict=False)")
+    raise UserError(f"controller was trained for model {want['id']}, this model's weights are {fp['id']}{how}")
 
 
 class ControllerHandle:
@@ -384,8 +389,9 @@ def resolve_break_even(model, break_even: str | BreakEven | dict | None) -> Brea
     device = next(model.parameters()).device
     if device.type != "cuda":
         return None
-    card, model_id = torch.cuda.get_device_name(device), model_fingerprint(model)[0]["id"]
-    table = recorded_break_even(model_id, card)
+    card, fp = torch.cuda.get_device_name(device), model_fingerprint(model)[0]
+    model_id = fp["id"]
+    table = recorded_break_even(fp, card)
     if table is None:
         log.warning("no break-even table for model %s on %s: every request runs dense. Record one with "
                     "`python -m controller.benchmark --checkpoint CKPT --out sparse_kernels/bench/CARD.json`, or "

@@ -20,6 +20,7 @@ import numpy as np
 
 from data.config import DataConfig, LabelingConfig, LabelJobConfig, ModelConfig, SparseConfig, CriterionConfig
 from data.errors import UserError
+from data.models import same_weights
 from data.features import FEATURE_NAMES, FEATURE_VERSION
 from data.store import criterion_dict, describe_criterion
 
@@ -194,7 +195,7 @@ def label_requests(ckpt: ControllerCheckpoint, data: DataConfig, out: Path, crit
                          labeling=LabelingConfig(grid=tuple(rec["grid"]), out=str(out), progress=progress,
                                                  devices=devices, batch_samples=batch_samples))
     lm = load_for_labeling(job)
-    if lm.fingerprint["id"] != ckpt.fingerprint["id"]:
+    if not same_weights(lm.fingerprint, ckpt.fingerprint):
         raise UserError(f"model {job.model.name} ({lm.fingerprint['id']}) is not the model the controller was trained "
                         f"for ({rec['model']['name']}, {ckpt.fingerprint['id']}); use that model's checkpoint or "
                         "train one for this model")

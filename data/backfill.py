@@ -33,7 +33,7 @@ from .config import DataConfig, SparseConfig, from_dict
 from .errors import UserError
 from .features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features
 from .labeling import plan_samples, realize
-from .models import load_model
+from .models import load_model, same_weights
 from .store import LabelStore, write_json_atomic
 from .tasks import prompt_ids
 
@@ -80,7 +80,7 @@ def backfill_store(root: str, device: str = "cpu", dtype: str | None = None, log
     first = table[table["level"] == 0.0].set_index("sample_id")
     dtype = dtype or meta["identity"]["dtype"].removeprefix("torch.")
     lm = load_model(meta["model_name"], dtype, device)
-    if lm.fingerprint["id"] != meta["identity"]["model"]["id"]:
+    if not same_weights(lm.fingerprint, meta["identity"]["model"]):
         raise UserError(f"model {meta['model_name']} here is not the store's model; backfill where it is available")
     enable_sparse_attention(lm.model)
     sparse = from_dict(SparseConfig, meta["identity"]["sparse"])

@@ -68,11 +68,44 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+WEIGHTS_SAMPLE = 4096   # elements hashed per tensor by `weights_digest`
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """An id of the weights themselves, the same however the model was loaded (GGUF, a directory,
+    the hub, in float32 or bfloat16): names, shapes and an evenly spaced sample of up to
+    WEIGHTS_SAMPLE elements of every tensor of the state dict, rounded to bfloat16 and hashed.
+    An identifier, not a security check: models that differ only outside the sample collide."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        if flat.numel() == 0:
+            continue
+        k = min(flat.numel(), WEIGHTS_SAMPLE)   # evenly spaced, in integers (float spacing rounds past the end)
+        idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
+        sample = flat[idx].to(torch.bfloat16) if flat.is_floating_point() else flat[idx].to(torch.int64)
+        h.update(sample.view(torch.int16 if sample.dtype == torch.bfloat16 else torch.int64).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """Two fingerprints name the same model: the same id (same file, or same state dict), or the
+    same `weights_id` (the same weights loaded another way). Fingerprints written before weights
+    ids existed match by id only."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+    if a.get("id") is not None and a.get("id") == b.get("id"):
+        return True
+    return a.get("weights_id") is not None and a.get("weights_id") == b.get("weights_id")
+
+
 def fingerprint(model, weights_sha256: str) -> dict:
     """What identifies a model's weights for label stores and checkpoints (JSON-serialisable).
 
-    Independent of how the model was named (alias, path, directory), so the same file gives the
-    same fingerprint everywhere."""
+    `id` hashes the architecture and the file (or state dict) checksum, so it is independent of how
+    the model was named (alias, path, directory); `weights_id` (`weights_digest`, not part of `id`,
+    so ids written before it existed stay valid) also ignores how the weights were stored."""
     cfg = model.config
     fp = {
         "model_type": cfg.model_type,
@@ -86,6 +119,7 @@ def fingerprint(model, weights_sha256: str) -> dict:
         "weights_sha256": weights_sha256,
     }
     fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    fp["weights_id"] = weights_digest(model)
     return fp
 
 
@@ -137,7 +171,8 @@ _LOADED_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakr
 
 def model_fingerprint(model: torch.nn.Module) -> tuple[dict, bool]:
     """(fingerprint, recorded): the one `load_model` recorded for this model object, else one
-    computed from its state dict (which differs from a file-based fingerprint of the same weights)."""
+    computed from its state dict (its `id` differs from a file-based fingerprint of the same
+    weights; its `weights_id` does not)."""
     if model in _LOADED_FINGERPRINTS:
         return _LOADED_FINGERPRINTS[model], True
     return fingerprint(model, state_dict_sha256(model)), False

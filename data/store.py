@@ -69,6 +69,15 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _identity_changes(old: dict, new: dict) -> list[str]:
+    """Fields of a store identity that differ; the model is the same when its fingerprint names
+    the same weights (`same_weights`: a store written before weight ids resumes unchanged)."""
+    from .models import same_weights
+    rest = lambda d: {k: v for k, v in d.items() if k != "model"}  # noqa: E731
+    model_same = same_weights(old.get("model") or {}, new.get("model") or {})
+    return _diff(rest(old), rest(new)) + ([] if model_same else ["model"])
+
+
 class LabelStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -102,7 +111,7 @@ class LabelStore:
         if store.meta_path.is_file():
             old = store.meta()
             identity = json.loads(json.dumps(meta["identity"], default=str))  # tuples -> lists
-            changed = _diff(old.get("identity", {}), identity)
+            changed = _identity_changes(old.get("identity", {}), identity)
             if changed:
                 raise UserError(f"{store.root} holds labels made with other settings ({', '.join(changed[:4])}); "
                                 "use another labeling.out or delete that folder")

@@ -75,8 +75,16 @@ class BreakEven:
         return cls(tuple(sorted((float(k), int(v)) for k, v in d["levels"].items())), str(d["source"]))
 
 
-def recorded_break_even(model_id: str, device_name: str, directory: Path = BENCH_DIR) -> BreakEven | None:
-    """The newest table the benchmark recorded for this model (fingerprint id) on this card, or None."""
+def _same_model(table: dict, model: str | dict) -> bool:
+    fp = model if isinstance(model, dict) else {"id": model}
+    if table.get("model_id") is not None and table.get("model_id") == fp.get("id"):
+        return True
+    return table.get("weights_id") is not None and table.get("weights_id") == fp.get("weights_id")
+
+
+def recorded_break_even(model: str | dict, device_name: str, directory: Path = BENCH_DIR) -> BreakEven | None:
+    """The newest table the benchmark recorded for this model on this card, or None. `model`: a
+    fingerprint (matched by its id or its weights id) or a fingerprint id."""
     found = []
     for path in sorted(Path(directory).glob("*.json")):
         try:
@@ -84,7 +92,7 @@ def recorded_break_even(model_id: str, device_name: str, directory: Path = BENCH
         except (OSError, ValueError):
             continue
         table = d.get("break_even") if isinstance(d, dict) else None
-        if isinstance(table, dict) and table.get("model_id") == model_id and d.get("device") == device_name:
+        if isinstance(table, dict) and _same_model(table, model) and d.get("device") == device_name:
             found.append((str(d.get("started", "")), path.name, table))
     if not found:
         return None

@@ -23,6 +23,8 @@ RECORD_CASES = [
     ("alpha 2", lambda r: r.__setitem__("alpha", 2.0), "alpha"),
     ("delta NaN", lambda r: r.__setitem__("delta", float("nan")), "delta"),
     ("layers not a list", lambda r: r["sparse"].__setitem__("dense_layers", "0,1"), "dense_layers"),
+    ("fingerprint not a mapping", lambda r: r["model"].__setitem__("fingerprint", "abc"), "model.fingerprint"),
+    ("weights_id a number", lambda r: r["model"]["fingerprint"].__setitem__("weights_id", 7), "model.fingerprint"),
 ]
 
 WEIGHT_CASES = [

