@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.errors import UserError
+from data.errors import ArgumentParser, UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by train.py (or calibrate.py)")
     p.add_argument("--prompts", required=True, help="JSONL file or folder, or a folder of .txt prompts")
     p.add_argument("--out", required=True, help="folder for the recalibrated checkpoint")

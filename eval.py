@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.errors import UserError, check_output_folder
+from data.errors import ArgumentParser, UserError, check_output_folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by train.py")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--labels", help="a label store (its test split is evaluated)")

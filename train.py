@@ -19,11 +19,11 @@ from pathlib import Path
 
 from controller.config import ControllerJobConfig
 from data.config import config_keys_help, load_config
-from data.errors import UserError, check_output_folder
+from data.errors import ArgumentParser, UserError, check_output_folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="config keys (YAML sections, or dotted overrides key=value), with defaults:\n"
                                        + config_keys_help(ControllerJobConfig))
     p.add_argument("--config", required=True, help="YAML file in configs/")
@@ -70,13 +70,16 @@ def label_only(job: ControllerJobConfig) -> str | None:
 def run(job: ControllerJobConfig) -> str | None:
     if "train" not in job.stages:
         return label_only(job)
-    from controller.pipeline import evaluate_checkpoint, resolve_labels, train_controller
+    from controller.dataset import arrays_from_store
+    from controller.pipeline import checked_splits, evaluate_checkpoint, resolve_labels, train_on_arrays
     from dataclasses import replace
     labels = resolve_labels(job)
     if labels is None:   # a non-zero rank of the labeling run: its share is written; rank 0 trains
         return None
+    arrays, meta = arrays_from_store(labels, job.criterion)
+    checked_splits(job, arrays, labels)   # a store too small for the splits is refused before anything is written
     save_resolved_config(job)
-    checkpoint = train_controller(replace(job, labels=labels)).checkpoint
+    checkpoint = train_on_arrays(replace(job, labels=labels), arrays, meta, labels).checkpoint
     print(f"checkpoint: {checkpoint}")
     if "evaluate" not in job.stages:
         return str(checkpoint)

@@ -14,7 +14,6 @@ peak_mib; and the break-even table those forced rows give (`sparse_kernels.dispa
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from data.errors import ArgumentParser
 
 E2E_LENGTHS = (2048, 8000, 16384, 32768, 65536, 131072)
 REQUIRED_FORCED = (0.8, 0.9, 0.95)
@@ -210,7 +211,7 @@ def _parse_shapes(text: str) -> tuple[tuple[int, int, int, int], ...] | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m controller.benchmark", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file to write (e.g. sparse_kernels/bench/h100.json)")
     p.add_argument("--checkpoint", help="controller checkpoint for the end-to-end rows (skipped without)")
     p.add_argument("--model", default="smollm2-135m")

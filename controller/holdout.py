@@ -18,7 +18,6 @@ Imports every `controller` module it needs; nothing imports it.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -26,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from data.errors import ArgumentParser
 
 FAMILIES = {"niah": ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"), "vt": ("vt",),
             "cwe": ("cwe",), "fwe": ("fwe",), "qa": ("qa",)}
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     from data.config import load_config
     from data.errors import UserError
     from data.store import write_text_atomic
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m controller.holdout", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/demo_smollm2.yaml")
     p.add_argument("--out", required=True, help="JSON file; the markdown table goes beside it (.md)")
     p.add_argument("--by", default="family", choices=list(GROUPINGS), help="what a held-out group is")

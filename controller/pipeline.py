@@ -162,11 +162,20 @@ def train_controller(job: ControllerJobConfig) -> Trained:
     return train_on_arrays(job, arrays, meta, labels)
 
 
+def checked_splits(job: ControllerJobConfig, arrays: LabelArrays, labels: str) -> dict:
+    """The train/val/calibration/test splits, or a UserError (before anything is written) when a
+    split is empty or calibration has fewer than the 2 requests the shift guard needs."""
+    splits = _splits(arrays, asdict(job.split))
+    if min(len(v) for v in splits.values()) == 0 or len(splits["calibration"]) < 2:
+        raise UserError(f"label store {labels} has {len(arrays)} samples: too few for train/val/calibration/test "
+                        f"splits ({', '.join(f'{k} {len(v)}' for k, v in splits.items())}; calibration needs >= 2); "
+                        "label more samples")
+    return splits
+
+
 def train_on_arrays(job: ControllerJobConfig, arrays: LabelArrays, meta: dict, labels: str) -> Trained:
     """Split `arrays` (rows of the store `labels`) -> train -> calibrate -> fit the guard -> export."""
-    splits = _splits(arrays, asdict(job.split))
-    if min(len(v) for v in splits.values()) == 0:
-        raise UserError(f"label store {labels} has {len(arrays)} samples: too few for train/val/calibration/test splits")
+    splits = checked_splits(job, arrays, labels)
     out = Path(job.out)
     net, info = fit_net(job, LabelDataModule(arrays, splits, job.train.batch_size, job.train.seed), str(out))
     policy = controller_policy(net, arrays.levels, job.calibration.decision, hide_task=job.train.task_dropout >= 1.0)
@@ -227,6 +236,9 @@ def evaluated_arrays(ckpt: ControllerCheckpoint, out: Path, criterion: dict, lab
         return arrays_from_store(root, criterion)[0], f"{'RULER files ' + ruler if ruler else 'prompts ' + prompts} (all requests)"
     store_arrays, meta = arrays_from_store(labels, criterion)
     ident, rec = meta["identity"], ckpt.record
+    if not same_weights(ident["model"], ckpt.fingerprint):
+        raise UserError(f"label store {labels} was labeled with model {ident['model'].get('id')}, the checkpoint "
+                        f"with {ckpt.fingerprint.get('id')}; evaluate it on a store of its own model")
     if ident.get("sparse") != rec["sparse"] or [float(x) for x in ident.get("levels", [])] != [float(x) for x in rec["grid"]]:
         raise UserError(f"label store {labels} was made with other sparse settings or grid than checkpoint "
                         f"{rec.get('label_store', {}).get('path', '?')}'s; evaluate it on a store made like its own")

@@ -16,7 +16,6 @@ modules; never `controller`.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -26,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import LabelJobConfig, data_identity, load_config, stored_data_identity
-from .errors import UserError
+from .errors import ArgumentParser, UserError
 from .store import LabelStore, write_json_atomic
 
 
@@ -74,7 +73,7 @@ def adopt_store(source: str | Path, job: LabelJobConfig) -> LabelStore:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m data.adopt", description=__doc__.splitlines()[0])
     p.add_argument("--source", required=True, help="the classic-only store whose rows are adopted")
     p.add_argument("--config", required=True, help="the labeling config of the new store (its labeling.out is created)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the config, e.g. labeling.out=DIR")

@@ -15,7 +15,6 @@ modules; never `controller`.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -30,7 +29,7 @@ import torch
 from sparse_kernels import SparsePlan, enable_sparse_attention, use_plan
 
 from .config import DataConfig, SparseConfig, from_dict
-from .errors import UserError
+from .errors import ArgumentParser, UserError
 from .features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features
 from .labeling import plan_samples, realize
 from .models import load_model, same_weights
@@ -129,7 +128,7 @@ def _rewrite(store: LabelStore, meta: dict, features: dict[str, dict], record: d
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m data.backfill", description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", help="default: the dtype the store was labeled in")

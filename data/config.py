@@ -279,11 +279,13 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), only_kn
         if not p.is_file():
             raise UserError(f"config file {p} does not exist; see configs/ for examples")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise UserError(f"config file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
         except yaml.YAMLError as e:
             raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if data is None:   # an empty file would silently run every default
+            raise UserError(f"config file {p} is empty; see configs/ for examples")
     data = apply_overrides(data, list(overrides))
     if only_known and isinstance(data, dict):
         data = {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}}

@@ -1,7 +1,9 @@
 """The one exception type for bad user input (config, paths, files), and the one check of an output
 folder. Command lines turn a UserError into one line on stderr and exit code 2. Imports nothing
 from this project."""
+import argparse
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -21,3 +23,17 @@ def check_output_folder(path, what: str) -> None:
         raise UserError(f"{what} lies under a file ({parent}); give a folder path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{what}: {parent} is not writable; choose a folder you may write to")
+    try:   # permissions can say yes where the file system says no (read-only mounts, /proc, /sys)
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=parent))
+    except OSError as e:
+        raise UserError(f"{what}: cannot create folders in {parent} ({e.strerror or type(e).__name__}); "
+                        "choose a folder you may write to") from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's bad-input convention: a command-line mistake prints one
+    `error:` line naming it and how to get help, and exits with code 2 (argparse's own error
+    prints the usage block too)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")

@@ -100,6 +100,13 @@ class LabelStore:
                             "or relabel into a new folder") from None
         if not isinstance(meta, dict) or not isinstance(meta.get("identity"), dict) or "criterion" not in meta:
             raise UserError(f"{self.meta_path} lacks the store's identity or criterion; restore it or relabel")
+        ident = meta["identity"]
+        bad = [k for k, ok in (("model", isinstance(ident.get("model"), dict) and isinstance(ident["model"].get("id"), str)),
+                               ("sparse", isinstance(ident.get("sparse"), dict)),
+                               ("levels", isinstance(ident.get("levels"), list))) if not ok]
+        if bad:
+            raise UserError(f"{self.meta_path} is corrupt (identity.{bad[0]} is malformed); restore it from version "
+                            "control or relabel into a new folder")
         return meta
 
     @classmethod

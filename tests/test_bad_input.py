@@ -108,7 +108,9 @@ def test_controller_config_bad_input(capsys, tmp_path, override, words):
     (b"- a\n- b\n", "must be a mapping"),
     (b"model: [unclosed\n", "not valid YAML"),
     (b"out: 3\nstages: label\n", "must be"),
-], ids=["binary", "latin-1", "list", "broken yaml", "wrong types"])
+    (b"", "is empty"),
+    (b"# only a comment\n", "is empty"),
+], ids=["binary", "latin-1", "list", "broken yaml", "wrong types", "empty", "comment only"])
 def test_bad_config_files(capsys, tmp_path, content, words):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_bytes(content)
@@ -148,3 +150,33 @@ def test_output_folder_that_is_not_writable(capsys, tmp_path):
         _check(capsys, tmp_path, ["--config", DEMO, f"out={ro / 'run'}"], "is not writable")
     finally:
         ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("module,argv", [
+    ("train", ["--nope"]),
+    ("train", []),
+    ("eval", ["--checkpoint", "c", "--labels", "a", "--ruler", "b", "--out", "o"]),
+    ("eval", ["--checkpoint", "c", "--labels", "s", "--out", "o", "--criterion", "vibes"]),
+    ("calibrate", ["--checkpoint", "c", "--prompts", "p", "--out", "o", "--alpha", "abc"]),
+    ("data.backfill", []),
+    ("data.adopt", ["--source"]),
+    ("controller.benchmark", ["--e2e-lengths"]),
+    ("controller.holdout", ["--by", "colour"]),
+], ids=["unknown flag", "no config", "two sources", "bad criterion", "alpha not a number", "backfill no store",
+        "adopt no value", "benchmark no value", "holdout bad choice"])
+def test_command_line_mistakes_are_one_line(capsys, module, argv):
+    """argparse's own errors print a usage block; every command prints one `error:` line instead."""
+    import importlib
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("error: ") and "\n" not in err and "--help" in err, err
+
+
+def test_a_store_too_small_for_the_splits_is_refused_before_anything_is_written(capsys, tmp_path, tiny_trained):
+    """At these split fractions the tiny store's calibration split would get fewer than the
+    2 requests the shift guard needs. Refused in one line, with no run folder written."""
+    store = str(tiny_trained[1].root)
+    _check(capsys, tmp_path, ["--config", str(ROOT / "configs/test_tiny_controller.yaml"), f"labels={store}",
+                              f"out={tmp_path / 'run'}", "split.train=0.9", "split.val=0.05", "split.calibration=0.01"],
+           "too few for train/val/calibration/test")

@@ -1,6 +1,7 @@
 """A corrupt or tampered checkpoint is refused at load with one line, never accepted silently."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +100,31 @@ def test_eval_refuses_a_store_made_with_other_sparse_settings(tiny_lm, tiny_trai
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and "other sparse settings" in err and "\n" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda m: m["identity"].__setitem__("model", "zzz"), "identity.model is malformed"),
+    (lambda m: m["identity"]["model"].update(id="0" * 16, weights_id="1" * 16), "labeled with model 0000"),
+], ids=["malformed model", "another model"])
+def test_eval_refuses_a_store_of_another_or_a_malformed_model(tiny_trained, tmp_path, capsys, edit, words):
+    import json
+
+    import eval as eval_cli
+    copy = tmp_path / "store"
+    shutil.copytree(tiny_trained[1].root, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    edit(meta)
+    (copy / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "report"
+    code = eval_cli.main(["--checkpoint", str(tiny_trained[2]), "--labels", str(copy), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and words in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_an_output_folder_the_file_system_refuses_is_one_line(tmp_path):
+    """/proc passes a permission check for root but refuses new folders: found before anything runs."""
+    from data.errors import check_output_folder
+    target = Path("/proc/no-such-process/report")
+    with pytest.raises(UserError, match="cannot create folders|is not writable|lies under"):
+        check_output_folder(target, f"--out {target}")

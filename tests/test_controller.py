@@ -120,7 +120,7 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path, gen):
     net = SafetyNet(len(FEATURE_NAMES), 3, hidden=8, depth=1)
     record = {"feature_version": FEATURE_VERSION, "feature_names": list(FEATURE_NAMES), "grid": LEVELS.tolist(),
               "decision": "threshold", "alpha": 0.05, "delta": 0.1, "split": {"train": 0.5, "val": 0.1,
-              "calibration": 0.2, "seed": 0}, "criterion": {"name": "gold", "tau": 0.1}, "model": {"name": "tiny"},
+              "calibration": 0.2, "seed": 0}, "criterion": {"name": "gold", "tau": 0.1}, "model": {"name": "tiny", "fingerprint": {"id": "0" * 16}},
               "label_store": {"path": "x"}, "sparse": {"method": "block_topk", "block_size": 32, "sink_blocks": 1,
               "local_blocks": 1, "last_queries": 64, "probe_window": 64, "dense_layers": [0], "probe_layers": [0],
               "backend": "auto"},
