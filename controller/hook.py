@@ -40,6 +40,7 @@ import torch
 from data.errors import UserError
 from data.features import ProbeCollector, compute_features, feature_vector, text_statistics
 from data.models import LoadedModel, model_fingerprint, same_weights
+from data.tasks.base import TASK_TYPES, UNKNOWN_TASK
 from sparse_kernels import (SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention,
                             unsupported_reason, use_plan)
 from sparse_kernels.dispatch import BreakEven, recorded_break_even
@@ -400,6 +401,16 @@ def resolve_break_even(model, break_even: str | BreakEven | dict | None) -> Brea
     return table
 
 
+def check_task(task) -> None:
+    """UserError for a task that is not None, a known task type or a list of them (one per batch
+    row); a name the controller does not know would silently count as `unknown`."""
+    names = task if isinstance(task, (list, tuple)) else [task]
+    bad = [t for t in names if t is not None and t not in (*TASK_TYPES, UNKNOWN_TASK)]
+    if bad:
+        raise UserError(f"task {bad[0]!r} is not one of {sorted(TASK_TYPES)}; pass one of them, a list of them "
+                        f"(one per batch row), or None (or {UNKNOWN_TASK!r}) when the request type is unknown")
+
+
 def attach(model, checkpoint: str | Path | ControllerCheckpoint, task: str | list[str] | None = None,
            strict: bool = True, break_even: str | BreakEven | dict | None = "auto") -> ControllerHandle:
     """Attach a controller to a frozen transformers model (or a `LoadedModel`); returns the handle.
@@ -408,6 +419,7 @@ def attach(model, checkpoint: str | Path | ControllerCheckpoint, task: str | lis
     shorter requests run dense with no probe and no decision, exactly as unhooked SDPA."""
     if isinstance(model, LoadedModel):
         model = model.model
+    check_task(task)
     ckpt = checkpoint if isinstance(checkpoint, ControllerCheckpoint) else load_checkpoint(checkpoint)
     check_model(model, ckpt, strict)
     reason = unsupported_reason(model)

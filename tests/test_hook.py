@@ -117,6 +117,17 @@ def test_attach_to_a_different_model_fails_clearly(tiny_trained):
     assert other.config._attn_implementation != "sparse_prefill"
 
 
+@pytest.mark.parametrize("task", [123, "poetry", ["vt", "limerick"]])
+def test_a_task_the_controller_does_not_know_is_refused(tiny_lm, tiny_trained, task):
+    """A misspelt task name would silently count as `unknown`: refused in one line instead."""
+    before = tiny_lm.model.config._attn_implementation
+    with pytest.raises(UserError, match="is not one of") as e:
+        attach(tiny_lm, tiny_trained[2], task=task, break_even=None)
+    assert "\n" not in str(e.value) and tiny_lm.model.config._attn_implementation == before
+    for fine in (None, "unknown", "vt", ["vt", "qa"]):
+        attach(tiny_lm, tiny_trained[2], task=fine, break_even=None).detach()
+
+
 def test_eval_on_ruler_files_labels_them_and_reports_every_policy(tiny_trained, tmp_path, capsys):
     job, _, ckpt, _, _ = tiny_trained
     ruler = tmp_path / "ruler" / "niah_single"
