@@ -22,12 +22,6 @@ def crop_cache(cache, length: int) -> None:
         cache.crop(-extra)
 
 
-def has_sliding_layers(cache) -> bool:
-    """True for a cache with sliding-window layers (Gemma 2/3, Mistral...): they keep only the last
-    window of tokens, so they cannot be left-padded into one stacked batch."""
-    return any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", None) or ())
-
-
 def snapshot_cache(cache) -> list[tuple] | None:
     """The per-layer key/value tensors and lengths of a cache with per-layer tensors, else None.
     Dynamic layers replace their tensors on update (never write into them), so keeping references
@@ -60,10 +54,18 @@ def stack_caches(caches: list, width: int):
         return caches[0]
     per_cache = [cache_layers(c) for c in caches]
     for i, layer in enumerate(per_cache[0]):
+        sliding = getattr(layer, "is_sliding", False)
         for name in ("keys", "values"):
             parts = [getattr(layers[i], name) for layers in per_cache]
-            padded = [F.pad(t, (0, 0, width - t.shape[-2], 0)) for t in parts]
-            setattr(layer, name, torch.cat(padded, dim=0))
+            if sliding:   # each holds its prompt's last window - 1 tokens: no padding, one frame of `width`
+                if len({t.shape[-2] for t in parts}) != 1:
+                    raise ValueError("sliding-window caches of prompts shorter than the window cannot be stacked; "
+                                     "decode their samples one at a time")
+                setattr(layer, name, torch.cat(parts, dim=0))
+            else:
+                setattr(layer, name, torch.cat([F.pad(t, (0, 0, width - t.shape[-2], 0)) for t in parts], dim=0))
+        if sliding:
+            layer.cumulative_length = width   # every row sits right-aligned in the padded frame
     return caches[0]
 
 
@@ -79,8 +81,6 @@ class DecodeBatch:
 
     @classmethod
     def stack(cls, caches: list, firsts: list[torch.Tensor], lengths: list[int]) -> "DecodeBatch":
-        if len(caches) > 1 and any(has_sliding_layers(c) for c in caches):
-            raise ValueError("caches with sliding-window layers cannot be stacked; decode their samples one at a time")
         rows = [f.shape[0] for f in firsts]
         width = max(lengths)
         per_row = torch.tensor([n for n, r in zip(lengths, rows) for _ in range(r)], device=firsts[0].device)

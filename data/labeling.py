@@ -136,9 +136,10 @@ class Labeler:
         # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
         self.cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
         enable_sparse_attention(lm.model)
-        # sliding-window caches keep only their window: such samples are decoded one at a time
-        self.sliding = getattr(lm.model.config, "sliding_window", None) is not None and any(
-            t == "sliding_attention" for t in getattr(lm.model.config, "layer_types", None) or ("sliding_attention",))
+        # the window of the model's sliding-window layers (None without): their caches keep only it
+        cfg = lm.model.config
+        layer_types = getattr(cfg, "layer_types", None) or ("sliding_attention",)
+        self.sliding = getattr(cfg, "sliding_window", None) if "sliding_attention" in layer_types else None
 
     def plan(self, collector: ProbeCollector) -> SparsePlan:
         sp = self.job.sparse
@@ -199,9 +200,19 @@ class Labeler:
     def label_samples(self, samples: list[Sample]) -> list[dict]:
         """Label K samples: K sparse prefills, then one stacked dense decode of all K x levels rows.
         Decode and teacher seconds are the batch's, divided evenly among its samples."""
-        if len(samples) > 1 and self.sliding:
-            return [r for s in samples for r in self.label_samples([s])]
         pre = [self.prefill(s) for s in samples]
+        return [r for group in self._decode_groups(pre) for r in self._decode(group)]
+
+    def _decode_groups(self, pre: list[Prefilled]) -> list[list[Prefilled]]:
+        """Samples decoded together. A sliding-window cache keeps its prompt's last window - 1
+        tokens: prompts at least that long stack (no padding there); shorter ones decode alone."""
+        if self.sliding is None or len(pre) == 1:
+            return [pre]
+        full = [p for p in pre if len(p.ids) >= self.sliding - 1]
+        return ([full] if full else []) + [[p] for p in pre if len(p.ids) < self.sliding - 1]
+
+    def _decode(self, pre: list[Prefilled]) -> list[dict]:
+        """One stacked dense decode of the K x levels rows of `pre`: greedy answers, gold and dense-answer NLLs."""
         batch = DecodeBatch.stack([p.cache for p in pre], [p.first for p in pre], [len(p.ids) for p in pre])
         for p in pre:
             p.cache = None  # the stacked cache holds every row now

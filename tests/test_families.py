@@ -149,8 +149,42 @@ def test_a_sliding_window_cache_rolls_back_to_its_prompt_and_is_never_stacked():
     assert N > WINDOW
     torch.testing.assert_close(passes[0], passes[1], rtol=0, atol=0)
     torch.testing.assert_close(passes[1], fresh, rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_window_caches_of_different_lengths_decode_together_as_alone():
+    """Prompts at least window - 1 tokens long hold exactly window - 1 tokens in their sliding
+    layers, so they stack with no padding there (the full layers are left-padded as usual): the
+    stacked pass equals each prompt's pass alone. A prompt shorter than the window cannot join."""
+    import inspect
+
+    from data.decode import DecodeBatch
+    model = build("gemma3")
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    g = torch.Generator().manual_seed(2)
+    lengths = (WINDOW + 9, N)   # the first cache (the one the stack keeps) is the shorter prompt
+    prompts = [torch.randint(0, VOCAB, (1, n), generator=g) for n in lengths]
+    extra = torch.randint(0, VOCAB, (1, 4), generator=g)
+
+    def prefill(ids):
+        out = model(input_ids=ids, use_cache=True)
+        return getattr(out, "cache", None) or out.past_key_values, out.logits[:, -1]
+    with torch.no_grad():
+        alone = []
+        for ids, n in zip(prompts, lengths):
+            batch = DecodeBatch.stack(*[[x] for x in prefill(ids)], [n])
+            alone.append(model(use_cache=True, **{arg: batch.cache}, **batch.inputs(extra, 0)).logits[0])
+        caches, firsts = zip(*(prefill(ids) for ids in prompts))
+        batch = DecodeBatch.stack(list(caches), list(firsts), list(lengths))
+        together = model(use_cache=True, **{arg: batch.cache}, **batch.inputs(extra.expand(2, -1), 0)).logits
+        batch.reset()
+        again = model(use_cache=True, **{arg: batch.cache}, **batch.inputs(extra.expand(2, -1), 0)).logits
+        short = prefill(prompts[1][:, :WINDOW // 2])
+        long_again = prefill(prompts[1])
+    for row in range(2):
+        torch.testing.assert_close(together[row], alone[row], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, together, rtol=0, atol=0)
     with pytest.raises(ValueError, match="one at a time"):
-        DecodeBatch.stack([cache, cache], [out.logits[:, -1]] * 2, [N, N])
+        DecodeBatch.stack([long_again[0], short[0]], [long_again[1], short[1]], [N, WINDOW // 2])
 
 
 @pytest.mark.gpu

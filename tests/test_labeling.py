@@ -194,3 +194,40 @@ def test_a_sample_the_tokenizer_cannot_make_is_skipped_not_fatal(tiny_lm, tmp_pa
     assert any(victim in r.getMessage() and "too short" in r.getMessage() for r in caplog.records)
     monkeypatch.setattr(PlannedSample, "realize", original)
     assert victim in set(run_labeling(job, tiny_lm).table().sample_id)
+
+
+def _tiny_gemma3(window: int):
+    """A LoadedModel of a tiny random Gemma 3 (sliding, full, sliding, full) with the test tokenizer."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from data.models import LoadedModel, fingerprint, state_dict_sha256
+    from data.tiny import embedded_tokenizer
+    tok = embedded_tokenizer()
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=8192,
+                           sliding_window=window, layer_types=["sliding_attention", "full_attention"] * 2,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                           attn_implementation="sdpa")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
+    return LoadedModel(model, tok, fingerprint(model, state_dict_sha256(model)), "tiny-gemma3")
+
+
+def test_a_sliding_window_model_labels_the_same_decoded_together_or_alone(tmp_path):
+    """Gemma-style caches keep only their window: prompts at least that long decode stacked, shorter
+    ones alone; the labels equal labeling one sample at a time."""
+    lm = _tiny_gemma3(window=256)
+    job = tiny_job(tmp_path / "one", lengths="[200, 300]")
+    one = run_labeling(job, lm).table()
+    job = tiny_job(tmp_path / "four", lengths="[200, 300]")
+    job = dataclasses.replace(job, labeling=dataclasses.replace(job.labeling, batch_samples=4))
+    four = run_labeling(job, lm).table()
+    assert (four["n_tokens"] < 255).any() and (four["n_tokens"] >= 255).any()   # both groups were exercised
+    key = ["sample_id", "level"]
+    cols = ["achieved_sparsity", "answer", "score", "answer_tokens"]
+    pd.testing.assert_frame_equal(four.sort_values(key)[key + cols].reset_index(drop=True),
+                                  one.sort_values(key)[key + cols].reset_index(drop=True))
+    np.testing.assert_allclose(four.sort_values(key)[["nll_gold", "nll_dense_answer"]],
+                               one.sort_values(key)[["nll_gold", "nll_dense_answer"]], rtol=1e-4, atol=1e-5)
