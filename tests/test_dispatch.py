@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import sparse_kernels.hf as adapter
-from controller.hook import attach, resolve_break_even
+from controller.compat import resolve_break_even
+from controller.hook import attach
 from data.errors import UserError
 from data.labeling import build_samples
 from data.tasks import prompt_ids
