@@ -124,10 +124,17 @@ def fingerprint(model, weights_sha256: str) -> dict:
 
 
 def _from_pretrained(directory: str, gguf_file: str | None, dtype: torch.dtype):
+    """(model, tokenizer) from a directory or a GGUF file; UserError naming the file when transformers
+    cannot read it (random bytes, a folder that is not a model, a missing tokenizer...)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        where = str(Path(directory) / gguf_file) if gguf_file else directory
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"cannot load model {where} ({type(e).__name__}: {first}); accepted: {ACCEPTED}") from None
     return model, tokenizer
 
 
@@ -159,10 +166,7 @@ def _load_directory(path: Path, dtype):
 
 
 def _load_hub(name: str, dtype):
-    try:
-        model, tok = _from_pretrained(name, None, dtype)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {name!r} ({type(e).__name__}); accepted: {ACCEPTED}") from None
+    model, tok = _from_pretrained(name, None, dtype)
     return model, tok, fingerprint(model, state_dict_sha256(model))
 
 

@@ -111,3 +111,23 @@ def test_the_same_weights_loaded_another_way_are_the_same_model(tiny_lm, tiny_tr
     assert weights_digest(changed) != tiny_lm.fingerprint["weights_id"]
     with pytest.raises(UserError, match="this model's weights are"):
         attach(changed, ckpt, strict=True, break_even=None)
+
+
+@pytest.mark.parametrize("what", ["random gguf", "empty config folder", "weights without tokenizer"])
+def test_files_that_are_not_a_model_are_one_line(tmp_path, tiny_lm, what):
+    """A .gguf of random bytes, a folder whose config.json is `{}`, a model folder with no tokenizer:
+    one UserError line naming the file, not transformers' traceback."""
+    if what == "random gguf":
+        name = tmp_path / "rand.gguf"
+        name.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.uint8).numpy().tobytes())
+    elif what == "empty config folder":
+        name = tmp_path / "m"
+        name.mkdir()
+        (name / "config.json").write_text("{}")
+    else:
+        name = tmp_path / "m"
+        tiny_lm.model.save_pretrained(name)
+    with pytest.raises(UserError, match="cannot load model") as e:
+        load_model(str(name), device="cpu")
+    assert "\n" not in str(e.value) and str(name) in str(e.value)
