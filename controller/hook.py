@@ -177,8 +177,16 @@ class ControllerHandle:
         return idx, p[np.arange(len(p)), idx]
 
     # ---------------------------------------------------------------- hooks
-    def _task_of(self, row: int) -> str | None:
-        return self.task[row] if isinstance(self.task, (list, tuple)) else self.task
+    def _task_of(self, row: int, rows: int) -> str | None:
+        """The task of batch row `row` of `rows`: one name for every row, or one per row (a list of
+        one is broadcast, e.g. over beams); a list of another length runs every row dense."""
+        if not isinstance(self.task, (list, tuple)):
+            return self.task
+        if len(self.task) == 1:
+            return self.task[0]
+        if len(self.task) != rows:
+            raise ValueError(f"task list names {len(self.task)} rows, the batch has {rows}; pass one task per row")
+        return self.task[row]
 
     def _before(self, module, args, kwargs):
         if getattr(self._local, "paused", False):
@@ -270,7 +278,8 @@ class ControllerHandle:
     def _decide_row(self, r: int, ids: np.ndarray, pooled: dict, text_stats: dict, info: dict) -> float:
         """The level of one request: the calibrated decision, or the guard's fallback when the
         request is outside the calibrated support. Records what happened in `info`."""
-        feats = feature_vector(compute_features(ids, pooled, self._task_of(r), text_stats=text_stats))
+        task = self._task_of(r, len(self._active[3]))
+        feats = feature_vector(compute_features(ids, pooled, task, text_stats=text_stats))
         info[("features", r)] = feats
         if self.guard is not None:
             flagged, p, reasons = self.guard.check(feats[None])

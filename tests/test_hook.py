@@ -86,6 +86,13 @@ def test_batched_requests_get_their_own_levels(tiny_lm, tiny_trained):
         tiny_lm.model.generate(**batch, max_new_tokens=2, do_sample=False)
         assert len(handle.last_decisions) == 2
         assert all(d.fallback is None or d.ood for d in handle.last_decisions)   # decided (or guarded), none failed
+    with attach(tiny_lm, ckpt, task=["vt", "qa", "cwe"]) as handle:   # three names for two rows
+        tiny_lm.model.generate(**batch, max_new_tokens=2, do_sample=False)
+        assert [d.level for d in handle.last_decisions] == [0.0, 0.0]
+        assert all("task list names 3 rows, the batch has 2" in d.fallback for d in handle.last_decisions)
+    with attach(tiny_lm, ckpt, task=["vt"]) as handle:   # one name for every row
+        tiny_lm.model.generate(**batch, max_new_tokens=2, do_sample=False)
+        assert all(d.fallback is None or d.ood for d in handle.last_decisions)
 
 
 def test_a_failing_controller_runs_the_request_dense(tiny_lm, tiny_trained, caplog):
