@@ -93,7 +93,7 @@ def _forced_round(lm, ckpt, ids, levels, samples: _Samples) -> None:
     decision. The monitor is reset before each measurement, so no window test (once per 100
     requests, on a worker thread) runs during the timing."""
     from controller.hook import attach
-    from sparse_kernels import SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
+    from sparse_kernels import SparsePlan, disable_sparse_attention, enable_sparse_attention, sliding_window_of, use_plan
     n, call = int(ids.shape[1]), lambda: lm.model(input_ids=ids, logits_to_keep=1)  # noqa: E731
     samples.add("dense", _measure(call, n))
     with attach(lm, ckpt, break_even=None) as handle:
@@ -106,7 +106,7 @@ def _forced_round(lm, ckpt, ids, levels, samples: _Samples) -> None:
             samples.setdefault(("achieved", level), handle.last_decisions[0].achieved_sparsity)
     previous = enable_sparse_attention(lm.model)
     try:
-        for level in levels:
+        for level in ([0.0] if sliding_window_of(lm.model) is not None else []) + list(levels):   # 0: the window path
             def forced():
                 with use_plan(SparsePlan(levels=torch.full((1,), level, dtype=torch.float64), selection=sparse[0],
                                          dense_layers=sparse[1], backend=sparse[2])):
@@ -114,6 +114,15 @@ def _forced_round(lm, ckpt, ids, levels, samples: _Samples) -> None:
             samples.add(("forced", level), _measure(forced, n))
     finally:
         disable_sparse_attention(lm.model, previous)
+
+
+def _window_rows(n: int, s: _Samples) -> list[dict]:
+    """Models with sliding-window layers: a plan at level 0 (those layers over their window only; no
+    probe, no decision) against dense, in the same rounds."""
+    if ("forced", 0.0) not in s:
+        return []
+    return [{"N": n, "ms": round(s.ms(("forced", 0.0)), 3), "ms_dense": round(s.ms("dense"), 3),
+             "speedup": round(s.ms("dense") / s.ms(("forced", 0.0)), 3), "peak_mib": round(s.peak(("forced", 0.0)), 1)}]
 
 
 def _forced_rows(n: int, levels, s: _Samples) -> list[dict]:
@@ -145,7 +154,8 @@ def _hooked_rows(lm, handle, ids) -> list[dict]:
     skipped = handle._skip_reason(n, [n]) is not None
     own = skipped and d.level == 0   # the hook's own path for this request is the dense one
     key = "own" if own else "probed"
-    return [_row(n, "hook_dense", None, s.ms(key), s.peak(key), dense, path="skipped" if own else "probed",
+    path = "probed" if not own else "window" if handle.break_even and handle.break_even.runs_window(n) else "skipped"
+    return [_row(n, "hook_dense", None, s.ms(key), s.peak(key), dense, path=path,
                  ms_probed=round(s.ms("probed"), 3)),
             _row(n, "decided", d.level, s.ms("own"), s.peak("own"), dense, fallback=d.fallback, ood=d.ood,
                  achieved_sparsity=round(d.achieved_sparsity, 4))]
@@ -164,22 +174,24 @@ def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, devi
     prompts = {n: _prompt(lm.tokenizer, n, vocab, device) for n in lengths}
     ckpt = load_checkpoint(checkpoint)
     levels = sorted({float(x) for x in ckpt.levels if x > 0} | set(REQUIRED_FORCED))
-    rows = []
+    rows, window = [], []
     for ids in prompts.values():
         samples = _Samples()
         for _ in range(ROUNDS):
             _forced_round(lm, ckpt, ids, levels, samples)
         rows += _forced_rows(int(ids.shape[1]), levels, samples)
+        window += _window_rows(int(ids.shape[1]), samples)
     card = torch.cuda.get_device_name() if device == "cuda" else device
-    table = BreakEven.from_rows([r for r in rows if r["mode"] == "forced"], f"measured on {card}")
+    table = BreakEven.from_rows([r for r in rows if r["mode"] == "forced"], f"measured on {card}", window_rows=window)
     with attach(lm, ckpt, break_even=table) as handle:
         for ids in prompts.values():
             rows += _hooked_rows(lm, handle, ids)
     fp = model_fingerprint(lm.model)[0]
-    record = {"model": model_name, "model_id": fp["id"], "weights_id": fp["weights_id"], **table.to_json(),
+    record = {"model": model_name, "model_id": fp["id"], "weights_id": fp["weights_id"], **table.to_json(), "window": window,
               "rule": "a level is worth running from the shortest length from which, decision included, it "
                       "took at most 0.98x dense (median of interleaved rounds) at that length and every longer "
-                      "measured length"}
+                      "measured length; window_from (models with sliding-window layers): the same rule for a "
+                      "plan at level 0 with no probe and no decision (those layers over their window only)"}
     return rows, record
 
 

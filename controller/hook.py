@@ -5,7 +5,9 @@ Owns `attach(model, checkpoint)` -> `ControllerHandle` (`detach()` restores the 
 `Decision`. Before anything else, a fresh prefill that cannot gain is dispatched dense with no
 plan at all (it then runs exactly as unhooked SDPA: no probe, no decision, no host sync): every row
 outside the calibrated lengths (dense fallback), or the prompt shorter than the break-even length
-that the benchmark measured for this model on this card (`sparse_kernels.dispatch`). Otherwise a
+that the benchmark measured for this model on this card (`sparse_kernels.dispatch`); on a model with
+sliding-window layers, from the measured `window_from`, such a prefill gets a plan at level 0 instead
+(those layers over their window only, still no probe and no decision). Otherwise a
 forward pre-hook makes a `SparsePlan` current with no levels
 yet, and a worker thread starts the token-id statistics; the dense probe layers run and call back;
 after the last probe layer the handle computes each row's features with
@@ -205,6 +207,17 @@ class ControllerHandle:
         whys = why if isinstance(why, list) else [why] * rows
         self._record([Decision(0.0, 1.0, 0.0, w, ood) for w in whys], [None] * rows, seconds=0.0)
 
+    def _window_call(self, rows: int, whys: list[str], ood: bool) -> None:
+        """A request that runs dense, on a model whose sliding-window layers are faster over their
+        window only from this length (measured: `BreakEven.window_from`): a plan at level 0 with no
+        probe and no decision, so only those layers change path (the same attention)."""
+        plan = SparsePlan(levels=torch.zeros(rows, dtype=torch.float64), selection=self.selection,
+                          dense_layers=self.dense_layers, backend=self.backend)
+        info = {r: (1.0, f"{w} (sliding-window layers over their window only)", ood, None) for r, w in enumerate(whys)}
+        ctx = use_plan(plan)
+        ctx.__enter__()
+        self._active = (ctx, plan, ProbeCollector(), list(range(rows)), info, [])
+
     def _outside_lengths(self, lengths: list[int]) -> bool:
         """Every row outside the guard's calibrated lengths, with a dense fallback. A guard that cannot
         say is not skipped on: the decision path meets the failure and reports it per row."""
@@ -215,8 +228,9 @@ class ControllerHandle:
             return False
 
     def _skip_reason(self, n: int, lengths: list[int]) -> tuple[list[str], bool] | None:
-        """Why no row of this prefill needs probes or a decision (every row runs dense, and the
-        adapter sees no plan: the call runs exactly as unhooked SDPA), or None."""
+        """Why no row of this prefill needs probes or a decision (every row runs dense: with no plan,
+        exactly as unhooked SDPA, or through `_window_call` where the window path was measured
+        faster), or None."""
         if self.force_level is not None or not self.dispatch:
             return None
         if self._outside_lengths(lengths):
@@ -260,6 +274,9 @@ class ControllerHandle:
             return None
         lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
         skip = self._skip_reason(ids.shape[1], lengths)
+        if skip is not None and self.break_even is not None and self.break_even.runs_window(int(ids.shape[1])):
+            self._window_call(ids.shape[0], *skip)
+            return None
         if skip is not None:
             self._dense_call(ids.shape[0], *skip)
             return None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_kernels import SparsePlan, enable_sparse_attention, resolve_backend, use_plan
+from sparse_kernels import SparsePlan, enable_sparse_attention, resolve_backend, sliding_window_of, use_plan
 
 from .config import DataConfig, LabelJobConfig, data_identity
 from .decode import DecodeBatch, pad_rows
@@ -136,10 +136,7 @@ class Labeler:
         # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
         self.cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
         enable_sparse_attention(lm.model)
-        # the window of the model's sliding-window layers (None without): their caches keep only it
-        cfg = lm.model.config
-        layer_types = getattr(cfg, "layer_types", None) or ("sliding_attention",)
-        self.sliding = getattr(cfg, "sliding_window", None) if "sliding_attention" in layer_types else None
+        self.sliding = sliding_window_of(lm.model)   # None, or the window its sliding caches keep
 
     def plan(self, collector: ProbeCollector) -> SparsePlan:
         sp = self.job.sparse

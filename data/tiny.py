@@ -52,3 +52,19 @@ def tiny_random_llama(dtype: torch.dtype = torch.float32, seed: int = 0, num_lay
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
     return model.to(dtype), tok
+
+
+def tiny_random_gemma3(window: int, seed: int = 0):
+    """(model, tokenizer): a tiny random Gemma 3 (layers: sliding, full, sliding, full; 4 query heads,
+    1 KV head, head dim 16) with SmolLM2's vocabulary, for sliding-window mechanics in unit tests."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    tok = embedded_tokenizer()
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=8192,
+                           sliding_window=window, layer_types=["sliding_attention", "full_attention"] * 2,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                           attn_implementation="sdpa")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
+    return model, tok

@@ -23,6 +23,13 @@ class BreakEven:
     """levels: ((level, tokens), ...) ascending by level; a level absent from it never won."""
     levels: tuple[tuple[float, int], ...]
     source: str
+    # models with sliding-window layers: the shortest length from which a dense plan (those layers
+    # over their window only, no probe, no decision) beat unhooked SDPA; None: never, or not measured
+    window_from: int | None = None
+
+    def runs_window(self, n_tokens: int) -> bool:
+        """True when a request of `n_tokens` that runs dense is faster with the window path."""
+        return self.window_from is not None and n_tokens >= self.window_from
 
     def tokens_for(self, level: float) -> int | None:
         """Break-even of `level`: that of the largest measured level at or below it (a sparser level
@@ -50,29 +57,39 @@ class BreakEven:
         return f"level {level:g} runs slower than dense {where} here ({n_tokens} tokens; {self.source}); ran dense"
 
     @classmethod
-    def from_rows(cls, rows: list[dict], source: str, margin: float = WIN_MARGIN) -> "BreakEven":
-        """From end-to-end rows {N, level, ms_with_decision (or ms), ms_dense} of one model and card."""
+    def from_rows(cls, rows: list[dict], source: str, margin: float = WIN_MARGIN,
+                  window_rows: list[dict] = ()) -> "BreakEven":
+        """From end-to-end rows {N, level, ms_with_decision (or ms), ms_dense} of one model and card,
+        and (models with sliding-window layers) rows {N, ms, ms_dense} of the dense window path."""
         by_level: dict[float, list[tuple[int, bool]]] = {}
         for r in rows:
             ms = r.get("ms_with_decision", r["ms"])
             by_level.setdefault(float(r["level"]), []).append((int(r["N"]), ms <= margin * r["ms_dense"]))
-        levels = []
-        for level, points in sorted(by_level.items()):
-            start = None
-            for n, won in sorted(points, reverse=True):   # longest first: the run of wins down from the longest
-                if not won:
-                    break
-                start = n
-            if start is not None:
-                levels.append((level, start))
-        return cls(tuple(levels), source)
+        levels = [(level, start) for level, points in sorted(by_level.items())
+                  if (start := _wins_from(points)) is not None]
+        window = _wins_from([(int(r["N"]), r["ms"] <= margin * r["ms_dense"]) for r in window_rows])
+        return cls(tuple(levels), source, window)
 
     def to_json(self) -> dict:
-        return {"levels": {f"{lv:g}": t for lv, t in self.levels}, "source": self.source}
+        d = {"levels": {f"{lv:g}": t for lv, t in self.levels}, "source": self.source}
+        return d if self.window_from is None else {**d, "window_from": self.window_from}
 
     @classmethod
     def from_json(cls, d: dict) -> "BreakEven":
-        return cls(tuple(sorted((float(k), int(v)) for k, v in d["levels"].items())), str(d["source"]))
+        window = d.get("window_from")
+        return cls(tuple(sorted((float(k), int(v)) for k, v in d["levels"].items())), str(d["source"]),
+                   None if window is None else int(window))
+
+
+def _wins_from(points: list[tuple[int, bool]]) -> int | None:
+    """The shortest length of the run of wins down from the longest measured length (None: the
+    longest did not win)."""
+    start = None
+    for n, won in sorted(points, reverse=True):
+        if not won:
+            break
+        start = n
+    return start
 
 
 def _same_model(table: dict, model: str | dict) -> bool:
@@ -97,4 +114,4 @@ def recorded_break_even(model: str | dict, device_name: str, directory: Path = B
     if not found:
         return None
     started, name, table = max(found)
-    return BreakEven.from_json({"levels": table["levels"], "source": f"measured on {device_name}, {name} ({started})"})
+    return BreakEven.from_json({**table, "source": f"measured on {device_name}, {name} ({started})"})

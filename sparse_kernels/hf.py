@@ -217,6 +217,17 @@ def _count_dense(plan: SparsePlan, query: torch.Tensor, sparse: bool, window: in
     plan.counts.add_dense(b, h * blocks, sparse)
 
 
+def sliding_window_of(model) -> int | None:
+    """The window of the model's sliding-window layers, or None when it has none (a config with
+    `layer_types` slides where it says so; one without slides everywhere when it names a window)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(cfg, "layer_types", None)
+    return int(window) if layer_types is None or "sliding_attention" in layer_types else None
+
+
 class UnsupportedModel(ValueError):
     """The model's attention has a feature the sparse paths do not implement."""
 

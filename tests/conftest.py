@@ -59,3 +59,15 @@ def tiny_trained(tiny_lm, tmp_path_factory):
     (trained.checkpoint / RECORD_FILE).write_text(json.dumps(record))
     calibration = dataclasses.replace(trained.calibration, threshold=threshold, passed=True)
     return job, store, trained.checkpoint, trained.net, calibration
+
+
+@pytest.fixture
+def tiny_gemma3():
+    """make(window) -> a LoadedModel of a tiny random Gemma 3 with that sliding window."""
+    from data.models import LoadedModel, fingerprint, state_dict_sha256
+    from data.tiny import tiny_random_gemma3
+
+    def make(window: int) -> LoadedModel:
+        model, tok = tiny_random_gemma3(window)
+        return LoadedModel(model, tok, fingerprint(model, state_dict_sha256(model)), "tiny-gemma3")
+    return make

@@ -36,6 +36,42 @@ def test_break_even_is_the_start_of_the_run_of_wins_down_from_the_longest_length
     assert min(dense) < table.shortest()
 
 
+def test_window_from_is_the_same_rule_for_the_dense_window_path():
+    """Models with sliding-window layers: from which length a plan at level 0 (no probe, no
+    decision; those layers over their window only) beat dense, at that and every longer length."""
+    window = [{"N": 2048, "ms": 25.2, "ms_dense": 22.4}, {"N": 8192, "ms": 25.5, "ms_dense": 38.7},
+              {"N": 32000, "ms": 86.4, "ms_dense": 364.5}]
+    table = BreakEven.from_rows([_row(32000, 0.9, 80.0, 364.5)], "test", window_rows=window)
+    assert table.window_from == 8192 and table.runs_window(8192) and not table.runs_window(8191)
+    assert BreakEven.from_json(json.loads(json.dumps(table.to_json()))) == table
+    assert BreakEven.from_rows([_row(32000, 0.9, 80.0, 364.5)], "test").window_from is None   # not measured
+    assert not BreakEven(((0.9, 32000),), "old table").runs_window(10**9)
+
+
+def test_below_break_even_a_window_model_runs_a_dense_plan_without_probes(tiny_trained, tiny_gemma3, monkeypatch):
+    """With a measured `window_from`, a request below the break-even runs a plan at level 0 (no
+    probe, no decision) so that sliding-window layers take their window path on CUDA; on CPU that
+    path is SDPA, so the logits equal the unhooked model's exactly."""
+    lm = tiny_gemma3(window=64)
+    ids = torch.randint(5, 1000, (1, 300), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        unhooked = lm.model(input_ids=ids).logits
+    calls, plans = _counting_probes(monkeypatch), []
+    real = adapter.sdpa_attention_forward
+    monkeypatch.setattr(adapter, "sdpa_attention_forward",
+                        lambda *a, **k: (plans.append(adapter.current_plan()), real(*a, **k))[1])
+    from controller.export import ControllerCheckpoint, load_checkpoint
+    ckpt = load_checkpoint(tiny_trained[2])   # its record, made to name this model (the mechanics need no trained net)
+    ckpt = ControllerCheckpoint(ckpt.net, {**ckpt.record, "model": {**ckpt.record["model"], "fingerprint": lm.fingerprint}})
+    table = BreakEven(((0.5, 10**6),), "test", window_from=256)
+    with attach(lm, ckpt, break_even=table) as handle, torch.no_grad():
+        hooked = lm.model(input_ids=ids).logits
+        (d,) = handle.last_decisions
+    assert torch.equal(hooked, unhooked) and not calls
+    assert plans and all(p is not None and p.all_dense for p in plans)
+    assert d.level == 0.0 and "over their window only" in d.fallback and handle.last_features == [None]
+
+
 def test_recorded_table_is_found_by_model_and_card_newest_first(tmp_path):
     def write(name, device, model_id, started, tokens):
         table = {"model_id": model_id, "levels": {"0.9": tokens}, "source": "bench"}

@@ -204,3 +204,10 @@ def test_sliding_layers_on_cuda_run_the_window_only_and_match_the_model(family):
         finally:
             disable_sparse_attention(model, previous)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sliding_window_of_names_the_window_exactly_where_the_model_slides(family):
+    from sparse_kernels import sliding_window_of
+    model = build(family)
+    assert sliding_window_of(model) == (WINDOW if sliding_layers(model) else None)

@@ -196,29 +196,10 @@ def test_a_sample_the_tokenizer_cannot_make_is_skipped_not_fatal(tiny_lm, tmp_pa
     assert victim in set(run_labeling(job, tiny_lm).table().sample_id)
 
 
-def _tiny_gemma3(window: int):
-    """A LoadedModel of a tiny random Gemma 3 (sliding, full, sliding, full) with the test tokenizer."""
-    import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from data.models import LoadedModel, fingerprint, state_dict_sha256
-    from data.tiny import embedded_tokenizer
-    tok = embedded_tokenizer()
-    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=8192,
-                           sliding_window=window, layer_types=["sliding_attention", "full_attention"] * 2,
-                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                           attn_implementation="sdpa")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
-    return LoadedModel(model, tok, fingerprint(model, state_dict_sha256(model)), "tiny-gemma3")
-
-
-def test_a_sliding_window_model_labels_the_same_decoded_together_or_alone(tmp_path):
+def test_a_sliding_window_model_labels_the_same_decoded_together_or_alone(tmp_path, tiny_gemma3):
     """Gemma-style caches keep only their window: prompts at least that long decode stacked, shorter
     ones alone; the labels equal labeling one sample at a time."""
-    lm = _tiny_gemma3(window=256)
+    lm = tiny_gemma3(window=256)
     job = tiny_job(tmp_path / "one", lengths="[200, 300]")
     one = run_labeling(job, lm).table()
     job = tiny_job(tmp_path / "four", lengths="[200, 300]")
