@@ -5,6 +5,7 @@ left-padded to the longest prompt and stacked into one cache, with the padding m
 row's own positions, so that greedy decoding and teacher forcing run K samples per forward.
 Decoding a 135M model is bound by kernel launches, not by arithmetic: K samples per step cost
 about what one costs. With K = 1 nothing is padded and the forward calls equal the unbatched ones.
+Also owns the cache plumbing across transformers versions (`cache_kwarg`, `cache_of`).
 Imports nothing from the project.
 """
 from __future__ import annotations
@@ -13,6 +14,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+def cache_kwarg(model) -> str:
+    """The name `model.forward` takes a cache under (transformers renamed `past_key_values` to
+    `cache` in 5.2x; both are accepted)."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    """The cache a forward returned (under `cache` or, before 5.2x, `past_key_values`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def crop_cache(cache, length: int) -> None:

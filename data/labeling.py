@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import inspect
 import platform
 import re
 import subprocess
@@ -24,7 +23,7 @@ import torch
 from sparse_kernels import SparsePlan, enable_sparse_attention, resolve_backend, sliding_window_of, use_plan
 
 from .config import DataConfig, LabelJobConfig, data_identity
-from .decode import DecodeBatch, pad_rows
+from .decode import DecodeBatch, cache_kwarg, cache_of, pad_rows
 from .features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features
 from .models import LoadedModel
 from .errors import UserError
@@ -97,11 +96,6 @@ def stop_token_ids(lm: LoadedModel) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def cache_of(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
 class PhaseClock:
     """Wall seconds per phase of one sample (synchronising the GPU at each lap)."""
 
@@ -134,7 +128,7 @@ class Labeler:
         self.levels = torch.tensor(job.labeling.levels, dtype=torch.float64)
         self.stop_ids = stop_token_ids(lm)
         # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
-        self.cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+        self.cache_arg = cache_kwarg(lm.model)
         enable_sparse_attention(lm.model)
         self.sliding = sliding_window_of(lm.model)   # None, or the window its sliding caches keep
 

@@ -131,15 +131,13 @@ def test_a_sliding_window_cache_rolls_back_to_its_prompt_and_is_never_stacked():
     """Labeling decodes a sample several times from its prompt's cache. A full sliding-window layer
     cannot be cropped, so the batch restores the prompt-only tensors; the passes after a rollback
     equal a fresh pass over prompt + tokens."""
-    import inspect
-
-    from data.decode import DecodeBatch
+    from data.decode import DecodeBatch, cache_kwarg, cache_of
     model = build("gemma3")
-    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    arg = cache_kwarg(model)
     ids, extra = _ids()[:1], torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
+        cache = cache_of(out)
         batch = DecodeBatch.stack([cache], [out.logits[:, -1]], [N])
         passes = []
         for _ in range(2):
@@ -155,11 +153,9 @@ def test_sliding_window_caches_of_different_lengths_decode_together_as_alone():
     """Prompts at least window - 1 tokens long hold exactly window - 1 tokens in their sliding
     layers, so they stack with no padding there (the full layers are left-padded as usual): the
     stacked pass equals each prompt's pass alone. A prompt shorter than the window cannot join."""
-    import inspect
-
-    from data.decode import DecodeBatch
+    from data.decode import DecodeBatch, cache_kwarg, cache_of
     model = build("gemma3")
-    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    arg = cache_kwarg(model)
     g = torch.Generator().manual_seed(2)
     lengths = (WINDOW + 9, N)   # the first cache (the one the stack keeps) is the shorter prompt
     prompts = [torch.randint(0, VOCAB, (1, n), generator=g) for n in lengths]
@@ -167,7 +163,7 @@ def test_sliding_window_caches_of_different_lengths_decode_together_as_alone():
 
     def prefill(ids):
         out = model(input_ids=ids, use_cache=True)
-        return getattr(out, "cache", None) or out.past_key_values, out.logits[:, -1]
+        return cache_of(out), out.logits[:, -1]
     with torch.no_grad():
         alone = []
         for ids, n in zip(prompts, lengths):
