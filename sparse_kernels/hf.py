@@ -36,7 +36,7 @@ from .backends import BACKENDS, resolve_backend, selection
 from .probes import attention_probe
 from . import triton_attention
 from .flex import sliding_window_attention
-from .select import (SelectionSpec, block_accounting, index_accounting, select_blocks,
+from .select import (SelectionSpec, block_accounting, density_on, index_causal_blocks, select_blocks,
                      select_blocks_with_index)
 
 ATTENTION_NAME = "sparse_prefill"
@@ -47,8 +47,9 @@ _CURRENT: contextvars.ContextVar["SparsePlan | None"] = contextvars.ContextVar("
 class BlockCounts:
     """Blocks computed vs causal blocks per batch row, summed over layers and heads. Layers that
     ran dense are counted as host-side integers (the same for every row): the dense path launches
-    no GPU work for its accounting."""
-    rows_sparse: torch.Tensor | None = None   # [B] blocks kept by sparse-path calls (on their device)
+    no GPU work for its accounting. Sparse calls hand in their kept counts as device tensors that
+    are summed only when read (no launch per layer)."""
+    pending: list = field(default_factory=list)   # per sparse call: [B] or [B, ...] kept blocks (on device)
     dense_sparse: int = 0                     # blocks of sparse layers that ran dense, per row
     dense_all: int = 0                        # blocks of every layer that ran dense, per row
     rows: int = 0
@@ -56,9 +57,9 @@ class BlockCounts:
     causal_all: int = 0
 
     def add(self, kept: torch.Tensor, causal: int) -> None:
-        """A sparse-path call: `kept` [B] blocks per row (stays on its device: no host sync)."""
-        kept = kept.detach().to(torch.float64)
-        self.rows_sparse = kept if self.rows_sparse is None else self.rows_sparse + kept
+        """A sparse-path call: `kept` [B] blocks per row, or [B, H, nq] per (row, head, query block);
+        it stays on its device, unreduced until read (no host sync, no launch)."""
+        self.pending.append(kept)
         self.rows, self.causal_sparse, self.causal_all = kept.shape[0], self.causal_sparse + causal, self.causal_all + causal
 
     def add_dense(self, rows: int, causal: int, sparse: bool) -> None:
@@ -66,6 +67,13 @@ class BlockCounts:
         self.rows, self.dense_all, self.causal_all = rows, self.dense_all + causal, self.causal_all + causal
         if sparse:
             self.dense_sparse, self.causal_sparse = self.dense_sparse + causal, self.causal_sparse + causal
+
+    @property
+    def rows_sparse(self) -> torch.Tensor | None:
+        """[B] float64 blocks kept by the sparse-path calls so far (None before any)."""
+        if not self.pending:
+            return None
+        return sum(t.reshape(t.shape[0], -1).sum(-1, dtype=torch.float64) for t in self.pending)
 
     @property
     def kept_all(self) -> torch.Tensor | None:
@@ -107,6 +115,7 @@ class SparsePlan:
     counts: BlockCounts = field(default_factory=BlockCounts)
     all_dense: bool = True   # every row at level 0 (kept by set_levels; the adapter reads it per layer)
     padding: tuple[int | None, bool] | None = None   # (mask length, whether keys are padded), read once
+    _density: dict = field(default_factory=dict, repr=False)   # device -> (density [B] on the host, on device)
 
     def __post_init__(self):
         if not self.probe_layers <= self.dense_layers:
@@ -120,6 +129,15 @@ class SparsePlan:
         if levels.numel() and (levels.min() < 0 or levels.max() >= 1 or torch.isnan(levels).any()):
             raise ValueError(f"sparsity levels must be in [0, 1), got {levels.tolist()}")
         self.levels, self.all_dense = levels, bool((levels == 0).all())
+        self._density = {}
+
+    def density(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 - levels on the host, the same on `device`), placed once per plan and device: the
+        sparse layers then pay no host-to-device copy each."""
+        if device not in self._density:
+            density = 1.0 - self.levels
+            self._density[device] = (density, density_on(density, device))
+        return self._density[device]
 
 
 @contextlib.contextmanager
@@ -188,15 +206,15 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     if levels.shape[0] != query.shape[0]:
         raise ValueError(f"plan has {levels.shape[0]} levels for a batch of {query.shape[0]} rows")
     backend = resolve_backend(plan.backend, query.device)
-    index = None
+    index, (density, placed) = None, plan.density(query.device)
     if backend == "triton" and triton_attention.supports(query, plan.selection.block_size, key_valid):
         # the kernel reads top-k's index directly; blocks are counted from it (no mask is built)
-        block_mask, *index = select_blocks_with_index(query, key, 1.0 - levels, plan.selection, scale,
-                                                      key_valid, with_mask=False, fused=selection(query.device))
-        kept, causal = index_accounting(index[0])
+        block_mask, *index = select_blocks_with_index(query, key, density, plan.selection, scale, key_valid,
+                                                      with_mask=False, fused=selection(query.device), placed=placed)
+        kept, causal = index[0], index_causal_blocks(index[0])
     else:
-        block_mask = select_blocks(query, key, 1.0 - levels, plan.selection, scale, key_valid,
-                                   fused=selection(query.device))
+        block_mask = select_blocks(query, key, density, plan.selection, scale, key_valid,
+                                   fused=selection(query.device), placed=placed)
         kept, causal = block_accounting(block_mask)
     plan.counts.add(kept, causal)
     out = BACKENDS[backend](query, key, value, block_mask, plan.selection.block_size, scale,

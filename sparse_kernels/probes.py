@@ -27,10 +27,13 @@ PROBE_STATS = ("entropy_mean", "entropy_min",
                *(f"recall{round(lv * 100)}_{p}" for lv in RECALL_LEVELS for p in ("mean", "min")))
 
 
-def _top_block_mass(probs, block_size, fraction):
+def _top_block_masses(probs, block_size, fractions) -> list[torch.Tensor]:
+    """Per fraction f, the attention mass of the top ceil(f * nk) key blocks: [B, H, w] each. One
+    block sum and one top-k at the largest fraction serve every fraction (a prefix of its values)."""
     blocks = sum_key_blocks(probs, block_size)
-    k = max(1, math.ceil(fraction * blocks.shape[-1]))
-    return blocks.topk(k, dim=-1).values.sum(-1)  # [B, H, w]
+    ks = [max(1, math.ceil(f * blocks.shape[-1])) for f in fractions]
+    top = blocks.topk(max(ks), dim=-1).values   # sorted, largest first: top-k's values are its prefix
+    return [top[..., :k].sum(-1) for k in ks]
 
 
 def _visible_keys(pos: torch.Tensor, key_valid, batch: int) -> torch.Tensor:
@@ -77,6 +80,12 @@ def _to_device(values: list, dtype, device: torch.device) -> torch.Tensor:
     """A host list on `device` without waiting for queued kernels (pinned, non-blocking copy)."""
     t = torch.tensor(values, dtype=dtype)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _recall_densities(levels: tuple[float, ...], batch: int, device: torch.device) -> torch.Tensor:
+    """[L * B] float64 densities 1 - level, each repeated per row, on `device` (once per shape)."""
+    return _to_device([1.0 - lv for lv in levels for _ in range(batch)], torch.float64, device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -133,15 +142,16 @@ def mass_recall(q: torch.Tensor, k: torch.Tensor, scale: float, spec: SelectionS
     mass = sampled_block_mass(q, k, plan, spec.block_size, scale, key_valid)        # [B, Hq, S, nk]
     order, forced_counts = _ranked_blocks(q, k, blocks, spec, scale, key_valid)
     covered = mass.gather(-1, order).cumsum(-1) / mass.sum(-1, keepdim=True).clamp_min(1e-30)
-    densities = _to_device([1.0 - lv for lv in levels for _ in range(b)], torch.float64, q.device)
+    densities = _recall_densities(tuple(levels), b, q.device)
     counts = kept_block_counts(densities, nq, forced_counts.repeat(len(levels), 1))
     counts = counts.view(len(levels), b, nq)[:, :, blocks]                                 # [L, B, S]
+    idx = (counts - 1).clamp_min(0)[:, :, None, :, None].expand(-1, -1, covered.shape[1], -1, 1)
+    recall = covered.expand(len(levels), *covered.shape).gather(-1, idx)[..., 0].mean(2)   # [L, B, S]
+    means, mins = recall.mean(-1), recall.amin(-1)                                           # [L, B] each
     out = {}
     for i, level in enumerate(levels):
-        idx = (counts[i] - 1).clamp_min(0)[:, None, :, None].expand(-1, covered.shape[1], -1, 1)
-        recall = covered.gather(-1, idx)[..., 0].mean(1)                                 # [B, S]
-        out[f"recall{round(level * 100)}_mean"] = recall.mean(-1)
-        out[f"recall{round(level * 100)}_min"] = recall.amin(-1)
+        out[f"recall{round(level * 100)}_mean"] = means[i]
+        out[f"recall{round(level * 100)}_min"] = mins[i]
     return out
 
 
@@ -155,8 +165,8 @@ def attention_probe(q: torch.Tensor, k: torch.Tensor, scale: float, window: int 
     n_visible = _visible_keys(pos, key_valid, q.shape[0])[:, None, :]  # [B, 1, w]
     ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / n_visible.log()  # [B, H, w]
     per_head = {"entropy": ent.mean(-1)}
-    for f in TOP_FRACTIONS:
-        per_head[f"top{int(f * 100)}_mass"] = _top_block_mass(probs, block_size, f).mean(-1)
+    for f, mass in zip(TOP_FRACTIONS, _top_block_masses(probs, block_size, TOP_FRACTIONS)):
+        per_head[f"top{int(f * 100)}_mass"] = mass.mean(-1)
     out = {"entropy_mean": per_head["entropy"].mean(1), "entropy_min": per_head["entropy"].amin(1)}
     for f in TOP_FRACTIONS:
         name = f"top{int(f * 100)}_mass"

@@ -10,6 +10,7 @@ Imports nothing from `data/` or `controller/`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -61,10 +62,17 @@ def kept_block_counts(density: torch.Tensor, n_blocks: int, forced: torch.Tensor
     return torch.minimum(counts, causal[None, :]).long()
 
 
+@functools.lru_cache(maxsize=64)
+def _no_padding_sinks(batch: int, device: torch.device) -> torch.Tensor:
+    """[B] int32 zeros on `device`, made once per (batch, device): read only, never written."""
+    return torch.zeros(batch, dtype=torch.int32, device=device)
+
+
 def first_valid_block(key_valid: torch.Tensor | None, batch: int, block_size: int, device) -> torch.Tensor:
-    """[B] index of the block holding each row's first valid key (0 without padding)."""
+    """[B] index of the block holding each row's first valid key (0 without padding: a cached
+    tensor, so the sparse path launches nothing for it)."""
     if key_valid is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
+        return _no_padding_sinks(batch, torch.device(device))
     first = key_valid.long().argmax(dim=-1)
     return first // block_size
 
@@ -205,12 +213,13 @@ def density_on(density: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_valid, with_mask: bool = True,
-            fused=None):
+            fused=None, placed: torch.Tensor | None = None):
     """(mask [B, Hq, nq, nk] or None, counts, index [B, Hq, nq, K]): counts [B, nq] from the torch
     top-k or [B, Hq, nq] from a fused one; both None when every row is dense. Only
     `select_blocks_with_index` converts them, so mask-only callers pay nothing for the index.
     `fused(q, k, density, spec, scale, key_valid, sink, kmax, with_mask)`, when given, replaces the
-    torch scoring and top-k (`backends.selection` chooses it; this module stays plain torch)."""
+    torch scoring and top-k (`backends.selection` chooses it; this module stays plain torch).
+    `placed`: `density` already on q's device (a caller running many layers places it once)."""
     b, hq, n, _ = q.shape
     nb = num_blocks(n, spec.block_size)
     if bool((density >= 1).all()):
@@ -220,28 +229,30 @@ def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_
     kmax = nb
     if density.device.type == "cpu":
         kmax = min(nb, max(math.ceil(float(density.max()) * nb), spec.sink_blocks + spec.local_blocks))
+    placed = density_on(density, q.device) if placed is None else placed
     if fused is not None:
-        return fused(q, k, density, spec, scale, key_valid, sink, kmax, with_mask)
+        return fused(q, k, placed, spec, scale, key_valid, sink, kmax, with_mask)
     forced = forced_block_mask(nb, spec, sink)
-    counts = kept_block_counts(density_on(density, q.device), nb, forced.sum(-1))
+    counts = kept_block_counts(placed, nb, forced.sum(-1))
     scores = METHODS[spec.method](q, k, spec, scale, key_valid)
     mask, top = topk_block_index(scores, counts, forced, kmax)
     return mask, counts, top
 
 
 def select_blocks(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float,
-                  key_valid: torch.Tensor | None = None, fused=None) -> torch.Tensor:
+                  key_valid: torch.Tensor | None = None, fused=None, placed=None) -> torch.Tensor:
     """q [B, Hq, N, D], k [B, Hkv, N, D], density [B] -> bool block mask [B, Hq, nq, nk]."""
-    return _select(q, k, density, spec, scale, key_valid, fused=fused)[0]
+    return _select(q, k, density, spec, scale, key_valid, fused=fused, placed=placed)[0]
 
 
 def select_blocks_with_index(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float,
-                             key_valid: torch.Tensor | None = None, with_mask: bool = True, fused=None):
+                             key_valid: torch.Tensor | None = None, with_mask: bool = True, fused=None,
+                             placed: torch.Tensor | None = None):
     """As `select_blocks`, plus the index the Triton kernel reads, straight from top-k (no sort of
     the mask): (mask [B, Hq, nq, nk], counts [B, Hq, nq] int32, indices [B, Hq, nq, K] int32).
     with_mask=False: the fused path skips writing the mask (None then; count blocks with
     `index_accounting`)."""
-    mask, counts, index = _select(q, k, density, spec, scale, key_valid, with_mask, fused)
+    mask, counts, index = _select(q, k, density, spec, scale, key_valid, with_mask, fused, placed)
     if counts is None:  # every row dense: query block i reads blocks 0..i
         b, hq, nb = mask.shape[:3]
         counts = torch.arange(1, nb + 1, device=mask.device, dtype=torch.int32).expand(b, hq, nb).contiguous()
@@ -252,10 +263,15 @@ def select_blocks_with_index(q, k, density: torch.Tensor, spec: SelectionSpec, s
     return mask, counts, index.to(torch.int32).contiguous()
 
 
+def index_causal_blocks(counts: torch.Tensor) -> int:
+    """Causal blocks per row for the index's counts [B, Hq, nq] (summed over heads)."""
+    _, h, nq = counts.shape
+    return h * nq * (nq + 1) // 2
+
+
 def index_accounting(counts: torch.Tensor) -> tuple[torch.Tensor, int]:
     """As `block_accounting`, from the index's counts [B, Hq, nq]."""
-    _, h, nq = counts.shape
-    return counts.sum(dim=(1, 2)), h * nq * (nq + 1) // 2
+    return counts.sum(dim=(1, 2)), index_causal_blocks(counts)
 
 
 def block_accounting(block_mask: torch.Tensor) -> tuple[torch.Tensor, int]:

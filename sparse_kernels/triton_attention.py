@@ -220,7 +220,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
                            loads: str | None = None):
     """q [B, Hq, N, D], k/v [B, Hkv, N, D]; counts [B, Hq, nq] and indices [B, Hq, nq, K] (the first
     counts[b, h, i] entries of row i are its kept KV block ids, any order) -> (out [B, Hq, N, D] in
-    q's dtype, lse [B, Hq, N] fp32, natural log). `loads`: "pointer" | "tma" (default per device)."""
+    q's dtype, a view of a [B, N, Hq, D] tensor: the layout transformers reshapes next, so the adapter's
+    transpose needs no copy; lse [B, Hq, N] fp32, natural log). `loads`: "pointer" | "tma" (default per device)."""
     _check(q, k, v, counts, indices, block_size)
     b, hq, n, d = q.shape
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -228,7 +229,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     if loads == "tma" and not all(_tma_ready(t) for t in (q, k, v)):
         loads = "pointer"
     counts, indices = counts.to(torch.int32).contiguous(), indices.to(torch.int32).contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty((b, n, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)   # stored as [B, N, Hq, D]
     lse = torch.empty((b, hq, n), dtype=torch.float32, device=q.device)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * hq)  # noqa: E731

@@ -115,13 +115,13 @@ def topk_index_triton(scores: torch.Tensor, density: torch.Tensor, sink_start: t
 
 
 def fused_select(q, k, density, spec, scale: float, key_valid, sink, kmax: int, with_mask: bool):
-    """The `fused` step of `select._select`: block means and scores (unscaled: a positive scale does
-    not change the order) for block_topk, then one fused top-k writing counts, index and, if asked,
-    the mask."""
-    from .select import METHODS, density_on, group_scores
+    """The `fused` step of `select._select` (`density` [B] already on q's device): block means and
+    scores (unscaled: a positive scale does not change the order) for block_topk, then one fused
+    top-k writing counts, index and, if asked, the mask."""
+    from .select import METHODS, group_scores
     if spec.method == "block_topk" and key_valid is None:
         scores = group_scores(pool_blocks_triton(q, spec.block_size), pool_blocks_triton(k, spec.block_size))
     else:
         scores = METHODS[spec.method](q, k, spec, scale, key_valid)
-    return topk_index_triton(scores, density_on(density, q.device), sink, spec.sink_blocks, spec.local_blocks,
+    return topk_index_triton(scores, density, sink, spec.sink_blocks, spec.local_blocks,
                              kmax, with_mask)
