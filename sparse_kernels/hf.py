@@ -36,7 +36,8 @@ from .backends import BACKENDS, resolve_backend, selection
 from .probes import attention_probe
 from . import triton_attention
 from .flex import sliding_window_attention
-from .select import (SelectionSpec, block_accounting, density_on, index_causal_blocks, select_blocks,
+from .graphs import StepGraphs
+from .select import (SelectionSpec, block_accounting, density_on, num_blocks, select_blocks,
                      select_blocks_with_index)
 
 ATTENTION_NAME = "sparse_prefill"
@@ -56,11 +57,18 @@ class BlockCounts:
     causal_sparse: int = 0
     causal_all: int = 0
 
-    def add(self, kept: torch.Tensor, causal: int) -> None:
+    def add(self, kept: torch.Tensor | None, causal: int, rows: int | None = None) -> None:
         """A sparse-path call: `kept` [B] blocks per row, or [B, H, nq] per (row, head, query block);
-        it stays on its device, unreduced until read (no host sync, no launch)."""
-        self.pending.append(kept)
-        self.rows, self.causal_sparse, self.causal_all = kept.shape[0], self.causal_sparse + causal, self.causal_all + causal
+        it stays on its device, unreduced until read (no host sync, no launch). `kept` None: a
+        replayed CUDA graph, whose kept blocks accumulate in a tensor handed to `track` once."""
+        if kept is not None:
+            self.pending.append(kept)
+        rows = kept.shape[0] if kept is not None else rows
+        self.rows, self.causal_sparse, self.causal_all = rows, self.causal_sparse + causal, self.causal_all + causal
+
+    def track(self, accumulator: torch.Tensor) -> None:
+        """A [B] tensor that later calls add their kept blocks to (on the GPU)."""
+        self.pending.append(accumulator)
 
     def add_dense(self, rows: int, causal: int, sparse: bool) -> None:
         """A call that ran dense: every row computed all `causal` blocks."""
@@ -115,7 +123,9 @@ class SparsePlan:
     counts: BlockCounts = field(default_factory=BlockCounts)
     all_dense: bool = True   # every row at level 0 (kept by set_levels; the adapter reads it per layer)
     padding: tuple[int | None, bool] | None = None   # (mask length, whether keys are padded), read once
+    cuda_graphs: bool = True   # replay the Triton sparse step as a CUDA graph where the host bounds it (graphs.py)
     _density: dict = field(default_factory=dict, repr=False)   # device -> (density [B] on the host, on device)
+    _graphs: StepGraphs = field(default_factory=StepGraphs, repr=False)   # captured for these densities only
 
     def __post_init__(self):
         if not self.probe_layers <= self.dense_layers:
@@ -129,7 +139,7 @@ class SparsePlan:
         if levels.numel() and (levels.min() < 0 or levels.max() >= 1 or torch.isnan(levels).any()):
             raise ValueError(f"sparsity levels must be in [0, 1), got {levels.tolist()}")
         self.levels, self.all_dense = levels, bool((levels == 0).all())
-        self._density = {}
+        self._density, self._graphs = {}, StepGraphs()
 
     def density(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 - levels on the host, the same on `device`), placed once per plan and device: the
@@ -206,20 +216,36 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     if levels.shape[0] != query.shape[0]:
         raise ValueError(f"plan has {levels.shape[0]} levels for a batch of {query.shape[0]} rows")
     backend = resolve_backend(plan.backend, query.device)
-    index, (density, placed) = None, plan.density(query.device)
+    density, placed = plan.density(query.device)
     if backend == "triton" and triton_attention.supports(query, plan.selection.block_size, key_valid):
-        # the kernel reads top-k's index directly; blocks are counted from it (no mask is built)
-        block_mask, *index = select_blocks_with_index(query, key, density, plan.selection, scale, key_valid,
-                                                      with_mask=False, fused=selection(query.device), placed=placed)
-        kept, causal = index[0], index_causal_blocks(index[0])
-    else:
-        block_mask = select_blocks(query, key, density, plan.selection, scale, key_valid,
-                                   fused=selection(query.device), placed=placed)
-        kept, causal = block_accounting(block_mask)
-    plan.counts.add(kept, causal)
-    out = BACKENDS[backend](query, key, value, block_mask, plan.selection.block_size, scale,
-                            attention_mask, key_valid, index=index)
+        return _triton_step(plan, query, key, value, density, placed, scale, key_valid), None
+    block_mask = select_blocks(query, key, density, plan.selection, scale, key_valid,
+                               fused=selection(query.device), placed=placed)
+    plan.counts.add(*block_accounting(block_mask))
+    out = BACKENDS[backend](query, key, value, block_mask, plan.selection.block_size, scale, attention_mask, key_valid)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _triton_step(plan: SparsePlan, query, key, value, density, placed, scale: float, key_valid) -> torch.Tensor:
+    """Selection writing the index the Triton kernel reads (no mask is built), then the kernel; as a
+    replayed CUDA graph where `StepGraphs.applies`. Returns [B, N, Hq, D] (the kernel's own layout)."""
+    spec, fused = plan.selection, selection(query.device)
+
+    def step(q, k, v):
+        _, counts, indices = select_blocks_with_index(q, k, density, spec, scale, key_valid, with_mask=False,
+                                                      fused=fused, placed=placed)
+        out = triton_attention.block_sparse_attention(q, k, v, counts, indices, spec.block_size, scale)[0]
+        return out, counts
+
+    nq = num_blocks(query.shape[2], spec.block_size)
+    causal = query.shape[1] * nq * (nq + 1) // 2   # per row, over heads
+    if plan.cuda_graphs and StepGraphs.applies(query, key_valid):
+        key_ = (tuple(query.shape), tuple(key.shape), query.dtype, query.device, scale)
+        out = plan._graphs.run(key_, step, query, key, value, plan.counts, causal)
+    else:
+        out, counts = step(query, key, value)
+        plan.counts.add(counts, causal)
+    return out.transpose(1, 2).contiguous()
 
 
 def _count_dense(plan: SparsePlan, query: torch.Tensor, sparse: bool, window: int | None = None) -> None:

@@ -263,15 +263,10 @@ def select_blocks_with_index(q, k, density: torch.Tensor, spec: SelectionSpec, s
     return mask, counts, index.to(torch.int32).contiguous()
 
 
-def index_causal_blocks(counts: torch.Tensor) -> int:
-    """Causal blocks per row for the index's counts [B, Hq, nq] (summed over heads)."""
-    _, h, nq = counts.shape
-    return h * nq * (nq + 1) // 2
-
-
 def index_accounting(counts: torch.Tensor) -> tuple[torch.Tensor, int]:
     """As `block_accounting`, from the index's counts [B, Hq, nq]."""
-    return counts.sum(dim=(1, 2)), index_causal_blocks(counts)
+    _, h, nq = counts.shape
+    return counts.sum(dim=(1, 2)), h * nq * (nq + 1) // 2
 
 
 def block_accounting(block_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
