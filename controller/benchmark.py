@@ -6,7 +6,8 @@ SmolLM2-135M prefill end to end with the controller hook, in one run on one GPU;
 Owns `bench_end_to_end`: prefill at 2K..128K, rows with keys N, mode (`dense`: the unhooked model
 with SDPA; `forced`: a level set before the forward, no probe and no decision, with
 `ms_with_decision` = the same level forced through the hook with probes and decision, whose
-difference is the decision's true overhead; `hook_dense`: the hook's own path for a request it
+difference is the decision's true overhead (and at level 0.9 `ms_no_graphs`, the same plan with
+the sparse step's CUDA graphs off); `hook_dense`: the hook's own path for a request it
 runs dense; `decided`: the controller's own decision), level, ms, ms_dense (same run), speedup,
 peak_mib; and the break-even table those forced rows give (`sparse_kernels.dispatch`), which
 `attach` reads for this model on this card. And the command line. The kernel part is
@@ -27,6 +28,7 @@ from data.errors import ArgumentParser
 
 E2E_LENGTHS = (2048, 8000, 16384, 32768, 65536, 131072)
 REQUIRED_FORCED = (0.8, 0.9, 0.95)
+NO_GRAPHS_LEVEL = 0.9   # also timed with the sparse step's CUDA graphs off (`ms_no_graphs`): their A/B
 
 
 ROUNDS = 3   # every mode is measured once per round, rounds interleaved with dense (the host's speed drifts)
@@ -107,11 +109,12 @@ def _forced_round(lm, ckpt, ids, levels, samples: _Samples) -> None:
     previous = enable_sparse_attention(lm.model)
     try:
         for level in ([0.0] if sliding_window_of(lm.model) is not None else []) + list(levels):   # 0: the window path
-            def forced():
-                with use_plan(SparsePlan(levels=torch.full((1,), level, dtype=torch.float64), selection=sparse[0],
-                                         dense_layers=sparse[1], backend=sparse[2])):
-                    return call()
-            samples.add(("forced", level), _measure(forced, n))
+            for graphs in (True, False) if level == NO_GRAPHS_LEVEL else (True,):
+                def forced():
+                    with use_plan(SparsePlan(levels=torch.full((1,), level, dtype=torch.float64), selection=sparse[0],
+                                             dense_layers=sparse[1], backend=sparse[2], cuda_graphs=graphs)):
+                        return call()
+                samples.add(("forced" if graphs else "forced_no_graphs", level), _measure(forced, n))
     finally:
         disable_sparse_attention(lm.model, previous)
 
@@ -132,7 +135,9 @@ def _forced_rows(n: int, levels, s: _Samples) -> list[dict]:
         ms, ms_dec = s.ms(("forced", level)), s.ms(("decision", level))
         rows.append(_row(n, "forced", level, ms, s.peak(("forced", level)), dense, ms_with_decision=round(ms_dec, 3),
                          decision_overhead_ms=round(ms_dec - ms, 3), decision_overhead_share=round((ms_dec - ms) / dense, 4),
-                         achieved_sparsity=round(s[("achieved", level)], 4)))
+                         achieved_sparsity=round(s[("achieved", level)], 4),
+                         **({"ms_no_graphs": round(s.ms(("forced_no_graphs", level)), 3)}
+                            if ("forced_no_graphs", level) in s else {})))
     return rows
 
 
@@ -162,9 +167,11 @@ def _hooked_rows(lm, handle, ids) -> list[dict]:
 
 
 def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, device: str = "cuda",
-                     dtype: str = "bfloat16") -> tuple[list[dict], dict]:
+                     dtype: str = "bfloat16", progress=None) -> tuple[list[dict], dict]:
     """End-to-end prefill rows (keys N, mode, level, ms, ms_dense, speedup, peak_mib) and the
-    break-even table this run measured (from the forced rows, decision included)."""
+    break-even table this run measured (from the forced rows, decision included). `progress(rows)`,
+    if given, receives the rows so far after each length (the command saves them: a run cut short
+    keeps what it measured)."""
     from controller.export import load_checkpoint
     from controller.hook import attach
     from data.models import load_model, model_fingerprint
@@ -181,6 +188,8 @@ def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, devi
             _forced_round(lm, ckpt, ids, levels, samples)
         rows += _forced_rows(int(ids.shape[1]), levels, samples)
         window += _window_rows(int(ids.shape[1]), samples)
+        if progress is not None:
+            progress(rows)
     card = torch.cuda.get_device_name() if device == "cuda" else device
     table = BreakEven.from_rows([r for r in rows if r["mode"] == "forced"], f"measured on {card}", window_rows=window)
     with attach(lm, ckpt, break_even=table) as handle:
@@ -268,7 +277,11 @@ def main(argv=None) -> int:
     result["kernels"] = [] if args.skip_kernels else bench_kernels(shapes=shapes, lengths=lengths)
     save()
     if args.checkpoint:
-        result["end_to_end"], result["break_even"] = bench_end_to_end(args.checkpoint, args.model, e2e_lengths)
+        def partial(rows):   # saved after each length, without a break-even table until the end
+            result["end_to_end"] = rows
+            save()
+        result["end_to_end"], result["break_even"] = bench_end_to_end(args.checkpoint, args.model, e2e_lengths,
+                                                                      progress=partial)
         save()
         print(e2e_table(result["end_to_end"]))
     print(kernel_table(result["kernels"]))

@@ -182,7 +182,10 @@ def test_benchmark_end_to_end_rows_and_break_even_on_the_tiny_model(tiny_trained
     """The end-to-end rows' mechanics on CPU (timings there mean nothing; they are taken on the GPU)."""
     from controller.benchmark import bench_end_to_end, e2e_table
     _, _, ckpt, _, _ = tiny_trained
-    rows, record = bench_end_to_end(str(ckpt), "tiny-random-llama", lengths=(300,), device="cpu", dtype="float32")
+    seen = []
+    rows, record = bench_end_to_end(str(ckpt), "tiny-random-llama", lengths=(300,), device="cpu", dtype="float32",
+                                    progress=lambda so_far: seen.append(list(so_far)))
+    assert len(seen) == 1 and seen[0] == [r for r in rows if r["mode"] in ("dense", "forced")]   # saved per length
     modes = [r["mode"] for r in rows]
     assert modes.count("dense") == 1 and modes.count("hook_dense") == 1 and modes.count("decided") == 1
     forced = [r for r in rows if r["mode"] == "forced"]
@@ -192,6 +195,7 @@ def test_benchmark_end_to_end_rows_and_break_even_on_the_tiny_model(tiny_trained
         assert r["ms"] > 0 and r["ms_dense"] > 0 and (r["level"] is None) == (r["mode"] in ("dense", "hook_dense"))
     for r in forced:
         assert r["ms_with_decision"] > 0 and r["achieved_sparsity"] > 0
+        assert ("ms_no_graphs" in r) == (r["level"] == 0.9) and r.get("ms_no_graphs", 1) > 0
     assert set(record) >= {"model", "model_id", "levels", "source", "rule"}
     assert e2e_table(rows).count("\n") == len(rows) + 1
 
