@@ -239,12 +239,15 @@ def _triton_step(plan: SparsePlan, query, key, value, density, placed, scale: fl
 
     nq = num_blocks(query.shape[2], spec.block_size)
     causal = query.shape[1] * nq * (nq + 1) // 2   # per row, over heads
-    if plan.cuda_graphs and StepGraphs.applies(query, key_valid):
-        key_ = (tuple(query.shape), tuple(key.shape), query.dtype, query.device, scale)
-        out = plan._graphs.run(key_, step, query, key, value, plan.counts, causal)
-    else:
-        out, counts = step(query, key, value)
-        plan.counts.add(counts, causal)
+    # Triton launches, graph capture and replay use the current device: make it the tensors' one
+    # (a model spread over several GPUs leaves the current device at the first)
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        if plan.cuda_graphs and StepGraphs.applies(query, key_valid):
+            key_ = (tuple(query.shape), tuple(key.shape), query.dtype, query.device, scale)
+            out = plan._graphs.run(key_, step, query, key, value, plan.counts, causal)
+        else:
+            out, counts = step(query, key, value)
+            plan.counts.add(counts, causal)
     return out.transpose(1, 2).contiguous()
 
 
