@@ -26,12 +26,15 @@ def test_counts_of_replayed_calls_arrive_through_the_tracked_accumulator():
 
 
 def test_graphs_apply_only_to_unpadded_cuda_prefills_below_the_bound():
+    """Host-bound prefills only: CUDA, no padding, fewer than GRAPH_BELOW_TOKENS rows x tokens."""
     q = torch.zeros(1, 2, 64, 16)
     assert not StepGraphs.applies(q, None)   # CPU
     if torch.cuda.is_available():
         assert StepGraphs.applies(q.cuda(), None)
         assert not StepGraphs.applies(q.cuda(), torch.ones(1, 64, dtype=torch.bool))
         assert not StepGraphs.applies(torch.zeros(1, 1, GRAPH_BELOW_TOKENS, 16, device="cuda"), None)
+        assert not StepGraphs.applies(torch.zeros(4, 1, GRAPH_BELOW_TOKENS // 4, 16, device="cuda"), None)   # rows x length
+        assert StepGraphs.applies(torch.zeros(4, 1, GRAPH_BELOW_TOKENS // 4 - 1, 16, device="cuda"), None)
 
 
 def _logits(model, ids, graphs: bool, level: float = 0.8):
