@@ -35,7 +35,7 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, 
 class _Captured:
     """One shape's step as a CUDA graph over static q, k, v; `kept` [B] accumulates over replays."""
 
-    def __init__(self, step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         self.inputs = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         self.kept = torch.zeros(q.shape[0], dtype=torch.float64, device=q.device)
         self.graph = torch.cuda.CUDAGraph()
@@ -84,7 +84,7 @@ class StepGraphs:
             out, kept = step(q, k, v)
             counts.add(kept, causal)
             return out
-        captured = _Captured(step, q, k, v)
+        captured = _Captured(q, k, v)
         captured.load(q, k, v)
         out, kept = step(*captured.inputs)   # eager, on the static buffers: compiles and autotunes for them
         counts.add(kept, causal)
