@@ -33,7 +33,10 @@ except ImportError:  # older triton: pointer loads only
     TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)   # what the kernel computes (tested against the reference)
+# what the adapter's `auto`/`triton` dispatch sends to it: head dim 256 (Gemma 3) stays on FlexAttention
+# until a GPU benchmark (`python -m controller.benchmark --shapes 4:1:256:64`) shows this kernel faster there
+DISPATCHED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -46,7 +49,7 @@ def available(device: torch.device) -> bool:
 
 def supports(q: torch.Tensor, block_size: int, key_valid) -> bool:
     """Shapes this kernel handles; anything else goes to another backend."""
-    return (key_valid is None and q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES
+    return (key_valid is None and q.shape[-1] in DISPATCHED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES
             and block_size in (16, 32, 64, 128) and available(q.device))
 
 
@@ -74,11 +77,20 @@ def _configs(tma: bool):
                                (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 3)]]
 
 
+# head dim 256: 64-row query tiles (the fp32 accumulator alone is 64 x 256), two stages (a K and a V
+# tile of 64 x 256 bf16 are 64 KB per stage), 4 or 8 warps
+_D256_TILES = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
+
+
 def _prune(configs, named_args, **kwargs):
     """Keep tiles that divide the sparse block (a query tile never spans two query blocks) and fit
-    in shared memory at D = 128."""
+    in shared memory at D = 128; at D = 256 the tiles of `_D256_TILES` that divide it."""
     block = kwargs.get("BLOCK", named_args.get("BLOCK"))
     head_dim = kwargs.get("D", named_args.get("D"))
+    if head_dim >= 256 and os.environ.get("TRITON_INTERPRET") != "1":
+        extra = {"TMA": configs[0].kwargs["TMA"]}
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w, num_stages=st,
+                                 pre_hook=_set_block_shapes) for m, n, w, st in _D256_TILES]
     kept = [c for c in configs if block % c.kwargs["BLOCK_M"] == 0 and block % c.kwargs["BLOCK_N"] == 0
             and not (head_dim >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64 and c.num_stages > 2)]
     if kept:
@@ -226,8 +238,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     b, hq, n, d = q.shape
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     loads = loads or default_loads(q.device)
-    if loads == "tma" and not all(_tma_ready(t) for t in (q, k, v)):
-        loads = "pointer"
+    if loads == "tma" and (d > 128 or not all(_tma_ready(t) for t in (q, k, v))):
+        loads = "pointer"   # head dim 256: a 512-byte TMA row is untested on the GPU; pointer loads
     counts, indices = counts.to(torch.int32).contiguous(), indices.to(torch.int32).contiguous()
     out = torch.empty((b, n, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)   # stored as [B, N, Hq, D]
     lse = torch.empty((b, hq, n), dtype=torch.float32, device=q.device)

@@ -45,6 +45,8 @@ SHAPES = [  # (B, Hq, Hkv, N, D, block, dtype)
     (1, 3, 1, 130, 64, 64, torch.float32),
     (2, 2, 2, 64, 32, 16, torch.float16),
     (1, 6, 3, 75, 128, 64, torch.float16),
+    (1, 4, 1, 90, 256, 64, torch.float16),   # Gemma 3's shape: multi-query, head dim 256
+    (1, 2, 1, 70, 256, 32, torch.float32),
 ]
 
 
@@ -115,7 +117,8 @@ def test_bad_shapes_are_refused():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("hq,hkv,d,block", [(32, 8, 128, 128), (32, 8, 128, 64), (9, 3, 64, 64), (9, 3, 64, 128)])
+@pytest.mark.parametrize("hq,hkv,d,block", [(32, 8, 128, 128), (32, 8, 128, 64), (9, 3, 64, 64), (9, 3, 64, 128),
+                                            (4, 1, 256, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("loads", ["pointer", "tma"])
 def test_full_size_on_gpu(hq, hkv, d, block, dtype, loads):
