@@ -115,17 +115,34 @@ def sampled_block_mass(q, k, plan, block_size: int, scale: float, key_valid=None
     return sums / per[None, None, :, None]
 
 
-def _ranked_blocks(q, k, blocks: torch.Tensor, spec: SelectionSpec, scale: float, key_valid):
+def _masks_and_counts(nq: int, spec: SelectionSpec, blocks: torch.Tensor, sink: torch.Tensor, levels: tuple):
+    """At the sampled query blocks `blocks` [S], for rows whose first valid key block is `sink` [B]:
+    (forced [B, S, nk], not causal [S, nk], kept blocks per level [L, B, S]) of the selection."""
+    forced = forced_block_mask(nq, spec, sink)
+    b = sink.shape[0]
+    counts = kept_block_counts(_recall_densities(levels, b, sink.device), nq, forced.sum(-1).repeat(len(levels), 1))
+    return forced[:, blocks], ~causal_block_mask(nq, sink.device)[blocks], counts.view(len(levels), b, nq)[:, :, blocks]
+
+
+@functools.lru_cache(maxsize=32)
+def _unpadded_masks_and_counts(n: int, spec: SelectionSpec, sampled: int, levels: tuple, device: torch.device):
+    """`_masks_and_counts` for rows without padding (sink block 0 for all: one row, broadcast), made
+    once per shape: a probe then launches nothing for them."""
+    blocks = _sample_plan(n, spec.block_size, sampled, QUERIES_PER_BLOCK, device)[0]
+    return _masks_and_counts(num_blocks(n, spec.block_size), spec, blocks, torch.zeros(1, dtype=torch.long, device=device),
+                             levels)
+
+
+def _ranked_blocks(q, k, blocks: torch.Tensor, forced: torch.Tensor, not_causal: torch.Tensor, spec: SelectionSpec,
+                   scale: float, key_valid):
     """Key blocks of each sampled query block in the order the selection takes them (forced first,
-    then by score, non-causal last): [B, Hq, S, nk], and the forced counts [B, nq]."""
-    nq = num_blocks(q.shape[2], spec.block_size)
-    forced = forced_block_mask(nq, spec, first_valid_block(key_valid, q.shape[0], spec.block_size, q.device))
+    then by score, non-causal last): [B, Hq, S, nk]."""
     scores = METHODS[spec.method](q, k, spec, scale, key_valid)[:, :, blocks].float()
     lowest = torch.finfo(torch.float32).min
     s = torch.nan_to_num(scores, nan=lowest, neginf=lowest)
-    s = s.masked_fill(~causal_block_mask(nq, q.device)[blocks], float("-inf"))
-    s = s.masked_fill(forced[:, None, blocks], float("inf"))
-    return s.argsort(dim=-1, descending=True, stable=True), forced.sum(-1)
+    s = s.masked_fill(not_causal, float("-inf"))
+    s = s.masked_fill(forced[:, None], float("inf"))
+    return s.argsort(dim=-1, descending=True, stable=True)
 
 
 @torch.no_grad()
@@ -136,22 +153,23 @@ def mass_recall(q: torch.Tensor, k: torch.Tensor, scale: float, spec: SelectionS
     the sampled blocks). The blocks are scored and ranked once; a level keeps the first
     `kept_block_counts` of them, so every level costs one gather."""
     b, _, n, _ = q.shape
-    nq = num_blocks(n, spec.block_size)
+    levels = tuple(levels)
     plan = _sample_plan(n, spec.block_size, sampled, QUERIES_PER_BLOCK, q.device)
     blocks = plan[0]
+    if key_valid is None:
+        forced, not_causal, counts = _unpadded_masks_and_counts(n, spec, sampled, levels, q.device)
+        counts = counts.expand(-1, b, -1)
+    else:
+        sink = first_valid_block(key_valid, b, spec.block_size, q.device)
+        forced, not_causal, counts = _masks_and_counts(num_blocks(n, spec.block_size), spec, blocks, sink, levels)
     mass = sampled_block_mass(q, k, plan, spec.block_size, scale, key_valid)        # [B, Hq, S, nk]
-    order, forced_counts = _ranked_blocks(q, k, blocks, spec, scale, key_valid)
+    order = _ranked_blocks(q, k, blocks, forced, not_causal, spec, scale, key_valid)
     covered = mass.gather(-1, order).cumsum(-1) / mass.sum(-1, keepdim=True).clamp_min(1e-30)
-    densities = _recall_densities(tuple(levels), b, q.device)
-    counts = kept_block_counts(densities, nq, forced_counts.repeat(len(levels), 1))
-    counts = counts.view(len(levels), b, nq)[:, :, blocks]                                 # [L, B, S]
     idx = (counts - 1).clamp_min(0)[:, :, None, :, None].expand(-1, -1, covered.shape[1], -1, 1)
     recall = covered.expand(len(levels), *covered.shape).gather(-1, idx)[..., 0].mean(2)   # [L, B, S]
-    means, mins = recall.mean(-1), recall.amin(-1)                                           # [L, B] each
     out = {}
-    for i, level in enumerate(levels):
-        out[f"recall{round(level * 100)}_mean"] = means[i]
-        out[f"recall{round(level * 100)}_min"] = mins[i]
+    for level, mean, low in zip(levels, recall.mean(-1).unbind(0), recall.amin(-1).unbind(0)):   # [B] each
+        out[f"recall{round(level * 100)}_mean"], out[f"recall{round(level * 100)}_min"] = mean, low
     return out
 
 
@@ -164,13 +182,10 @@ def attention_probe(q: torch.Tensor, k: torch.Tensor, scale: float, window: int 
     probs, pos = last_query_attention(q, k, window, scale, key_valid)
     n_visible = _visible_keys(pos, key_valid, q.shape[0])[:, None, :]  # [B, 1, w]
     ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / n_visible.log()  # [B, H, w]
-    per_head = {"entropy": ent.mean(-1)}
-    for f, mass in zip(TOP_FRACTIONS, _top_block_masses(probs, block_size, TOP_FRACTIONS)):
-        per_head[f"top{int(f * 100)}_mass"] = mass.mean(-1)
-    out = {"entropy_mean": per_head["entropy"].mean(1), "entropy_min": per_head["entropy"].amin(1)}
-    for f in TOP_FRACTIONS:
-        name = f"top{int(f * 100)}_mass"
-        out[f"{name}_mean"] = per_head[name].mean(1)
-        out[f"{name}_min"] = per_head[name].amin(1)
+    per_head = torch.stack([ent, *_top_block_masses(probs, block_size, TOP_FRACTIONS)]).mean(-1)   # [1 + F, B, H]
+    names = ["entropy", *(f"top{int(f * 100)}_mass" for f in TOP_FRACTIONS)]
+    out = {}
+    for name, mean, low in zip(names, per_head.mean(2).unbind(0), per_head.amin(2).unbind(0)):   # [B] each
+        out[f"{name}_mean"], out[f"{name}_min"] = mean, low
     out.update(mass_recall(q, k, scale, selection or SelectionSpec(block_size=block_size), key_valid))
     return out
