@@ -129,8 +129,8 @@ def _unpadded_masks_and_counts(n: int, spec: SelectionSpec, sampled: int, levels
     """`_masks_and_counts` for rows without padding (sink block 0 for all: one row, broadcast), made
     once per shape: a probe then launches nothing for them."""
     blocks = _sample_plan(n, spec.block_size, sampled, QUERIES_PER_BLOCK, device)[0]
-    return _masks_and_counts(num_blocks(n, spec.block_size), spec, blocks, torch.zeros(1, dtype=torch.long, device=device),
-                             levels)
+    sink = first_valid_block(None, 1, spec.block_size, device)
+    return _masks_and_counts(num_blocks(n, spec.block_size), spec, blocks, sink, levels)
 
 
 def _ranked_blocks(q, k, blocks: torch.Tensor, forced: torch.Tensor, not_causal: torch.Tensor, spec: SelectionSpec,
