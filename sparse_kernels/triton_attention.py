@@ -34,9 +34,10 @@ except ImportError:  # older triton: pointer loads only
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)   # what the kernel computes (tested against the reference)
-# what the adapter's `auto`/`triton` dispatch sends to it: head dim 256 (Gemma 3) stays on FlexAttention
-# until a GPU benchmark (`python -m controller.benchmark --shapes 4:1:256:64`) shows this kernel faster there
-DISPATCHED_HEAD_DIMS = (16, 32, 64, 128)
+# what the adapter's `auto`/`triton` dispatch sends to it: every supported dim. Head dim 256 (Gemma 3)
+# joined after one H200 run (`python -m controller.benchmark --shapes 4:1:256:64`, in
+# sparse_kernels/bench/h200_gemma3.json): 0.48-0.62x FlexAttention's time at 16K and 32K, every kept level
+DISPATCHED_HEAD_DIMS = SUPPORTED_HEAD_DIMS
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
