@@ -6,7 +6,10 @@ chosen for it), `Calibration` (the result) and `calibrate`. For each threshold o
 from conservative to aggressive, the null hypothesis "violation rate > alpha" gets a
 Hoeffding-Bentkus p-value (binary loss) and MAPIE's fixed-sequence procedure controls the
 family-wise error at delta; the last rejected threshold is chosen. If none is rejected the policy
-falls back to dense for everyone and `passed` is False. Imports `controller` modules below it.
+falls back to dense for everyone and `passed` is False. With length strata (`edges`: token upper
+bounds), each stratum gets its own threshold from its own calibration requests at delta / strata
+(Bonferroni), so the bound holds in every stratum at once, not only over the calibrated mix of
+lengths; a stratum that cannot be certified runs dense. Imports `controller` modules below it.
 """
 from __future__ import annotations
 
@@ -26,26 +29,51 @@ def violations(arrays: LabelArrays, chosen: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Calibration:
-    threshold: float          # +inf = always dense
-    passed: bool
+    threshold: float          # +inf = always dense (stratified: the most conservative stratum's)
+    passed: bool              # stratified: some stratum passed
     alpha: float
     delta: float
     n: int
-    empirical_risk: float     # on the calibration split at the chosen threshold
-    tested: int               # thresholds rejected before the first failure
+    empirical_risk: float     # on the calibration split at the chosen threshold(s)
+    tested: int               # thresholds rejected before the first failure (stratified: summed)
+    edges: tuple[int, ...] = ()              # token upper bounds of every length stratum but the last; () = one
+    parts: tuple["Calibration", ...] = ()    # one per stratum (len(edges) + 1) when edges
 
-    def decide(self, scores: np.ndarray) -> np.ndarray:
-        return decide(scores, self.threshold) if self.passed else np.zeros(len(scores), dtype=int)
+    def decide(self, scores: np.ndarray, n_tokens: np.ndarray | None = None) -> np.ndarray:
+        """[n] level index per request; a stratified calibration needs each request's token count."""
+        if not self.parts:
+            return decide(scores, self.threshold) if self.passed else np.zeros(len(scores), dtype=int)
+        if n_tokens is None:
+            raise ValueError("a length-stratified calibration needs each request's token count")
+        stratum = strata_of(n_tokens, self.edges)
+        out = np.zeros(len(scores), dtype=int)
+        for i, part in enumerate(self.parts):
+            rows = stratum == i
+            out[rows] = part.decide(scores[rows])
+        return out
 
     def to_json(self) -> dict:
-        d = dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if k not in ("edges", "parts")}
         d["threshold"] = None if math.isinf(self.threshold) else self.threshold
+        if self.parts:
+            d["edges"], d["parts"] = list(self.edges), [p.to_json() for p in self.parts]
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "Calibration":
         t = d["threshold"]
-        return cls(**{**d, "threshold": math.inf if t is None else float(t)})
+        parts = tuple(cls.from_json(p) for p in d.get("parts", ()))
+        edges = tuple(int(e) for e in d.get("edges", ()))
+        if len(parts) != (len(edges) + 1 if parts else 0) or list(edges) != sorted(set(edges)):
+            raise ValueError("calibration: 'parts' must hold one calibration per length stratum (len(edges) + 1), "
+                             "with 'edges' increasing")
+        plain = {k: v for k, v in d.items() if k not in ("edges", "parts")}
+        return cls(**{**plain, "threshold": math.inf if t is None else float(t)}, edges=edges, parts=parts)
+
+
+def strata_of(n_tokens, edges) -> np.ndarray:
+    """[n] stratum index per request: the first edge its token count does not exceed (len(edges) if none)."""
+    return np.searchsorted(np.asarray(edges, dtype=np.int64), np.asarray(n_tokens, dtype=np.int64), side="left")
 
 
 def ltt_p_values(risks: np.ndarray, n: int, alpha: float) -> np.ndarray:
@@ -53,10 +81,29 @@ def ltt_p_values(risks: np.ndarray, n: int, alpha: float) -> np.ndarray:
     return compute_hoeffding_bentkus_p_value(np.asarray(risks, dtype=float), n, alpha, binary=True)[:, 0]
 
 
-def calibrate(policy: Policy, cal: LabelArrays, alpha: float, delta: float) -> Calibration:
-    from mapie.risk_control import control_fwer
+def calibrate(policy: Policy, cal: LabelArrays, alpha: float, delta: float, edges=()) -> Calibration:
+    """The calibration of `policy` on `cal`: one threshold, or one per length stratum when `edges`."""
     if not (0 < alpha < 1 and 0 < delta < 1):
         raise ValueError(f"alpha and delta must lie in (0, 1), got {alpha}, {delta}")
+    edges = tuple(int(e) for e in edges)
+    if not edges:
+        return _calibrate_one(policy, cal, alpha, delta)
+    stratum = strata_of(cal.n_tokens, edges)
+    parts = tuple(_calibrate_one(policy, cal.subset(np.flatnonzero(stratum == i)), alpha, delta / (len(edges) + 1))
+                  for i in range(len(edges) + 1))
+    scores = policy.scores(cal.features)
+    chosen = np.zeros(len(cal), dtype=int)
+    for i, part in enumerate(parts):
+        chosen[stratum == i] = part.decide(scores[stratum == i])
+    risk = float(violations(cal, chosen).mean()) if len(cal) else 0.0
+    return Calibration(max(p.threshold for p in parts), any(p.passed for p in parts), alpha, delta, len(cal), risk,
+                       sum(p.tested for p in parts), edges, parts)
+
+
+def _calibrate_one(policy: Policy, cal: LabelArrays, alpha: float, delta: float) -> Calibration:
+    from mapie.risk_control import control_fwer
+    if len(cal) == 0:   # nothing to certify with: dense
+        return Calibration(math.inf, False, alpha, delta, 0, 0.0, 0)
     scores = policy.scores(cal.features)
     risks = np.array([violations(cal, decide(scores, lam)).mean() for lam in policy.lambdas])
     rejected = control_fwer(ltt_p_values(risks, len(cal), alpha), delta, "fixed_sequence")

@@ -80,10 +80,16 @@ class CalibrationConfig:
     guard_p: float = 0.01      # shift guard: requests whose conformal p-value is below this run at `fallback`
     guard_k: int = 5           # shift guard: k of the k-th nearest calibration request
     fallback: float = 0.0      # the level flagged requests run at (0 = dense, the only one that is always safe)
+    # token upper bounds of length strata (every stratum but the last), each calibrated on its own requests at
+    # delta / strata, so the bound holds within every stratum; () = one threshold for the calibrated mix of lengths
+    length_strata: tuple[int, ...] = ()
 
     def __post_init__(self):
         if math.isnan(self.guard_p) or not 0 <= self.guard_p < 1 or self.guard_k < 1:
             raise UserError(f"calibration.guard_p must lie in [0, 1) and guard_k be >= 1, got {self.guard_p}, {self.guard_k}")
+        strata = list(self.length_strata)
+        if any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in strata) or strata != sorted(set(strata)):
+            raise UserError(f"calibration.length_strata must be increasing positive token counts, got {strata}")
         if math.isnan(self.fallback) or not 0 <= self.fallback < 1:
             raise UserError(f"calibration.fallback must be a grid level in [0, 1), got {self.fallback}")
         if self.decision not in ("compute_aware", "threshold"):

@@ -63,7 +63,7 @@ def decisions(policy: Policy | None, cal: Calibration | None, arrays: LabelArray
     """Chosen level index per request; `policy=None` is the oracle."""
     if policy is None:
         return oracle_decisions(arrays)
-    return cal.decide(policy.scores(arrays.features))
+    return cal.decide(policy.scores(arrays.features), arrays.n_tokens)
 
 
 def evaluate_all(policies: list[Policy], cals: dict[str, Calibration], arrays: LabelArrays) -> dict:
@@ -78,12 +78,13 @@ def evaluate_all(policies: list[Policy], cals: dict[str, Calibration], arrays: L
     return out
 
 
-def alpha_sweep(policies: list[Policy], cal: LabelArrays, test: LabelArrays, alphas, delta: float) -> list[dict]:
+def alpha_sweep(policies: list[Policy], cal: LabelArrays, test: LabelArrays, alphas, delta: float,
+                edges=()) -> list[dict]:
     rows = []
     for alpha in sorted(set(alphas)):
         for policy in policies:
-            c = calibrate(policy, cal, alpha, delta)
-            m = policy_metrics(test, c.decide(policy.scores(test.features)))
+            c = calibrate(policy, cal, alpha, delta, edges)
+            m = policy_metrics(test, c.decide(policy.scores(test.features), test.n_tokens))
             rows.append({"policy": policy.name, "alpha": alpha, "passed": c.passed,
                          "violation_rate": m["violation_rate"], "compute_saved": m["compute_saved"]})
     return rows

@@ -54,7 +54,7 @@ def hide_task(arrays):
 
 def _metrics(policy, calibration, arrays) -> dict:
     from controller.evaluate import policy_metrics
-    m = policy_metrics(arrays, calibration.decide(policy.scores(arrays.features)))
+    m = policy_metrics(arrays, calibration.decide(policy.scores(arrays.features), arrays.n_tokens))
     return {k: m[k] for k in ("violation_rate", "violation_ci95", "compute_saved", "dense_requests")}
 
 
@@ -122,7 +122,8 @@ def run_group(job, arrays, meta, labels: str, group: str, n_cal: int, workdir: P
     mass = None
     if recall_columns(ckpt.levels) is not None:
         mc = MassCoveragePolicy(ckpt.levels)
-        mass = _metrics(mc, calibrate(mc, cal, job.calibration.alpha, job.calibration.delta), ev)
+        mass = _metrics(mc, calibrate(mc, cal, job.calibration.alpha, job.calibration.delta,
+                                      job.calibration.length_strata), ev)
     draws = recalibration_draws(ckpt, policy, grp, n_cal, job, crit, repeats) if repeats else None
     return {"family": group, "by": by, "tasks": sorted(set(grp.tasks)), "n_train_store": int((~held).sum()), "draws": draws,
             "n_calibration": len(cal), "n_evaluated": len(ev), "oracle_compute_saved": oracle,

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from data.errors import UserError
-from data.features import ProbeCollector, compute_features, feature_vector, text_statistics
+from data.features import FEATURE_NAMES, ProbeCollector, compute_features, feature_vector, text_statistics
 from data.models import LoadedModel
 from sparse_kernels import (SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention,
                             unsupported_reason, use_plan)
@@ -166,16 +166,19 @@ class ControllerHandle:
     def __exit__(self, *exc) -> None:
         self.detach()
 
-    def decide(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def decide(self, features: np.ndarray, n_tokens: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """features [B, F] -> (level index [B], P(safe) at it [B]): the calibrated decision (one
-        pass of the net gives both the scores and the reported probability)."""
+        pass of the net gives both the scores and the reported probability). `n_tokens` [B] picks
+        each row's length stratum (default: from the `log_length` feature)."""
         features = np.asarray(features, dtype=np.float32)
+        if n_tokens is None:
+            n_tokens = np.rint(np.exp(features[:, FEATURE_NAMES.index("log_length")].astype(np.float64))).astype(np.int64)
         if not hasattr(self.policy, "probabilities"):   # mass coverage: report the estimated kept mass
             scores = self.policy.scores(features)
-            idx = self.ckpt.calibration.decide(scores)
+            idx = self.ckpt.calibration.decide(scores, n_tokens)
             return idx, np.minimum(scores[np.arange(len(scores)), idx], 1.0)
         p = self.policy.probabilities(features)
-        idx = self.ckpt.calibration.decide(self.policy.scores_from(p, features))
+        idx = self.ckpt.calibration.decide(self.policy.scores_from(p, features), n_tokens)
         return idx, p[np.arange(len(p)), idx]
 
     # ---------------------------------------------------------------- hooks
@@ -307,7 +310,7 @@ class ControllerHandle:
             if flagged[0] or alarmed:
                 info[r] = (1.0, reasons[0] or self.monitor.reason(), True, float(p[0]))
                 return self.guard.fallback
-        idx, prob = self.decide(feats[None])
+        idx, prob = self.decide(feats[None], np.array([len(ids)]))
         info[r] = (float(prob[0]), None, False, None if self.guard is None else float(p[0]))
         return float(self.ckpt.levels[idx[0]])
 

@@ -84,8 +84,8 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
                            k, p_min if guard_p is None else guard_p, fallback, ignore_task=ignores_task(rec))
     candidates, tried = _candidates(ckpt, choice), {}
     for name, policy in candidates.items():
-        c = calibrate(policy, cal, alpha, delta / len(candidates))
-        m = policy_metrics(cal, c.decide(Guarded(policy, guard, ckpt.levels).scores(cal.features)))
+        c = calibrate(policy, cal, alpha, delta / len(candidates), ckpt.calibration.edges)   # the checkpoint's strata
+        m = policy_metrics(cal, c.decide(Guarded(policy, guard, ckpt.levels).scores(cal.features), cal.n_tokens))
         tried[name] = (c, m)
     name = max(tried, key=lambda n: (tried[n][1]["compute_saved"], n == "controller"))
     calibration, m = tried[name]

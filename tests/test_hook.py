@@ -231,3 +231,18 @@ def test_memory_stays_flat_over_300_hooked_calls(tiny_lm, tiny_trained):
         grown_mem, grown_objects = rss() - mem, len(gc.get_objects()) - objects
     assert grown_objects < 2000, f"{grown_objects} more live Python objects after 300 calls"
     assert grown_mem < 24 * 2 ** 20, f"resident memory grew by {grown_mem / 2 ** 20:.1f} MiB over 300 calls"
+
+
+def test_a_stratified_checkpoint_decides_each_row_in_its_length_stratum(tiny_lm, tiny_trained):
+    """Requests up to 100 tokens may take the top level, longer ones are uncertified (dense); the
+    hook takes each row's stratum from its token count, given or read from the log_length feature."""
+    from controller.calibrate import Calibration
+    ckpt = load_checkpoint(tiny_trained[2])
+    top, dense = Calibration(-1e9, True, 0.05, 0.05, 60, 0.0, 1), Calibration(float("inf"), False, 0.05, 0.05, 0, 0.0, 0)
+    ckpt.record["calibration"] = Calibration(float("inf"), True, 0.05, 0.1, 60, 0.0, 1, (100,), (top, dense)).to_json()
+    feats = np.zeros((3, len(FEATURE_NAMES)), dtype=np.float32)
+    feats[:, FEATURE_NAMES.index("log_length")] = np.log([100, 101, 40])
+    with attach(tiny_lm, ckpt) as handle:
+        idx, _ = handle.decide(feats)
+        assert idx.tolist() == [len(ckpt.levels) - 1, 0, len(ckpt.levels) - 1]
+        assert handle.decide(feats, np.array([500, 50, 500]))[0].tolist() == [0, len(ckpt.levels) - 1, 0]
