@@ -35,7 +35,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policy", default="auto", choices=["auto", "controller", "mass_coverage"],
                    help="policy to certify; auto: both at delta/2, the one saving more on your prompts is deployed")
     p.add_argument("--guard-p", type=float, help="shift guard's conformal p-value level (default: the checkpoint's)")
+    p.add_argument("--length-strata", default="checkpoint",
+                   help="token upper bounds of the length strata, each certified on its own prompts, e.g. 2048,8192; "
+                        "'none': one threshold for your mix of lengths; default: the checkpoint's strata")
     return p.parse_args(argv)
+
+
+def _strata(text: str) -> tuple[int, ...] | None:
+    """--length-strata: None (the checkpoint's), () for 'none', or the token bounds."""
+    from controller.config import check_strata
+    if text == "checkpoint":
+        return None
+    if text == "none":
+        return ()
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--length-strata {text!r}: give comma-separated token counts (e.g. 2048,8192), "
+                        "'none' or 'checkpoint'") from None
+    return check_strata(values, "--length-strata")
 
 
 def main(argv=None) -> int:
@@ -45,10 +63,12 @@ def main(argv=None) -> int:
             raise UserError(f"--max-requests must be >= 1, got {args.max_requests}")
         if args.devices < 1 or args.batch_samples < 1:
             raise UserError("--devices and --batch-samples must be >= 1")
+        strata = _strata(args.length_strata)
         from controller.recalibrate import recalibrate_checkpoint
         result = recalibrate_checkpoint(args.checkpoint, args.prompts, args.out, args.criterion, args.alpha,
                                         args.delta, args.max_requests, args.labels, args.devices,
-                                        args.batch_samples, args.guard_p, model=args.model, policy=args.policy)
+                                        args.batch_samples, args.guard_p, model=args.model, policy=args.policy,
+                                        length_strata=strata)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

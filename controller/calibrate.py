@@ -71,6 +71,16 @@ class Calibration:
         return cls(**{**plain, "threshold": math.inf if t is None else float(t)}, edges=edges, parts=parts)
 
 
+def threshold_text(cal: dict, counts: bool = False) -> str:
+    """A calibration's threshold(s) in words, from its JSON: '0.512', 'dense', or per length stratum
+    ('<=8192: 0.512; >8192: dense'; with `counts`, each stratum's calibration requests)."""
+    one = lambda c: "dense" if c["threshold"] is None or not c["passed"] else f"{c['threshold']:.4g}"  # noqa: E731
+    if not cal.get("parts"):
+        return one(cal)
+    names = [f"<={e}" for e in cal["edges"]] + [f">{cal['edges'][-1]}"]
+    return "; ".join(f"{n}: {one(c)}" + (f" ({c['n']} requests)" if counts else "") for n, c in zip(names, cal["parts"]))
+
+
 def strata_of(n_tokens, edges) -> np.ndarray:
     """[n] stratum index per request: the first edge its token count does not exceed (len(edges) if none)."""
     return np.searchsorted(np.asarray(edges, dtype=np.int64), np.asarray(n_tokens, dtype=np.int64), side="left")

@@ -70,6 +70,14 @@ class TrainConfig:
             raise UserError("train needs weight_decay >= 0, compute_weight >= 0, patience >= 1 and seed >= 0")
 
 
+def check_strata(strata, name: str) -> tuple[int, ...]:
+    """Length strata as increasing positive token counts, or one line saying what is wrong."""
+    values = list(strata)
+    if any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in values) or values != sorted(set(values)):
+        raise UserError(f"{name} must be increasing positive token counts, got {values}")
+    return tuple(values)
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Learn-then-Test: P(violation rate <= alpha) >= 1 - delta on the calibration split."""
@@ -87,9 +95,7 @@ class CalibrationConfig:
     def __post_init__(self):
         if math.isnan(self.guard_p) or not 0 <= self.guard_p < 1 or self.guard_k < 1:
             raise UserError(f"calibration.guard_p must lie in [0, 1) and guard_k be >= 1, got {self.guard_p}, {self.guard_k}")
-        strata = list(self.length_strata)
-        if any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in strata) or strata != sorted(set(strata)):
-            raise UserError(f"calibration.length_strata must be increasing positive token counts, got {strata}")
+        check_strata(self.length_strata, "calibration.length_strata")
         if math.isnan(self.fallback) or not 0 <= self.fallback < 1:
             raise UserError(f"calibration.fallback must be a grid level in [0, 1), got {self.fallback}")
         if self.decision not in ("compute_aware", "threshold"):

@@ -23,7 +23,7 @@ from data.errors import UserError, check_output_folder
 from data.store import criterion_dict
 from data.tasks import read_prompts
 
-from .calibrate import Calibration, calibrate, ltt_p_values
+from .calibrate import Calibration, calibrate, ltt_p_values, threshold_text
 from .dataset import LabelArrays, arrays_from_store, requests_summary
 from .evaluate import policy_metrics
 from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
@@ -73,18 +73,20 @@ def _candidates(ckpt: ControllerCheckpoint, choice: str) -> dict:
 
 
 def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delta: float, criterion: dict,
-                source: dict, guard_p: float | None = None, choice: str = "auto") -> Recalibrated:
+                source: dict, guard_p: float | None = None, choice: str = "auto", edges=None) -> Recalibrated:
     """Learn-then-Test of each candidate policy on `cal` at delta / (number of candidates) (a union
     bound: every candidate's certificate holds together with probability >= 1 - delta, so picking
-    the one that saves most on `cal` keeps the guarantee), a guard fitted on `cal`, the new record."""
+    the one that saves most on `cal` keeps the guarantee), a guard fitted on `cal`, the new record.
+    `edges`: length strata (None: the checkpoint's; (): one threshold for the mix of `cal`)."""
     rec = ckpt.record
     old = ckpt.guard
     k, p_min, fallback = (old.k, old.p_min, old.fallback) if old is not None else (5, 0.01, 0.0)
     guard = ShiftGuard.fit(cal.features, cal.n_tokens, ckpt.net.feature_mean.numpy(), ckpt.net.feature_std.numpy(),
                            k, p_min if guard_p is None else guard_p, fallback, ignore_task=ignores_task(rec))
     candidates, tried = _candidates(ckpt, choice), {}
+    edges = ckpt.calibration.edges if edges is None else tuple(edges)
     for name, policy in candidates.items():
-        c = calibrate(policy, cal, alpha, delta / len(candidates), ckpt.calibration.edges)   # the checkpoint's strata
+        c = calibrate(policy, cal, alpha, delta / len(candidates), edges)
         m = policy_metrics(cal, c.decide(Guarded(policy, guard, ckpt.levels).scores(cal.features), cal.n_tokens))
         tried[name] = (c, m)
     name = max(tried, key=lambda n: (tried[n][1]["compute_saved"], n == "controller"))
@@ -116,8 +118,11 @@ def certified_line(r: Recalibrated) -> str:
                if len(s["candidates"]) > 1 else ""))
     if not c.passed:
         return (f"certified: nothing -- no threshold passed Learn-then-Test {what}; every request runs dense "
-                f"(more calibration requests or a larger alpha would help)")
-    return (f"certified: {what}; threshold {c.threshold:.4g}, {100 * s['violation_rate']:.1f}% unsafe and "
+                f"(more calibration requests or a larger alpha would help"
+                + (", or fewer length strata: --length-strata none)" if c.parts else ")"))
+    where = (f" within each of {len(c.parts)} length strata, each tested at delta/{len(c.parts)}; thresholds "
+             f"{threshold_text(c.to_json(), counts=True)}" if c.parts else f"; threshold {c.threshold:.4g}")
+    return (f"certified: {what}{where}; {100 * s['violation_rate']:.1f}% unsafe and "
             f"{100 * s['compute_saved']:.1f}% attention compute saved on the calibration requests; requests outside "
             f"that length range or feature support run at level {r.guard.fallback:g}")
 
@@ -164,7 +169,8 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
                            alpha: float | None = None, delta: float | None = None, max_requests: int | None = None,
                            labels: str | None = None, devices: int = 1, batch_samples: int = 8,
                            guard_p: float | None = None, progress: bool = True,
-                           model: str | None = None, policy: str = "auto") -> tuple[Path, str] | None:
+                           model: str | None = None, policy: str = "auto",
+                           length_strata: tuple[int, ...] | None = None) -> tuple[Path, str] | None:
     """calibrate.py: check everything, label the prompts, recalibrate, export. Returns (checkpoint
     folder, certified line), or None on a non-zero rank of a distributed labeling run."""
     from .pipeline import label_requests, path_from
@@ -194,7 +200,7 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
     cal = arrays_from_store(root, crit)[0]
     source = {"source": f"prompts {prompts}", "files": file_digests(prompts), "label_store": root,
               "label_store_from_checkpoint": path_from(root, out_path), "label_store_sha256": store_hash(root)}
-    r = recalibrate(ckpt, cal, alpha, delta, crit, source, guard_p, policy)
+    r = recalibrate(ckpt, cal, alpha, delta, crit, source, guard_p, policy, length_strata)
     line = certified_line(r)
     path = export_checkpoint(out_path, ckpt.net, r.record, {"calibration.md": calibration_report(r, checkpoint, prompts)})
     return path, line

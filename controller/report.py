@@ -17,6 +17,7 @@ import pandas as pd
 from data.figures import label_vs_length, plot_label_vs_length
 from data.store import atomic_target, write_text_atomic
 
+from .calibrate import threshold_text
 from .dataset import LabelArrays
 
 
@@ -56,22 +57,13 @@ def _fmt(v, pct=False) -> str:
     return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
 
 
-def _threshold_text(cal: dict) -> str:
-    """One threshold, or one per length stratum ('<=8192: 0.512; >8192: dense')."""
-    one = lambda c: "dense" if c["threshold"] is None else f"{c['threshold']:.3f}"  # noqa: E731
-    if not cal.get("parts"):
-        return one(cal)
-    names = [f"<={e}" for e in cal["edges"]] + [f">{cal['edges'][-1]}"]
-    return "; ".join(f"{n}: {one(c)}" for n, c in zip(names, cal["parts"]))
-
-
 def policy_table(policies: dict) -> str:
     lines = ["| policy | violation rate (95% CI) | compute saved | mean level | mean achieved sparsity | "
              "accuracy vs dense | dense requests | threshold | calibrated | n |", "|" + "---|" * 10]
     for name, m in policies.items():
         cal = m.get("calibration")
         lo, hi = m["violation_ci95"]
-        thr = "-" if cal is None else _threshold_text(cal)
+        thr = "-" if cal is None else threshold_text(cal)
         ok = "oracle" if cal is None else ("yes" if cal["passed"] else "no: dense")
         lines.append(f"| {name} | {_fmt(m['violation_rate'], True)} ({_fmt(lo, True)}-{_fmt(hi, True)}) | "
                      f"{_fmt(m['compute_saved'], True)} | {_fmt(m['mean_level'])} | {_fmt(m['mean_achieved_sparsity'])} | "

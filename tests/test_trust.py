@@ -209,6 +209,18 @@ def test_prompts_without_outputs_label_calibrate_checkpoint(tiny_lm, tiny_traine
         d = handle.last_decisions[0]
         assert d.fallback is None or d.ood
         assert 0.0 <= d.probability <= 1.0
+    edge = int(store["n_tokens"].median())   # two length strata, each certified on its own prompts
+    strat = tmp_path / "strata" / "checkpoint"
+    assert calibrate_cli.main(["--checkpoint", str(ckpt), "--prompts", str(prompts), "--out", str(strat), "--labels",
+                               str(out) + ".labels", "--policy", "controller", "--length-strata", str(edge)]) == 0
+    cal = load_checkpoint(strat).calibration
+    assert cal.edges == (edge,) and [p.n for p in cal.parts] == [(store.groupby("sample_id")["n_tokens"].first() <= edge).sum(),
+                                                                  (store.groupby("sample_id")["n_tokens"].first() > edge).sum()]
+    assert f"<={edge}" in capsys.readouterr().out
+    unstrat = tmp_path / "unstrat" / "checkpoint"   # 'none' drops the strata of a stratified checkpoint
+    assert calibrate_cli.main(["--checkpoint", str(strat), "--prompts", str(prompts), "--out", str(unstrat), "--labels",
+                               str(out) + ".labels", "--policy", "controller", "--length-strata", "none"]) == 0
+    assert load_checkpoint(unstrat).calibration.parts == ()
     report = tmp_path / "eval"
     assert eval_cli.main(["--checkpoint", str(out), "--prompts", str(prompts), "--out", str(report)]) == 0
     metrics = json.loads((report / "metrics.json").read_text())
@@ -235,6 +247,8 @@ def test_calibrate_bad_input_one_line_exit_2_nothing_written(tiny_lm, tiny_train
              (["--prompts", str(prompts), "--out", str(ckpt)], "is the input checkpoint"),
              (["--prompts", str(prompts), "--out", str(tmp_path / "file")], "is a file"),
              (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--delta", "1.5"], "must lie in (0, 1)"),
+             (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--length-strata", "2k"], "comma-separated token"),
+             (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--length-strata", "4096,2048"], "increasing positive"),
              (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--model", "smollm2-135m", "--alpha", "0.9"],
               "is not the model the controller was trained for")]
     for args, needle in cases:
