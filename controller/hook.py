@@ -167,9 +167,8 @@ class ControllerHandle:
         self.detach()
 
     def decide(self, features: np.ndarray, n_tokens: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """features [B, F] -> (level index [B], P(safe) at it [B]): the calibrated decision (one
-        pass of the net gives both the scores and the reported probability). `n_tokens` [B] picks
-        each row's length stratum (default: from the `log_length` feature)."""
+        """features [B, F] -> (level index [B], P(safe) at it [B]) from one pass of the net; `n_tokens`
+        [B] picks each row's length stratum (default: read from the `log_length` feature)."""
         features = np.asarray(features, dtype=np.float32)
         if n_tokens is None:
             n_tokens = np.rint(np.exp(features[:, FEATURE_NAMES.index("log_length")].astype(np.float64))).astype(np.int64)
