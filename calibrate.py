@@ -35,9 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policy", default="auto", choices=["auto", "controller", "mass_coverage"],
                    help="policy to certify; auto: both at delta/2, the one saving more on your prompts is deployed")
     p.add_argument("--guard-p", type=float, help="shift guard's conformal p-value level (default: the checkpoint's)")
-    p.add_argument("--length-strata", default="checkpoint",
-                   help="token upper bounds of the length strata, each certified on its own prompts, e.g. 2048,8192; "
-                        "'none': one threshold for your mix of lengths; default: the checkpoint's strata")
+    p.add_argument("--length-strata", default="none",
+                   help="'none' (default): one threshold for the mix of lengths in your prompts; token upper bounds "
+                        "(e.g. 2048,8192) or 'checkpoint' (the checkpoint's): one threshold per length stratum, "
+                        "each certified on its own prompts (~60-80 per stratum)")
     return p.parse_args(argv)
 
 

@@ -73,18 +73,17 @@ def _candidates(ckpt: ControllerCheckpoint, choice: str) -> dict:
 
 
 def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delta: float, criterion: dict,
-                source: dict, guard_p: float | None = None, choice: str = "auto", edges=None) -> Recalibrated:
+                source: dict, guard_p: float | None = None, choice: str = "auto", edges=()) -> Recalibrated:
     """Learn-then-Test of each candidate policy on `cal` at delta / (number of candidates) (a union
     bound: every candidate's certificate holds together with probability >= 1 - delta, so picking
     the one that saves most on `cal` keeps the guarantee), a guard fitted on `cal`, the new record.
-    `edges`: length strata (None: the checkpoint's; (): one threshold for the mix of `cal`)."""
+    `edges`: length strata, one threshold per stratum ((): one threshold for the mix of lengths in `cal`)."""
     rec = ckpt.record
     old = ckpt.guard
     k, p_min, fallback = (old.k, old.p_min, old.fallback) if old is not None else (5, 0.01, 0.0)
     guard = ShiftGuard.fit(cal.features, cal.n_tokens, ckpt.net.feature_mean.numpy(), ckpt.net.feature_std.numpy(),
                            k, p_min if guard_p is None else guard_p, fallback, ignore_task=ignores_task(rec))
     candidates, tried = _candidates(ckpt, choice), {}
-    edges = ckpt.calibration.edges if edges is None else tuple(edges)
     for name, policy in candidates.items():
         c = calibrate(policy, cal, alpha, delta / len(candidates), edges)
         m = policy_metrics(cal, c.decide(Guarded(policy, guard, ckpt.levels).scores(cal.features), cal.n_tokens))
@@ -200,7 +199,8 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
     cal = arrays_from_store(root, crit)[0]
     source = {"source": f"prompts {prompts}", "files": file_digests(prompts), "label_store": root,
               "label_store_from_checkpoint": path_from(root, out_path), "label_store_sha256": store_hash(root)}
-    r = recalibrate(ckpt, cal, alpha, delta, crit, source, guard_p, policy, length_strata)
+    edges = ckpt.calibration.edges if length_strata is None else length_strata   # None: the checkpoint's strata
+    r = recalibrate(ckpt, cal, alpha, delta, crit, source, guard_p, policy, edges)
     line = certified_line(r)
     path = export_checkpoint(out_path, ckpt.net, r.record, {"calibration.md": calibration_report(r, checkpoint, prompts)})
     return path, line

@@ -217,10 +217,14 @@ def test_prompts_without_outputs_label_calibrate_checkpoint(tiny_lm, tiny_traine
     assert cal.edges == (edge,) and [p.n for p in cal.parts] == [(store.groupby("sample_id")["n_tokens"].first() <= edge).sum(),
                                                                   (store.groupby("sample_id")["n_tokens"].first() > edge).sum()]
     assert f"<={edge}" in capsys.readouterr().out
-    unstrat = tmp_path / "unstrat" / "checkpoint"   # 'none' drops the strata of a stratified checkpoint
-    assert calibrate_cli.main(["--checkpoint", str(strat), "--prompts", str(prompts), "--out", str(unstrat), "--labels",
-                               str(out) + ".labels", "--policy", "controller", "--length-strata", "none"]) == 0
-    assert load_checkpoint(unstrat).calibration.parts == ()
+    again = tmp_path / "again" / "checkpoint"   # 'checkpoint' keeps a stratified checkpoint's strata
+    assert calibrate_cli.main(["--checkpoint", str(strat), "--prompts", str(prompts), "--out", str(again), "--labels",
+                               str(out) + ".labels", "--policy", "controller", "--length-strata", "checkpoint"]) == 0
+    assert load_checkpoint(again).calibration.edges == (edge,)
+    plain = tmp_path / "plain" / "checkpoint"   # the default certifies one threshold for the prompts' mix
+    assert calibrate_cli.main(["--checkpoint", str(strat), "--prompts", str(prompts), "--out", str(plain), "--labels",
+                               str(out) + ".labels", "--policy", "controller"]) == 0
+    assert load_checkpoint(plain).calibration.parts == ()
     report = tmp_path / "eval"
     assert eval_cli.main(["--checkpoint", str(out), "--prompts", str(prompts), "--out", str(report)]) == 0
     metrics = json.loads((report / "metrics.json").read_text())
