@@ -7,7 +7,8 @@ Owns `bench_end_to_end`: prefill at 2K..128K, rows with keys N, mode (`dense`: t
 with SDPA; `forced`: a level set before the forward, no probe and no decision, with
 `ms_with_decision` = the same level forced through the hook with probes and decision, whose
 difference is the decision's true overhead (and at level 0.9 `ms_no_graphs`, the same plan with
-the sparse step's CUDA graphs off); `hook_dense`: the hook's own path for a request it
+the sparse step's CUDA graphs off, and `ms_with_probes`, the same plan computing the probe statistics
+with no decision: the overhead's probe part); `hook_dense`: the hook's own path for a request it
 runs dense; `decided`: the controller's own decision), level, ms, ms_dense (same run), speedup,
 peak_mib; and the break-even table those forced rows give (`sparse_kernels.dispatch`), which
 `attach` reads for this model on this card. And the command line. The kernel part is
@@ -28,7 +29,9 @@ from data.errors import ArgumentParser
 
 E2E_LENGTHS = (2048, 8000, 16384, 32768, 65536, 131072)
 REQUIRED_FORCED = (0.8, 0.9, 0.95)
-NO_GRAPHS_LEVEL = 0.9   # also timed with the sparse step's CUDA graphs off (`ms_no_graphs`): their A/B
+NO_GRAPHS_LEVEL = 0.9   # also timed with the sparse step's CUDA graphs off (`ms_no_graphs`): their A/B, and with
+# the probes computed but no decision (`ms_with_probes`): the decision's overhead split into probes and waiting
+VARIANTS = {"forced": (True, False), "forced_no_graphs": (False, False), "forced_probed": (True, True)}  # graphs, probes
 
 
 ROUNDS = 3   # every mode is measured once per round, rounds interleaved with dense (the host's speed drifts)
@@ -99,7 +102,7 @@ def _forced_round(lm, ckpt, ids, levels, samples: _Samples) -> None:
     n, call = int(ids.shape[1]), lambda: lm.model(input_ids=ids, logits_to_keep=1)  # noqa: E731
     samples.add("dense", _measure(call, n))
     with attach(lm, ckpt, break_even=None) as handle:
-        sparse = (handle.selection, handle.dense_layers, handle.backend)
+        sparse = (handle.selection, handle.dense_layers, handle.backend, handle.probe_layers, handle.probe_window)
         for level in levels:
             if handle.monitor is not None:
                 handle.monitor.reset()
@@ -109,12 +112,15 @@ def _forced_round(lm, ckpt, ids, levels, samples: _Samples) -> None:
     previous = enable_sparse_attention(lm.model)
     try:
         for level in ([0.0] if sliding_window_of(lm.model) is not None else []) + list(levels):   # 0: the window path
-            for graphs in (True, False) if level == NO_GRAPHS_LEVEL else (True,):
+            for variant in VARIANTS if level == NO_GRAPHS_LEVEL else ("forced",):
+                graphs, probes = VARIANTS[variant]
                 def forced():
                     with use_plan(SparsePlan(levels=torch.full((1,), level, dtype=torch.float64), selection=sparse[0],
-                                             dense_layers=sparse[1], backend=sparse[2], cuda_graphs=graphs)):
+                                             dense_layers=sparse[1], backend=sparse[2], cuda_graphs=graphs,
+                                             probe_layers=sparse[3] if probes else frozenset(), probe_window=sparse[4],
+                                             on_probe=(lambda layer, stats: None) if probes else None)):
                         return call()
-                samples.add(("forced" if graphs else "forced_no_graphs", level), _measure(forced, n))
+                samples.add((variant, level), _measure(forced, n))
     finally:
         disable_sparse_attention(lm.model, previous)
 
@@ -136,7 +142,8 @@ def _forced_rows(n: int, levels, s: _Samples) -> list[dict]:
         rows.append(_row(n, "forced", level, ms, s.peak(("forced", level)), dense, ms_with_decision=round(ms_dec, 3),
                          decision_overhead_ms=round(ms_dec - ms, 3), decision_overhead_share=round((ms_dec - ms) / dense, 4),
                          achieved_sparsity=round(s[("achieved", level)], 4),
-                         **({"ms_no_graphs": round(s.ms(("forced_no_graphs", level)), 3)}
+                         **({"ms_no_graphs": round(s.ms(("forced_no_graphs", level)), 3),
+                             "ms_with_probes": round(s.ms(("forced_probed", level)), 3)}
                             if ("forced_no_graphs", level) in s else {})))
     return rows
 

@@ -196,6 +196,7 @@ def test_benchmark_end_to_end_rows_and_break_even_on_the_tiny_model(tiny_trained
     for r in forced:
         assert r["ms_with_decision"] > 0 and r["achieved_sparsity"] > 0
         assert ("ms_no_graphs" in r) == (r["level"] == 0.9) and r.get("ms_no_graphs", 1) > 0
+        assert ("ms_with_probes" in r) == (r["level"] == 0.9) and r.get("ms_with_probes", 1) > 0
     assert set(record) >= {"model", "model_id", "levels", "source", "rule"}
     assert e2e_table(rows).count("\n") == len(rows) + 1
 
