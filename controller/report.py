@@ -168,12 +168,21 @@ def shift_lines(shift: dict) -> str:
     return shift.get("words", "") + covered
 
 
+def _strata_words(cal: dict | None) -> str:
+    """', one threshold per length stratum (...)' for a stratified calibration, else ''."""
+    if not cal or not cal.get("parts"):
+        return ""
+    k = len(cal["parts"])
+    return (f", one threshold per length stratum ({threshold_text(cal, counts=True)}), each at delta/{k}: "
+            "the bound holds within every stratum")
+
+
 def report_markdown(metrics: dict, length_table: pd.DataFrame, header: str) -> str:
     p = metrics["policies"]
     parts = [f"# Controller report\n\n{header}\n",
              f"Evaluated on {metrics['evaluated_on']} ({metrics['n']} requests). Calibration: Learn-then-Test, "
-             f"alpha = {metrics['alpha']}, delta = {metrics['delta']}, {metrics['n_calibration']} calibration requests. "
-             "A violation = the request fails the safety criterion at the level chosen for it. compute saved = 1 - "
+             f"alpha = {metrics['alpha']}, delta = {metrics['delta']}, {metrics['n_calibration']} calibration requests"
+             f"{_strata_words(p.get('controller', {}).get('calibration'))}. A violation = the request fails the safety criterion at the level chosen for it. compute saved = 1 - "
              "attention blocks computed (all layers) / dense causal blocks, summed over requests.\n",
              f"Violations are judged by the criterion {metrics['criterion_text']}. The controller's threshold was "
              f"calibrated on the {metrics['calibrated_on']} under {metrics['checkpoint_criterion_text']}.\n",
