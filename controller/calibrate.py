@@ -13,6 +13,7 @@ lengths; a stratum that cannot be certified runs dense. Imports `controller` mod
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -101,13 +102,10 @@ def calibrate(policy: Policy, cal: LabelArrays, alpha: float, delta: float, edge
     stratum = strata_of(cal.n_tokens, edges)
     parts = tuple(_calibrate_one(policy, cal.subset(np.flatnonzero(stratum == i)), alpha, delta / (len(edges) + 1))
                   for i in range(len(edges) + 1))
-    scores = policy.scores(cal.features)
-    chosen = np.zeros(len(cal), dtype=int)
-    for i, part in enumerate(parts):
-        chosen[stratum == i] = part.decide(scores[stratum == i])
-    risk = float(violations(cal, chosen).mean()) if len(cal) else 0.0
-    return Calibration(max(p.threshold for p in parts), any(p.passed for p in parts), alpha, delta, len(cal), risk,
-                       sum(p.tested for p in parts), edges, parts)
+    c = Calibration(max(p.threshold for p in parts), any(p.passed for p in parts), alpha, delta, len(cal), 0.0,
+                    sum(p.tested for p in parts), edges, parts)
+    risk = violations(cal, c.decide(policy.scores(cal.features), cal.n_tokens)).mean() if len(cal) else 0.0
+    return dataclasses.replace(c, empirical_risk=float(risk))
 
 
 def _calibrate_one(policy: Policy, cal: LabelArrays, alpha: float, delta: float) -> Calibration:

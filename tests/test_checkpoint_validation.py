@@ -26,6 +26,12 @@ RECORD_CASES = [
     ("layers not a list", lambda r: r["sparse"].__setitem__("dense_layers", "0,1"), "dense_layers"),
     ("fingerprint not a mapping", lambda r: r["model"].__setitem__("fingerprint", "abc"), "model.fingerprint"),
     ("weights_id a number", lambda r: r["model"]["fingerprint"].__setitem__("weights_id", 7), "model.fingerprint"),
+    ("strata without parts", lambda r: r["calibration"].update(edges=[1000], parts=[dict(r["calibration"])]),
+     "one calibration per length stratum"),
+    ("strata not increasing", lambda r: r["calibration"].update(edges=[2000, 1000], parts=[dict(r["calibration"])] * 3),
+     "one calibration per length stratum"),
+    ("stratum missing a key", lambda r: r["calibration"].update(
+        edges=[1000], parts=[dict(r["calibration"]), {"threshold": 0.5}]), "corrupt or incompatible"),
 ]
 
 WEIGHT_CASES = [
