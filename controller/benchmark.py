@@ -9,13 +9,14 @@ with SDPA; `forced`: a level set before the forward, no probe and no decision, w
 difference is the decision's true overhead (and at level 0.9 `ms_no_graphs`, the same plan with
 the sparse step's CUDA graphs off, and `ms_with_probes`, the same plan computing the probe statistics
 with no decision: the overhead's probe part); `hook_dense`: the hook's own path for a request it
-runs dense; `decided`: the controller's own decision), level, ms, ms_dense (same run), speedup,
+runs dense; `decided`: the controller's own decision; these two alternate call by call with dense), level, ms, ms_dense (same run), speedup,
 peak_mib; and the break-even table those forced rows give (`sparse_kernels.dispatch`), which
 `attach` reads for this model on this card. And the command line. The kernel part is
 `sparse_kernels.bench`. Imports every layer below it; nothing imports it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import sys
@@ -58,6 +59,39 @@ def _measure(fn, n: int) -> tuple[float, float]:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     return 1e3 * float(np.median(times)), (torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0)
+
+
+def _measure_alternating(modes: dict, n: int) -> dict:
+    """{key: (median ms, peak MiB)} for `modes` = {key: (call, context factory)}, whose calls
+    alternate (a, b, c, a, b, c, ...) after one warm-up pass, so a drift of the host's speed hits
+    every mode alike. Only the call is timed, inside its context."""
+    cuda = torch.cuda.is_available()
+    times, peaks = {k: [] for k in modes}, dict.fromkeys(modes, 0.0)
+    with torch.no_grad():
+        for rep in range(_reps(n) + 1):
+            for key, (fn, context) in modes.items():
+                with context():
+                    if cuda:
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    start = time.perf_counter()
+                    fn()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - start
+                if rep:   # the first pass warms every mode up
+                    times[key].append(elapsed)
+                    peaks[key] = max(peaks[key], torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0)
+    return {k: (1e3 * float(np.median(times[k])), peaks[k]) for k in modes}
+
+
+@contextlib.contextmanager
+def _forcing(handle, level):
+    handle.force_level = level
+    try:
+        yield
+    finally:
+        handle.force_level = None
 
 
 def _prompt(tokenizer, length: int, vocab: int, device) -> torch.Tensor:
@@ -151,17 +185,15 @@ def _forced_rows(n: int, levels, s: _Samples) -> list[dict]:
 def _hooked_rows(lm, handle, ids) -> list[dict]:
     """hook_dense: the hook's own path for a request it runs dense (skipped before the probes where
     its dispatch skips, else probes + decision + dense); decided: the controller's own decision.
-    Each round measures dense with the hook detached first (`handle.detached()`)."""
+    Dense (the hook detached: `handle.detached()`), probed and own calls alternate within each round."""
     n, call, s = int(ids.shape[1]), lambda: lm.model(input_ids=ids, logits_to_keep=1), _Samples()  # noqa: E731
+    modes = {"dense": (call, handle.detached), "probed": (call, lambda: _forcing(handle, 0.0)),
+             "own": (call, contextlib.nullcontext)}   # own last: `last_decisions` are its
     for _ in range(ROUNDS):
-        with handle.detached():
-            s.add("dense", _measure(call, n))
         if handle.monitor is not None:
             handle.monitor.reset()
-        handle.force_level = 0.0
-        s.add("probed", _measure(call, n))
-        handle.force_level = None
-        s.add("own", _measure(call, n))
+        for key, measured in _measure_alternating(modes, n).items():
+            s.add(key, measured)
     d, dense = handle.last_decisions[0], s.ms("dense")
     skipped = handle._skip_reason(n, [n]) is not None
     own = skipped and d.level == 0   # the hook's own path for this request is the dense one

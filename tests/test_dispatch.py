@@ -301,3 +301,21 @@ def test_generation_without_a_cache_decides_once(tiny_lm, tiny_trained, monkeypa
         assert out.shape[1] > ids.shape[1] + 1 and len(calls) == len(handle.probe_layers)
         tiny_lm.model(input_ids=ids, use_cache=False)   # the same prompt again is a new request
         assert len(calls) == 2 * len(handle.probe_layers) and first[0].level == handle.last_decisions[0].level
+
+
+def test_alternating_measurement_interleaves_modes_inside_their_contexts():
+    """Each mode's call runs inside its own context, the modes alternate, and the warm-up pass is
+    not counted (`_reps(n)` timed calls per mode)."""
+    import contextlib
+    from controller.benchmark import _measure_alternating, _reps
+    log, inside = [], []
+
+    @contextlib.contextmanager
+    def marked(name):
+        inside.append(name)
+        yield
+        inside.pop()
+    modes = {k: (lambda k=k: log.append((k, list(inside))), lambda k=k: marked(k)) for k in ("a", "b", "c")}
+    out = _measure_alternating(modes, 1000)
+    assert log == [(k, [k]) for _ in range(_reps(1000) + 1) for k in "abc"]
+    assert set(out) == {"a", "b", "c"} and all(ms >= 0 for ms, _ in out.values())
