@@ -45,20 +45,7 @@ def _reps(n: int) -> int:
 def _measure(fn, n: int) -> tuple[float, float]:
     """(median ms over `_reps(n)` calls after one warm-up call, peak MiB allocated during them; 0
     off CUDA, where only the rows' mechanics are tested)."""
-    cuda = torch.cuda.is_available()
-    with torch.no_grad():
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(_reps(n)):
-            start = time.perf_counter()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times)), (torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0)
+    return _measure_alternating({"": (fn, contextlib.nullcontext)}, n)[""]
 
 
 def _measure_alternating(modes: dict, n: int) -> dict:

@@ -94,6 +94,7 @@ class ControllerHandle:
         self.dense_layers, self.probe_layers = frozenset(rec["dense_layers"]), frozenset(rec["probe_layers"])
         self.probe_window, self.backend = rec["probe_window"], rec["backend"]
         self.policy = deployed_policy(ckpt.net, ckpt.levels, ckpt.record)
+        self.calibration = ckpt.calibration   # parsed once, not per request
         self.guard = ckpt.guard   # None: a checkpoint without one (every request is decided by the controller)
         # the traffic as a whole: once its p-values stop looking exchangeable, every request runs at the fallback
         self.monitor = self.guard.monitor() if self.guard is not None else None
@@ -174,10 +175,10 @@ class ControllerHandle:
             n_tokens = np.rint(np.exp(features[:, FEATURE_NAMES.index("log_length")].astype(np.float64))).astype(np.int64)
         if not hasattr(self.policy, "probabilities"):   # mass coverage: report the estimated kept mass
             scores = self.policy.scores(features)
-            idx = self.ckpt.calibration.decide(scores, n_tokens)
+            idx = self.calibration.decide(scores, n_tokens)
             return idx, np.minimum(scores[np.arange(len(scores)), idx], 1.0)
         p = self.policy.probabilities(features)
-        idx = self.ckpt.calibration.decide(self.policy.scores_from(p, features), n_tokens)
+        idx = self.calibration.decide(self.policy.scores_from(p, features), n_tokens)
         return idx, p[np.arange(len(p)), idx]
 
     # ---------------------------------------------------------------- hooks
