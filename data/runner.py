@@ -152,6 +152,19 @@ class ShardWriter(BasePredictionWriter):
         if trainer.is_global_zero and totals[0] > 0:
             self.store.append_run(_run_record(trainer, dev, totals.tolist(), spans.tolist()))
 
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        end_process_group(trainer)
+
+
+def end_process_group(trainer) -> None:
+    """After a distributed labeling run (its workers exit next): meet the other ranks, then destroy the
+    process group while every rank is alive. Lightning destroys only NCCL groups at exit; a gloo group
+    left to interpreter shutdown can abort a worker ('terminate called without an active exception',
+    seen once in CI). A later run initialises a new group."""
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        trainer.strategy.barrier("labeling-end")
+        torch.distributed.destroy_process_group()
+
 
 def _rate(count: float, seconds: float) -> float | None:
     return round(count / seconds, 3) if seconds > 0 and count > 0 else None
