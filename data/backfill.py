@@ -35,6 +35,7 @@ from .labeling import plan_samples, realize
 from .models import load_model, same_weights
 from .store import LabelStore, write_json_atomic
 from .tasks import prompt_ids
+from .tasks.base import parse_generated_sample_id
 
 
 class _ProbesDone(Exception):
@@ -64,7 +65,8 @@ def probe_features(lm, sparse: SparseConfig, ids: list[int], task: str) -> dict[
 
 def _samples_of(meta: dict, ids: set[str], tokenizer) -> dict:
     data = dict(meta["identity"]["data"])
-    indices = [int(s.rsplit("-", 2)[1]) for s in ids if not s.startswith(("ruler:", "prompts:"))]
+    parsed = (parse_generated_sample_id(s) for s in ids)
+    indices = [p[2] for p in parsed if p is not None]
     data["samples_per_length"] = max(indices, default=0) + 1   # every generated index the store holds
     cfg = from_dict(DataConfig, data)
     plan = [p for p in plan_samples(cfg) if p.sample_id in ids]

@@ -70,9 +70,11 @@ def test_text_statistics_equal_their_plain_python_definition():
         assert text_statistics(np.asarray(ids)) == want
 
 
-def test_backfill_recomputes_the_labeling_features_and_keeps_the_labels(tiny_lm, tmp_path):
+@pytest.mark.parametrize("forms", ["[classic]", "[classic, varied]"])
+def test_backfill_recomputes_the_labeling_features_and_keeps_the_labels(tiny_lm, tmp_path, forms):
     """A store whose feature columns are stale gets the features labeling computed (same function,
-    forward stopped after the last probe layer); every other column is unchanged."""
+    forward stopped after the last probe layer); every other column is unchanged. Also for a store
+    in several surface forms, whose ids carry the form set (`...-s0-varied`, as store v2)."""
     import json as _json
 
     import pyarrow as pa
@@ -84,9 +86,11 @@ def test_backfill_recomputes_the_labeling_features_and_keeps_the_labels(tiny_lm,
     from data.runner import run_labeling
     from data.store import LabelStore
 
-    job = load_config(ControllerJobConfig, "configs/test_tiny.yaml", [f"labeling.out={tmp_path / 's'}"]).label_job()
+    job = load_config(ControllerJobConfig, "configs/test_tiny.yaml",
+                      [f"labeling.out={tmp_path / 's'}", f"data.forms={forms}"]).label_job()
     store = run_labeling(job, tiny_lm)
     before = store.table()
+    assert before["sample_id"].str.endswith("-varied").any() == ("varied" in forms)
     for shard in store.shards():   # make the features stale
         df = pq.read_table(shard).to_pandas()
         df["f_probe_recall90_mean"] = -1.0

@@ -9,6 +9,7 @@ Imports nothing from `controller`.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -106,6 +107,18 @@ def generated_sample_id(task_name: str, target_length: int, index: int, seed: in
     """The id of a generated sample, known without generating it (classic ids are those of store v1)."""
     suffix = "" if form_set == "classic" else f"-{form_set}"
     return f"{task_name}-{target_length}-{index}-s{seed}{suffix}"
+
+
+_GENERATED_ID = re.compile(r"(?P<task>.+)-(?P<length>\d+)-(?P<index>\d+)-s(?P<seed>\d+)(?:-(?P<forms>[A-Za-z_]\w*))?")
+
+
+def parse_generated_sample_id(sample_id: str) -> tuple[str, int, int, int, str] | None:
+    """(task, target length, index, seed, form set) of a `generated_sample_id`, or None for any
+    other id (RULER files, a user's prompts)."""
+    m = _GENERATED_ID.fullmatch(sample_id)
+    if m is None:
+        return None
+    return m["task"], int(m["length"]), int(m["index"]), int(m["seed"]), m["forms"] or "classic"
 
 
 def generate_sample(task_name: str, gen: TaskGenerator, tokenizer, target_length: int, index: int,
