@@ -1,8 +1,8 @@
 """The inference hook: a trained controller picks the sparsity level of each request in a frozen
 transformers model, inside plain `model(...)` and `model.generate(...)` calls.
 
-Owns `attach(model, checkpoint)` -> `ControllerHandle` (`detach()` restores the model) and
-`Decision`. Before anything else, a fresh prefill that cannot gain is dispatched dense with no
+Owns `attach(model, checkpoint)` -> `ControllerHandle` (`detach()` restores the model); each
+request's `Decision` (`controller.decision`, importable from here too). Before anything else, a fresh prefill that cannot gain is dispatched dense with no
 plan at all (it then runs exactly as unhooked SDPA: no probe, no decision, no host sync): every row
 outside the calibrated lengths (dense fallback), or the prompt shorter than the break-even length
 that the benchmark measured for this model on this card (`sparse_kernels.dispatch`); on a model with
@@ -33,7 +33,6 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,33 +46,12 @@ from sparse_kernels import (SelectionSpec, SparsePlan, disable_sparse_attention,
 from sparse_kernels.dispatch import BreakEven
 
 from .compat import check_model, check_task, resolve_break_even
+from .decision import Decision, one_thread_limiter
 from .export import ControllerCheckpoint, load_checkpoint
 from .policies import deployed_policy
 
 log = logging.getLogger(__name__)
 _ATTACHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> its attached handle
-
-
-def _one_thread_factory():
-    """A context manager factory that runs the decision's numpy/torch math on one thread. The
-    decision is tiny; left alone, the BLAS and OpenMP pools wake every core and keep spinning after
-    it, starving the thread that launches the rest of the forward's kernels (measured on the H200
-    machine: the hooked sparse prefill ran 20-30 ms slower than the same plan without the hook)."""
-    try:
-        from threadpoolctl import ThreadpoolController
-        controller = ThreadpoolController()
-    except Exception:  # noqa: BLE001 - without threadpoolctl the decision runs as it is
-        return contextlib.nullcontext
-    return lambda: controller.limit(limits=1)
-@dataclass(frozen=True)
-class Decision:
-    level: float                 # nominal grid level chosen for the request
-    probability: float           # the controller's P(safe) at that level (1 for dense); for a checkpoint
-                                 # deploying mass coverage, the estimated share of attention mass kept
-    achieved_sparsity: float     # measured from the block index of the sparse layers
-    fallback: str | None = None  # why the request ran at the fallback level instead of the controller's, if it did
-    ood: bool = False            # the shift guard flagged it: outside the calibrated length range or feature support
-    p_value: float | None = None  # the guard's conformal p-value of its features (None without a guard)
 
 
 class ControllerHandle:
@@ -104,7 +82,7 @@ class ControllerHandle:
         # the token-id statistics need only the ids: a worker computes them while the probe layers run
         self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-features")
         self._monitor_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-monitor")
-        self._one_thread = _one_thread_factory()
+        self._one_thread = one_thread_limiter()
 
     # ---------------------------------------------------------------- public
     @property
