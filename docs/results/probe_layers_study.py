@@ -4,6 +4,8 @@ reproduced (CPU, ~25 minutes for 960 requests on 2 cores):
 
   python docs/results/probe_layers_study.py collect data/labels/smollm2-135m/v2 /tmp/layers.json 120 2100
   python docs/results/probe_layers_study.py analyse /tmp/layers.json docs/results/probe_layers.json
+  python docs/results/probe_layers_study.py collect-output-error data/labels/smollm2-135m/v2 /tmp/oe.json
+  python docs/results/probe_layers_study.py analyse-output-error /tmp/oe.json fidelity   (and gold)
 
 `collect`: up to PER_TASK requests per task of at most MAX_TOKENS tokens (seed 0), each through one
 dense forward with every layer probed (`attention_probe`, the statistics the hook uses at layers 0-1).
@@ -11,6 +13,10 @@ dense forward with every layer probed (`attention_probe`, the statistics the hoo
 one layer), the held-out-family AUC of a logistic regression (that layer's statistics + log length,
 trained on the other families) for "safe at level 0.5 / 0.8 / 0.9 / 0.95", mean over those levels,
 and the within-family AUC of the mass recall at the same level.
+`collect-output-error` (every request of the store, ~23 minutes): at layers 0 and 1 of a dense
+forward, the relative L2 error of the attention OUTPUT at the probe's sampled queries when only the
+blocks the selection keeps at each level are attended (renormalised), instead of the kept mass.
+`analyse-output-error`: the same AUCs for those errors against the shipped features.
 """
 import json
 import sys
@@ -121,7 +127,8 @@ def analyse(path: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "collect":
-        collect(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
-    else:
-        analyse(sys.argv[2], sys.argv[3])
+    sys.path.insert(0, ".")
+    from output_error_study import analyse_output_error, collect_output_error   # noqa: E402 (beside this file)
+    commands = {"collect": lambda a: collect(a[0], a[1], int(a[2]), int(a[3])), "analyse": lambda a: analyse(*a),
+                "collect-output-error": lambda a: collect_output_error(*a), "analyse-output-error": lambda a: analyse_output_error(*a)}
+    commands[sys.argv[1]](sys.argv[2:])
