@@ -96,6 +96,7 @@ def calibrate(policy: Policy, cal: LabelArrays, alpha: float, delta: float, edge
     """The calibration of `policy` on `cal`: one threshold, or one per length stratum when `edges`."""
     if not (0 < alpha < 1 and 0 < delta < 1):
         raise ValueError(f"alpha and delta must lie in (0, 1), got {alpha}, {delta}")
+    policy = policy.per_request()   # a stream monitor's warm-up and alarms are not calibrated on
     edges = tuple(int(e) for e in edges)
     if not edges:
         return _calibrate_one(policy, cal, alpha, delta)

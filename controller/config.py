@@ -88,6 +88,9 @@ class CalibrationConfig:
     guard_p: float = 0.01      # shift guard: requests whose conformal p-value is below this run at `fallback`
     guard_k: int = 5           # shift guard: k of the k-th nearest calibration request
     fallback: float = 0.0      # the level flagged requests run at (0 = dense, the only one that is always safe)
+    # the first requests of every stream (after attach or handle.monitor.reset()) run at `fallback` while the
+    # stream monitor watches them: a shift it would alarm on within them never gets a sparse decision
+    guard_warmup: int = 0
     # token upper bounds of length strata (every stratum but the last), each calibrated on its own requests at
     # delta / strata, so the bound holds within every stratum; () = one threshold for the calibrated mix of lengths
     length_strata: tuple[int, ...] = ()
@@ -96,6 +99,8 @@ class CalibrationConfig:
         if math.isnan(self.guard_p) or not 0 <= self.guard_p < 1 or self.guard_k < 1:
             raise UserError(f"calibration.guard_p must lie in [0, 1) and guard_k be >= 1, got {self.guard_p}, {self.guard_k}")
         check_strata(self.length_strata, "calibration.length_strata")
+        if not 0 <= self.guard_warmup <= 1_000_000:
+            raise UserError(f"calibration.guard_warmup must be a request count in 0..1000000, got {self.guard_warmup}")
         if math.isnan(self.fallback) or not 0 <= self.fallback < 1:
             raise UserError(f"calibration.fallback must be a grid level in [0, 1), got {self.fallback}")
         if self.decision not in ("compute_aware", "threshold"):

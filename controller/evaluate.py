@@ -104,7 +104,7 @@ def reliability(policy: LearnedPolicy, arrays: LabelArrays, bins: int = 10) -> l
 def best_in_hindsight(policy: Policy, arrays: LabelArrays, alpha: float) -> float:
     """The most compute a policy's scores could save at violation rate <= alpha if the threshold
     were tuned on these very requests: a ceiling for diagnosis, not a policy (no guarantee)."""
-    scores, best = policy.scores(arrays.features), 0.0
+    scores, best = policy.per_request().scores(arrays.features), 0.0
     for lam in policy.lambdas:
         m = policy_metrics(arrays, decide(scores, lam))
         if m["violation_rate"] <= alpha:

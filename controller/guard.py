@@ -73,10 +73,12 @@ class ShiftGuard:
     p_min: float = 0.01
     fallback: float = 0.0     # the grid level flagged requests run at
     ignore_task: bool = False  # the deployed policy never reads the task name: compare requests as `unknown`
+    warmup: int = 0           # the first requests of a stream run at `fallback` while the monitor watches
 
     @classmethod
     def fit(cls, features: np.ndarray, n_tokens: np.ndarray, mean: np.ndarray, std: np.ndarray, k: int = 5,
-            p_min: float = 0.01, fallback: float = 0.0, seed: int = 0, ignore_task: bool = False) -> "ShiftGuard":
+            p_min: float = 0.01, fallback: float = 0.0, seed: int = 0, ignore_task: bool = False,
+            warmup: int = 0) -> "ShiftGuard":
         features = _as_unknown(features) if ignore_task else np.asarray(features, dtype=np.float64)
         if len(features) < 2:
             raise UserError("the shift guard needs at least 2 calibration requests")
@@ -88,7 +90,7 @@ class ShiftGuard:
             else (tuple(range(reference.shape[1])),)
         scores = np.stack([_kth_distances(reference[:, g], reference[:, g], k, leave_one_out=True) for g in groups])
         return cls(int(np.min(n_tokens)), int(np.max(n_tokens)), mean, std, reference, scores, groups, k, p_min, fallback,
-                   ignore_task)
+                   ignore_task, int(warmup))
 
     def standardise(self, features: np.ndarray) -> np.ndarray:
         """Features as the guard compares them (task shown as `unknown` if it is ignored), standardised."""
@@ -130,7 +132,8 @@ class ShiftGuard:
     def monitor(self, threshold: float = 100.0) -> ShiftMonitor:
         """A fresh stream monitor for this guard: the martingale over its p-values, and windows of raw
         request features tested against its calibration requests."""
-        return ShiftMonitor(threshold, window_test=lambda feats: two_sample_test(self.reference, self.standardise(feats))["p_value"])
+        return ShiftMonitor(threshold, warmup=self.warmup,
+                            window_test=lambda feats: two_sample_test(self.reference, self.standardise(feats))["p_value"])
 
     def describe(self) -> str:
         return (f"requests of {self.min_tokens}-{self.max_tokens} tokens whose features are within the calibration "
@@ -139,7 +142,7 @@ class ShiftGuard:
 
     def to_json(self) -> dict:
         return {"min_tokens": self.min_tokens, "max_tokens": self.max_tokens, "k": self.k, "p_min": self.p_min,
-                "ignore_task": self.ignore_task,
+                "ignore_task": self.ignore_task, "warmup": self.warmup,
                 "fallback": self.fallback, "mean": self.mean.tolist(), "std": self.std.tolist(),
                 "reference": np.round(self.reference, 5).tolist(), "groups": [list(g) for g in self.groups],
                 "reference_scores": np.round(self.reference_scores, 6).tolist()}
@@ -158,11 +161,12 @@ class ShiftGuard:
         if not (np.isfinite(ref).all() and np.isfinite(scores).all() and np.isfinite(mean).all() and (std > 0).all()):
             raise ValueError("guard arrays hold non-finite values")
         k, p_min, fallback = int(d["k"]), float(d["p_min"]), float(d["fallback"])
-        lo, hi = int(d["min_tokens"]), int(d["max_tokens"])
-        if k < 1 or not 0 <= p_min < 1 or not 1 <= lo <= hi or not any(math.isclose(fallback, x) for x in levels):
+        lo, hi, warmup = int(d["min_tokens"]), int(d["max_tokens"]), int(d.get("warmup", 0))
+        if k < 1 or not 0 <= p_min < 1 or not 1 <= lo <= hi or not any(math.isclose(fallback, x) for x in levels) \
+                or warmup < 0:
             raise ValueError("guard settings out of range (k >= 1, 0 <= p_min < 1, 1 <= min <= max tokens, "
-                             "fallback a grid level)")
-        return cls(lo, hi, mean, std, ref, scores, groups, k, p_min, fallback, bool(d.get("ignore_task", False)))
+                             "fallback a grid level, warmup >= 0)")
+        return cls(lo, hi, mean, std, ref, scores, groups, k, p_min, fallback, bool(d.get("ignore_task", False)), warmup)
 
 
 class Guarded(Policy):
@@ -170,6 +174,7 @@ class Guarded(Policy):
 
     def __init__(self, base: Policy, guard: ShiftGuard, levels: np.ndarray, name: str | None = None):
         self.base, self.guard, self.name, self.lambdas = base, guard, name or base.name, base.lambdas
+        self.levels = np.asarray(levels)
         self.fallback_index = int(np.argmin(np.abs(np.asarray(levels) - guard.fallback)))
 
     def scores(self, features: np.ndarray) -> np.ndarray:
@@ -203,6 +208,12 @@ class Monitored(Guarded):
         self.threshold, self.seed = threshold, seed
         self.last_monitor: dict | None = None
         self._memo: dict[str, tuple[np.ndarray, dict | None]] = {}
+
+    def per_request(self) -> Guarded:
+        """The guard alone: thresholds are certified for it. The monitor only sends requests dense
+        (always safe) by their place in a stream, which a calibration set has no meaning for: run
+        over the calibration requests, its warm-up would make them look safer than later traffic."""
+        return Guarded(self.base, self.guard, self.levels, self.name)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Memoised per features array: evaluation asks for the same stream many times (every alpha

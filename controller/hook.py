@@ -281,12 +281,15 @@ class ControllerHandle:
         info[("features", r)] = feats
         if self.guard is not None:
             flagged, p, reasons = self.guard.check(feats[None])
-            alarmed = self.monitor.update(float(p[0]))
+            alarmed, probation = self.monitor.step(float(p[0]))
             window = self.monitor.add_features(feats)
             if window is not None:   # the two-sample test runs on the worker thread, off the request path
                 self._monitor_worker.submit(self.monitor.test_window, window)
             if flagged[0] or alarmed:
                 info[r] = (1.0, reasons[0] or self.monitor.reason(), True, float(p[0]))
+                return self.guard.fallback
+            if probation is not None:
+                info[r] = (1.0, self.monitor.probation_reason(probation), False, float(p[0]))
                 return self.guard.fallback
         idx, prob = self.decide(feats[None], np.array([len(ids)]))
         info[r] = (float(prob[0]), None, False, None if self.guard is None else float(p[0]))

@@ -22,6 +22,12 @@ it. So every `window` requests' features are also tested against the calibration
 classifier two-sample test (`guard.two_sample_test`, given as `window_test`); the j-th window at
 level `window_level` * 6 / (pi^2 j^2), so all windows together alarm falsely with probability at
 most `window_level`. Both tests together: at most 1 / threshold + window_level (2% by default).
+
+Neither test can alarm before it has seen requests, and the requests before an alarm run at the
+controller's levels (measured: a held-out haystack kind on Gemma 3 made 3 unsafe decisions in its
+first 16 requests, before the martingale alarmed at the 17th). With `warmup` N, the first N
+requests of a stream (after `reset()` too) run at the fallback while both tests watch them
+(`step` says which); only then do requests get the controller's levels.
 Thread-safe. Imports numpy only.
 """
 from __future__ import annotations
@@ -36,10 +42,12 @@ BETS = (0.0, -0.5, -1.0)
 
 class ShiftMonitor:
     def __init__(self, threshold: float = 100.0, jump: float = 0.01, window: int = 100, window_level: float = 0.01,
-                 window_test=None):
-        if not threshold > 1 or not 0 <= jump <= 1 or window < 8 or not 0 < window_level < 1:
-            raise ValueError("ShiftMonitor needs threshold > 1, 0 <= jump <= 1, window >= 8, 0 < window_level < 1")
+                 window_test=None, warmup: int = 0):
+        if not threshold > 1 or not 0 <= jump <= 1 or window < 8 or not 0 < window_level < 1 or warmup < 0:
+            raise ValueError("ShiftMonitor needs threshold > 1, 0 <= jump <= 1, window >= 8, 0 < window_level < 1, "
+                             "warmup >= 0")
         self.threshold, self.jump, self.window, self.window_level = threshold, jump, window, window_level
+        self.warmup = int(warmup)   # the first `warmup` requests of a stream run at the fallback
         self.window_test = window_test   # features [window, F] -> p-value; None: the martingale only
         self._lock = threading.Lock()
         self.reset()
@@ -64,6 +72,11 @@ class ShiftMonitor:
 
     def update(self, p_value: float) -> bool:
         """Bet on one request's p-value; True when the monitor is (now or already) alarmed."""
+        return self.step(p_value)[0]
+
+    def step(self, p_value: float) -> tuple[bool, int | None]:
+        """`update`, and this request's place in the stream when it is one of the first `warmup`
+        (it runs at the fallback: on probation), else None; both read under one lock."""
         p = min(max(float(p_value), 0.0), 1.0) if math.isfinite(p_value) else 1.0
         with self._lock:
             total = self._capital.sum()
@@ -73,7 +86,7 @@ class ShiftMonitor:
             self.peak = max(self.peak, float(self._capital.sum()))
             if self.alarm_at is None and self._capital.sum() >= self.threshold:
                 self.alarm_at, self.alarm_by = self.seen, "martingale"
-            return self.alarm_at is not None
+            return self.alarm_at is not None, (self.seen if self.seen <= self.warmup else None)
 
     def add_features(self, features: np.ndarray) -> np.ndarray | None:
         """Buffer one request's features; returns a full window to test (and starts a new one), else None."""
@@ -97,12 +110,17 @@ class ShiftMonitor:
             return self.alarm_at is not None
 
     def observe(self, p_value: float, features: np.ndarray | None = None) -> bool:
-        """Both tests, synchronously (offline evaluation): True when alarmed."""
-        alarmed = self.update(p_value)
+        """Both tests, synchronously (offline evaluation): True when this request runs at the
+        fallback (alarmed, or on probation)."""
+        alarmed, probation = self.step(p_value)
         full = self.add_features(features) if features is not None else None
         if full is not None:
             alarmed = self.test_window(full) or alarmed
-        return alarmed
+        return alarmed or probation is not None
+
+    def probation_reason(self, place: int) -> str:
+        return (f"probation: request {place} of the first {self.warmup} of this stream runs at the fallback level "
+                "while the stream monitor checks the traffic (calibration.guard_warmup)")
 
     def reason(self) -> str:
         what = ("the guard's p-values are not exchangeable with the calibration requests' (test martingale "
@@ -112,12 +130,13 @@ class ShiftMonitor:
                 "until recalibrated on this traffic (calibrate.py) or reset")
 
     def run(self, p_values: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        """[n] bool: alarmed after each request of a stream, in order (for offline evaluation)."""
+        """[n] bool: each request of a stream, in order, runs at the fallback (alarmed by then, or on
+        probation); for offline evaluation."""
         p_values = np.asarray(p_values, dtype=np.float64)
         return np.array([self.observe(p, None if features is None else features[i]) for i, p in enumerate(p_values)],
                         dtype=bool)
 
     def to_json(self) -> dict:
-        return {"threshold": self.threshold, "jump": self.jump, "seen": self.seen, "alarm_at": self.alarm_at,
+        return {"threshold": self.threshold, "jump": self.jump, "warmup": self.warmup, "seen": self.seen, "alarm_at": self.alarm_at,
                 "alarm_by": self.alarm_by, "capital": self.capital, "peak": self.peak, "window": self.window,
                 "window_level": self.window_level, "window_p_values": list(self.windows)}

@@ -104,7 +104,7 @@ def fit_guard(net, cal: LabelArrays, calibration: dict, ignore_task: bool) -> Sh
         raise UserError(f"calibration.fallback {calibration['fallback']} is not a grid level {list(cal.levels)}")
     return ShiftGuard.fit(cal.features, cal.n_tokens, net.feature_mean.numpy(), net.feature_std.numpy(),
                           calibration["guard_k"], calibration["guard_p"], calibration["fallback"],
-                          ignore_task=ignore_task)
+                          ignore_task=ignore_task, warmup=calibration.get("guard_warmup", 0))
 
 
 def path_from(target: str | Path, checkpoint_dir: str | Path) -> str:

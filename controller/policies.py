@@ -54,6 +54,11 @@ class Policy:
     def scores(self, features: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def per_request(self) -> "Policy":
+        """The part of this policy that depends on each request alone: what a threshold is calibrated
+        on (a stream monitor's warm-up and alarms depend on a request's place in a stream)."""
+        return self
+
 
 class LearnedPolicy(Policy):
     def __init__(self, net: SafetyNet, name: str = "controller", hide_task: bool = False):

@@ -80,9 +80,9 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
     `edges`: length strata, one threshold per stratum ((): one threshold for the mix of lengths in `cal`)."""
     rec = ckpt.record
     old = ckpt.guard
-    k, p_min, fallback = (old.k, old.p_min, old.fallback) if old is not None else (5, 0.01, 0.0)
+    k, p_min, fallback, warmup = (old.k, old.p_min, old.fallback, old.warmup) if old is not None else (5, 0.01, 0.0, 0)
     guard = ShiftGuard.fit(cal.features, cal.n_tokens, ckpt.net.feature_mean.numpy(), ckpt.net.feature_std.numpy(),
-                           k, p_min if guard_p is None else guard_p, fallback, ignore_task=ignores_task(rec))
+                           k, p_min if guard_p is None else guard_p, fallback, ignore_task=ignores_task(rec), warmup=warmup)
     candidates, tried = _candidates(ckpt, choice), {}
     for name, policy in candidates.items():
         c = calibrate(policy, cal, alpha, delta / len(candidates), edges)

@@ -70,6 +70,7 @@ JOB_CASES = [  # on the demo controller config (committed store)
     ("calibration.alpha=0", "calibration.alpha"),
     ("calibration.delta=.nan", "finite number"),
     ("calibration.guard_p=1", "guard_p"),
+    ("calibration.guard_warmup=-1", "calibration.guard_warmup"),
     ("calibration.fallback=0.42", "not a grid level"),
     ("calibration.decision=magic", "calibration.decision"),
     ("logging.wandb=sometimes", "logging.wandb"),

@@ -32,6 +32,7 @@ RECORD_CASES = [
      "one calibration per length stratum"),
     ("stratum missing a key", lambda r: r["calibration"].update(
         edges=[1000], parts=[dict(r["calibration"]), {"threshold": 0.5}]), "corrupt or incompatible"),
+    ("negative guard warmup", lambda r: r["guard"].__setitem__("warmup", -1), "warmup >= 0"),
 ]
 
 WEIGHT_CASES = [

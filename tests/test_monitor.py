@@ -76,3 +76,48 @@ def test_a_window_of_concentrated_traffic_alarms_and_exchangeable_windows_do_not
         false += m.run(rng.uniform(size=150), rng.normal(size=(150, 4))).any()
         assert len(m.windows) == 3
     assert false == 0
+
+
+def test_warmup_holds_the_first_requests_of_a_stream_at_the_fallback():
+    """Probation: the first `warmup` requests (after a reset too) run at the fallback whatever their
+    p-values; later ones only if the monitor has alarmed."""
+    m = ShiftMonitor(warmup=3)
+    held = m.run(np.full(6, 0.9))
+    assert held.tolist() == [True, True, True, False, False, False] and not m.alarmed
+    assert [m.step(0.9)[1] for _ in range(2)] == [None, None]
+    m.reset()
+    assert m.step(0.9) == (False, 1) and "probation: request 1 of the first 3" in m.probation_reason(1)
+    assert ShiftMonitor().run(np.full(4, 0.9)).tolist() == [False] * 4   # no warm-up by default
+    m = ShiftMonitor(threshold=1.0 + 1e-9, warmup=1)
+    held = m.run(np.array([0.9, 0.0, 0.0, 0.0, 0.9]))
+    assert held[0] and m.alarm_at > 1 and held[m.alarm_at - 1:].all()   # probation, then the alarm holds
+
+
+def test_hook_runs_the_first_requests_of_a_stream_at_the_fallback_on_probation(tiny_lm, tiny_trained):
+    job, _, ckpt, _, _ = tiny_trained
+    sample = build_samples(job.data, tiny_lm.tokenizer)[0]
+    ids = torch.tensor([prompt_ids(tiny_lm.tokenizer, sample, job.data.chat_template)])
+    with attach(tiny_lm, ckpt) as handle:
+        handle.force_level = None
+        tiny_lm.model(input_ids=ids)
+        free = handle.last_decisions[0]
+        handle.monitor = ShiftMonitor(warmup=2)
+        for place in (1, 2):
+            tiny_lm.model(input_ids=ids)
+            d = handle.last_decisions[0]
+            assert d.level == handle.guard.fallback and not d.ood and f"probation: request {place} of the first 2" in d.fallback
+            assert d.p_value is not None
+        tiny_lm.model(input_ids=ids)
+        after = handle.last_decisions[0]
+        assert "probation" not in (after.fallback or "") and after.level == free.level and after.probability == free.probability
+
+
+def test_the_guard_records_its_warmup_and_older_records_have_none(tiny_trained):
+    from controller.export import load_checkpoint
+    from controller.guard import ShiftGuard
+    ck = load_checkpoint(tiny_trained[2])
+    record = ck.guard.to_json()
+    n, levels = ck.guard.reference.shape[1], ck.levels
+    assert ShiftGuard.from_json({**record, "warmup": 7}, n, levels).monitor().warmup == 7
+    older = {k: v for k, v in record.items() if k != "warmup"}
+    assert ShiftGuard.from_json(older, n, levels).warmup == 0 and ck.guard.monitor().warmup == ck.guard.warmup

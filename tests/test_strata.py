@@ -108,3 +108,21 @@ def test_strata_boundaries_are_inclusive_upper_bounds():
 def test_bad_strata_are_refused(strata):
     with pytest.raises(UserError, match="length_strata"):
         CalibrationConfig(length_strata=strata)
+
+
+def test_a_stream_monitors_warm_up_is_not_calibrated_on():
+    """Calibrating a monitored policy certifies its per-request part (the guard): a warm-up covering
+    every calibration request would make them all dense and certify the most aggressive threshold
+    for the traffic after it."""
+    import dataclasses
+
+    from controller.guard import Guarded, Monitored, ShiftGuard
+    rng = np.random.default_rng(5)
+    cal = mixed(600, rng)
+    base = LengthBlind(cal, rng)
+    width = cal.features.shape[1]
+    guard = ShiftGuard.fit(cal.features, cal.n_tokens, np.zeros(width), np.ones(width), p_min=0.0)
+    monitored = Monitored(base, dataclasses.replace(guard, warmup=10 ** 6), LEVELS)
+    assert np.isneginf(monitored.scores(cal.features)[:, 1:]).all()   # the warm-up holds every request dense
+    got, want = calibrate(monitored, cal, 0.05, 0.1), calibrate(Guarded(base, guard, LEVELS), cal, 0.05, 0.1)
+    assert got.passed and got.threshold == want.threshold > min(base.lambdas)
