@@ -259,6 +259,9 @@ def shift_report(ckpt: ControllerCheckpoint, test: LabelArrays) -> dict:
               f"(its martingale peaked at {mon['peak']:.3g} of the {mon['threshold']:g} that would alarm; "
               f"{len(mon['window_p_values'])} windows of {mon['window']} requests tested against the calibration "
               f"requests, smallest p = {min(mon['window_p_values'], default=float('nan')):.2g}).")
+    if mon.get("warmup"):
+        stream += (f" Its first {min(mon['warmup'], mon['seen'])} requests ran at the fallback level on probation "
+                   f"(calibration.guard_warmup = {mon['warmup']}), as every stream's do in the hook.")
     return {"flagged_share": float(flagged.mean()), "median_p_value": float(np.median(p)), "two_sample": two,
             "monitor": mon, "covered": guard.describe(), "words": exchangeability_words(two, float(flagged.mean())) + stream}
 

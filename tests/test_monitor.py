@@ -121,3 +121,16 @@ def test_the_guard_records_its_warmup_and_older_records_have_none(tiny_trained):
     assert ShiftGuard.from_json({**record, "warmup": 7}, n, levels).monitor().warmup == 7
     older = {k: v for k, v in record.items() if k != "warmup"}
     assert ShiftGuard.from_json(older, n, levels).warmup == 0 and ck.guard.monitor().warmup == ck.guard.warmup
+
+
+def test_the_report_says_how_many_requests_ran_on_probation(tiny_trained):
+    from controller.dataset import arrays_from_store
+    from controller.export import load_checkpoint
+    from controller.pipeline import shift_report
+    _, store, ckpt_dir, _, _ = tiny_trained
+    ck = load_checkpoint(ckpt_dir)
+    arrays, _ = arrays_from_store(str(store.root))
+    assert "probation" not in shift_report(ck, arrays)["words"]
+    ck.record["guard"]["warmup"] = 5
+    words = shift_report(ck, arrays)["words"]
+    assert f"Its first {min(5, len(arrays))} requests ran at the fallback level on probation" in words
