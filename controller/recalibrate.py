@@ -123,7 +123,8 @@ def certified_line(r: Recalibrated) -> str:
              f"{threshold_text(c.to_json(), counts=True)}" if c.parts else f"; threshold {c.threshold:.4g}")
     return (f"certified: {what}{where}; {100 * s['violation_rate']:.1f}% unsafe and "
             f"{100 * s['compute_saved']:.1f}% attention compute saved on the calibration requests; requests outside "
-            f"that length range or feature support run at level {r.guard.fallback:g}")
+            f"that length range or feature support run at level {r.guard.fallback:g}"
+            + (f", and so do the first {r.guard.warmup} requests of every stream (warm-up)" if r.guard.warmup else ""))
 
 
 def _check_out(out: Path, checkpoint: Path) -> None:

@@ -134,3 +134,20 @@ def test_the_report_says_how_many_requests_ran_on_probation(tiny_trained):
     ck.record["guard"]["warmup"] = 5
     words = shift_report(ck, arrays)["words"]
     assert f"Its first {min(5, len(arrays))} requests ran at the fallback level on probation" in words
+
+
+def test_recalibration_keeps_the_warmup_and_its_certified_line_names_it(tiny_trained):
+    from controller.dataset import arrays_from_store
+    from controller.export import load_checkpoint
+    from controller.recalibrate import certified_line, recalibrate
+    from data.store import criterion_dict
+    _, store, ckpt_dir, _, _ = tiny_trained
+    ck = load_checkpoint(ckpt_dir)
+    arrays, _ = arrays_from_store(str(store.root))
+    plain = recalibrate(ck, arrays, 0.3, 0.3, criterion_dict(ck.record["criterion"]), {"source": "test"})
+    assert plain.guard.warmup == 0 and "warm-up" not in certified_line(plain)
+    ck.record["guard"]["warmup"] = 7
+    r = recalibrate(ck, arrays, 0.3, 0.3, criterion_dict(ck.record["criterion"]), {"source": "test"})
+    assert r.guard.warmup == 7 and r.record["guard"]["warmup"] == 7
+    line = certified_line(r)
+    assert line.startswith("certified: on traffic") and "first 7 requests of every stream (warm-up)" in line, line
