@@ -175,7 +175,7 @@ class Guarded(Policy):
     def __init__(self, base: Policy, guard: ShiftGuard, levels: np.ndarray, name: str | None = None):
         self.base, self.guard, self.name, self.lambdas = base, guard, name or base.name, base.lambdas
         self.levels = np.asarray(levels)
-        self.fallback_index = int(np.argmin(np.abs(np.asarray(levels) - guard.fallback)))
+        self.fallback_index = int(np.argmin(np.abs(self.levels - guard.fallback)))
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         scores = self.base.scores(features).copy()

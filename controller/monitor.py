@@ -137,6 +137,6 @@ class ShiftMonitor:
                         dtype=bool)
 
     def to_json(self) -> dict:
-        return {"threshold": self.threshold, "jump": self.jump, "warmup": self.warmup, "seen": self.seen, "alarm_at": self.alarm_at,
-                "alarm_by": self.alarm_by, "capital": self.capital, "peak": self.peak, "window": self.window,
+        return {"threshold": self.threshold, "jump": self.jump, "warmup": self.warmup, "seen": self.seen,
+                "alarm_at": self.alarm_at, "alarm_by": self.alarm_by, "capital": self.capital, "peak": self.peak, "window": self.window,
                 "window_level": self.window_level, "window_p_values": list(self.windows)}
