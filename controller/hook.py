@@ -4,8 +4,8 @@ transformers model, inside plain `model(...)` and `model.generate(...)` calls.
 Owns `attach(model, checkpoint)` -> `ControllerHandle` (`detach()` restores the model); each
 request's `Decision` (`controller.decision`, importable from here too). Before anything else, a
 fresh prefill that cannot gain is dispatched dense with no plan at all (it then runs exactly as
-unhooked SDPA: no probe, no decision, no host sync): every row outside the calibrated lengths (dense fallback), or the prompt shorter than the break-even length
-that the benchmark measured for this model on this card (`sparse_kernels.dispatch`); on a model with
+unhooked SDPA: no probe, no decision, no host sync): every row outside the calibrated lengths (dense fallback), or the
+prompt shorter than the break-even length that the benchmark measured for this model on this card (`sparse_kernels.dispatch`); on a model with
 sliding-window layers, from the measured `window_from`, such a prefill gets a plan at level 0 instead
 (those layers over their window only, still no probe and no decision). Otherwise a
 forward pre-hook makes a `SparsePlan` current with no levels
