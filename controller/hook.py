@@ -4,25 +4,25 @@ transformers model, inside plain `model(...)` and `model.generate(...)` calls.
 Owns `attach(model, checkpoint)` -> `ControllerHandle` (`detach()` restores the model); each
 request's `Decision` (`controller.decision`, importable from here too). Before anything else, a
 fresh prefill that cannot gain is dispatched dense with no plan at all (it then runs exactly as
-unhooked SDPA: no probe, no decision, no host sync): every row outside the calibrated lengths (dense fallback), or the
-prompt shorter than the break-even length that the benchmark measured for this model on this card (`sparse_kernels.dispatch`); on a model with
-sliding-window layers, from the measured `window_from`, such a prefill gets a plan at level 0 instead
-(those layers over their window only, still no probe and no decision). Otherwise a
-forward pre-hook makes a `SparsePlan` current with no levels
-yet, and a worker thread starts the token-id statistics; the dense probe layers run and call back;
-after the last probe layer the handle computes each row's features with
-`data.features.compute_features` (THE extractor labeling used), asks the net
-for P(safe), applies the calibrated threshold and sets the row levels, so the later (sparse)
-layers of the same forward run at those levels. A request outside the checkpoint's calibrated
-support (its `ShiftGuard`: length range, conformal p-value of its features) runs at the guard's
-fallback level (dense by default) and its `Decision` says `ood=True` and why. The handle's
-`monitor` (`monitor.ShiftMonitor`) bets on the stream of those p-values and tests every 100
-requests' features against the calibration requests (on its own worker thread): once the traffic as
-a whole stops looking exchangeable with the calibration requests, every later request runs at the
-fallback and says so, until `handle.monitor.reset()` or a recalibrated checkpoint. A row decided at
-a level whose sparse path is slower than dense at this length runs dense and says so. Decode and cached
-continuations stay dense. Any
-failure while deciding a row makes that row dense and is logged, never raised.
+unhooked SDPA: no probe, no decision, no host sync): every row outside the calibrated lengths (dense
+fallback), or the prompt shorter than the break-even length that the benchmark measured for this
+model on this card (`sparse_kernels.dispatch`); on a model with sliding-window layers, from the
+measured `window_from`, such a prefill gets a plan at level 0 instead (those layers over their
+window only, still no probe and no decision). Otherwise a forward pre-hook makes a `SparsePlan`
+current with no levels yet, and a worker thread starts the token-id statistics; the dense probe
+layers run and call back; after the last probe layer the handle computes each row's features with
+`data.features.compute_features` (THE extractor labeling used), asks the net for P(safe), applies
+the calibrated threshold and sets the row levels, so the later (sparse) layers of the same forward
+run at those levels. A request outside the checkpoint's calibrated support (its `ShiftGuard`: length
+range, conformal p-value of its features) runs at the guard's fallback level (dense by default) and
+its `Decision` says `ood=True` and why. The handle's `monitor` (`monitor.ShiftMonitor`) bets on the
+stream of those p-values and tests every 100 requests' features against the calibration requests (on
+its own worker thread): once the traffic as a whole stops looking exchangeable with the calibration
+requests, every later request runs at the fallback and says so, until `handle.monitor.reset()` or a
+recalibrated checkpoint; the first `guard.warmup` requests of a stream run at the fallback too
+(probation), while the monitor watches them. A row decided at a level whose sparse path is slower than dense at this
+length runs dense and says so. Decode and cached continuations stay dense. Any failure while
+deciding a row makes that row dense and is logged, never raised.
 Imports `sparse_kernels`, `data` and `controller` modules below it.
 """
 from __future__ import annotations
