@@ -20,8 +20,8 @@ stream of those p-values and tests every 100 requests' features against the cali
 its own worker thread): once the traffic as a whole stops looking exchangeable with the calibration
 requests, every later request runs at the fallback and says so, until `handle.monitor.reset()` or a
 recalibrated checkpoint; the first `guard.warmup` requests of a stream run at the fallback too
-(probation), while the monitor watches them. A row decided at a level whose sparse path is slower than dense at this
-length runs dense and says so. Decode and cached continuations stay dense. Any failure while
+(probation), while the monitor watches them. A row decided at a level whose sparse path is slower
+than dense at this length runs dense and says so. Decode and cached continuations stay dense. Any failure while
 deciding a row makes that row dense and is logged, never raised.
 Imports `sparse_kernels`, `data` and `controller` modules below it.
 """
