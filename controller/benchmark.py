@@ -81,6 +81,14 @@ def _forcing(handle, level):
         handle.force_level = None
 
 
+def _past_warmup(handle) -> None:
+    """A fresh stream whose requests are all past the warm-up (no probation at the fallback level):
+    the timed decision is the whole one, the controller's net included."""
+    if handle.monitor is not None:
+        handle.monitor.reset()
+        handle.monitor.warmup = 0
+
+
 def _prompt(tokenizer, length: int, vocab: int, device) -> torch.Tensor:
     """A real niah prompt up to 8K (the calibrated traffic); random token ids beyond (timing only)."""
     if length > 8000:
@@ -117,7 +125,8 @@ def _forced_round(lm, ckpt, ids, levels, samples: _Samples) -> None:
     """One round at one length: dense; each level forced with the hook detached (a plan set before
     the forward: no probe, no decision); each level forced through the hook with probes and the
     decision. The monitor is reset before each measurement, so no window test (once per 100
-    requests, on a worker thread) runs during the timing."""
+    requests, on a worker thread) runs during the timing, and its warm-up is off (`_past_warmup`):
+    every timed request goes through the controller's net, as a request after the warm-up does."""
     from controller.hook import attach
     from sparse_kernels import SparsePlan, disable_sparse_attention, enable_sparse_attention, sliding_window_of, use_plan
     n, call = int(ids.shape[1]), lambda: lm.model(input_ids=ids, logits_to_keep=1)  # noqa: E731
@@ -125,8 +134,7 @@ def _forced_round(lm, ckpt, ids, levels, samples: _Samples) -> None:
     with attach(lm, ckpt, break_even=None) as handle:
         sparse = (handle.selection, handle.dense_layers, handle.backend, handle.probe_layers, handle.probe_window)
         for level in levels:
-            if handle.monitor is not None:
-                handle.monitor.reset()
+            _past_warmup(handle)
             handle.force_level = level
             samples.add(("decision", level), _measure(call, n))
             samples.setdefault(("achieved", level), handle.last_decisions[0].achieved_sparsity)
@@ -155,9 +163,22 @@ def _window_rows(n: int, s: _Samples) -> list[dict]:
              "speedup": round(s.ms("dense") / s.ms(("forced", 0.0)), 3), "peak_mib": round(s.peak(("forced", 0.0)), 1)}]
 
 
-def _forced_rows(n: int, levels, s: _Samples) -> list[dict]:
+def _text_statistics_ms(ids: torch.Tensor) -> float:
+    """Median host time of the token-id statistics of one row (the hook runs them on a worker
+    thread while the probe layers run; the decision waits for whichever finishes last)."""
+    from data.features import text_statistics
+    row = ids[0].cpu().numpy()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        text_statistics(row)
+        times.append(time.perf_counter() - start)
+    return round(1e3 * float(np.median(times)), 3)
+
+
+def _forced_rows(n: int, levels, s: _Samples, text_ms: float | None = None) -> list[dict]:
     dense = s.ms("dense")
-    rows = [_row(n, "dense", None, dense, s.peak("dense"), dense)]
+    rows = [_row(n, "dense", None, dense, s.peak("dense"), dense, text_statistics_ms=text_ms)]
     for level in levels:
         ms, ms_dec = s.ms(("forced", level)), s.ms(("decision", level))
         rows.append(_row(n, "forced", level, ms, s.peak(("forced", level)), dense, ms_with_decision=round(ms_dec, 3),
@@ -177,8 +198,7 @@ def _hooked_rows(lm, handle, ids) -> list[dict]:
     modes = {"dense": (call, handle.detached), "probed": (call, lambda: _forcing(handle, 0.0)),
              "own": (call, contextlib.nullcontext)}   # own last: `last_decisions` are its
     for _ in range(ROUNDS):
-        if handle.monitor is not None:
-            handle.monitor.reset()
+        _past_warmup(handle)
         for key, measured in _measure_alternating(modes, n).items():
             s.add(key, measured)
     d, dense = handle.last_decisions[0], s.ms("dense")
@@ -212,7 +232,7 @@ def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, devi
         samples = _Samples()
         for _ in range(ROUNDS):
             _forced_round(lm, ckpt, ids, levels, samples)
-        rows += _forced_rows(int(ids.shape[1]), levels, samples)
+        rows += _forced_rows(int(ids.shape[1]), levels, samples, _text_statistics_ms(ids))
         window += _window_rows(int(ids.shape[1]), samples)
         if progress is not None:
             progress(rows)

@@ -7,7 +7,11 @@ stops there), computing the features with `features.compute_features` (the funct
 the hook use), and rewriting the shards with the new feature columns. The new shards are written
 into a temporary folder and swapped in with the metadata, so a crash leaves the old store intact.
 
-  python -m data.backfill --store data/labels/smollm2-135m/v1 [--device cpu] [--dtype bfloat16]
+  python -m data.backfill --store data/labels/smollm2-135m/v1 [--device cpu] [--dtype bfloat16] [--text-only]
+
+`--text-only` (a change of the token-id statistics' definition alone): no forward at all; the
+stored probe statistics are kept and only `features.text_statistics` is recomputed from the
+regenerated prompt (the unchanged statistics must come back equal: that checks the regeneration).
 
 The metadata records the backfill (device, dtype, versions, how far the recomputed old features
 are from the stored ones). Owns `backfill_store`. Imports `sparse_kernels` and lower `data`
@@ -25,12 +29,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import transformers
 
 from sparse_kernels import SparsePlan, enable_sparse_attention, use_plan
 
 from .config import DataConfig, SparseConfig, from_dict
 from .errors import ArgumentParser, UserError
-from .features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features
+from .features import FEATURE_NAMES, FEATURE_VERSION, TEXT_STATS, ProbeCollector, compute_features, text_statistics
 from .labeling import plan_samples, realize
 from .models import load_model, same_weights
 from .store import LabelStore, write_json_atomic
@@ -73,8 +78,19 @@ def _samples_of(meta: dict, ids: set[str], tokenizer) -> dict:
     return {p.sample_id: p for p in plan}
 
 
-def backfill_store(root: str, device: str = "cpu", dtype: str | None = None, log=print) -> dict:
-    """Recompute every request's features; returns the backfill record written into meta.json."""
+def _text_only_features(stored, ids: list[int]) -> dict[str, float]:
+    """The stored features with the token-id statistics recomputed (no forward)."""
+    feats = {name: float(stored[f"f_{name}"]) for name in FEATURE_NAMES if f"f_{name}" in stored.index}
+    missing = sorted(set(FEATURE_NAMES) - set(feats) - set(TEXT_STATS))
+    if missing:
+        raise UserError(f"--text-only keeps the stored features, but the store has no column f_{missing[0]}; "
+                        "run the backfill without --text-only")
+    return {**feats, **text_statistics(ids)}
+
+
+def backfill_store(root: str, device: str = "cpu", dtype: str | None = None, log=print, text_only: bool = False) -> dict:
+    """Recompute every request's features (`text_only`: the token-id statistics only, from the
+    stored probe statistics); returns the backfill record written into meta.json."""
     store = LabelStore(root)
     meta = store.meta()
     table = store.table()
@@ -95,14 +111,21 @@ def backfill_store(root: str, device: str = "cpu", dtype: str | None = None, log
         ids = prompt_ids(lm.tokenizer, sample, meta["identity"]["data"]["chat_template"])
         if len(ids) != int(first.loc[sid, "n_tokens"]):
             raise UserError(f"{root}: request {sid} regenerates to {len(ids)} tokens, stored {first.loc[sid, 'n_tokens']}")
-        features[sid] = probe_features(lm, sparse, ids, sample.task)
-        old = [c for c in first.columns if c.startswith("f_") and c[2:] in features[sid]]
+        features[sid] = (_text_only_features(first.loc[sid], ids) if text_only
+                         else probe_features(lm, sparse, ids, sample.task))
+        old = [c for c in first.columns if c.startswith("f_") and c[2:] in features[sid]
+               and not (text_only and c == "f_compression_ratio")]
         old_diff.append(max(abs(features[sid][c[2:]] - float(first.loc[sid, c])) for c in old) if old else 0.0)
+        if text_only and old_diff[-1] > 1e-9:   # the kept probe statistics would belong to another prompt
+            raise UserError(f"{root}: request {sid} regenerates to other token ids than were labeled "
+                            f"(a token-id statistic moved by {old_diff[-1]:.3g}); run the backfill without --text-only")
         if (i + 1) % 100 == 0:
             log(f"backfill: {i + 1}/{len(first)} requests")
     record = {"feature_version": FEATURE_VERSION, "device": device, "dtype": dtype, "requests": len(features),
+              "recomputed": "token-id statistics only" if text_only else "every feature",
               "max_abs_diff_of_recomputed_old_features": {"median": float(np.median(old_diff)), "max": float(np.max(old_diff))},
-              "torch": torch.__version__, "finished": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+              "torch": torch.__version__, "transformers": transformers.__version__,   # the tokenizer regenerated the prompts
+              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     _rewrite(store, meta, features, record)
     return record
 
@@ -134,9 +157,11 @@ def main(argv=None) -> int:
     p.add_argument("--store", required=True)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", help="default: the dtype the store was labeled in")
+    p.add_argument("--text-only", action="store_true",
+                   help="recompute only the token-id statistics and keep the stored probe statistics (no forward)")
     args = p.parse_args(argv)
     try:
-        record = backfill_store(args.store, args.device, args.dtype)
+        record = backfill_store(args.store, args.device, args.dtype, text_only=args.text_only)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ import math
 import torch
 
 from .select import (METHODS, SelectionSpec, causal_block_mask, first_valid_block, forced_block_mask, group_scores,
-                     kept_block_counts, last_query_attention, num_blocks, sum_key_blocks)
+                     kept_block_counts, last_query_attention, masked_softmax, num_blocks, sum_key_blocks)
 
 TOP_FRACTIONS = (0.05, 0.1, 0.2)
 RECALL_LEVELS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
@@ -99,17 +99,22 @@ def _sample_plan(n: int, block_size: int, count: int, per_block: int, device: to
             _to_device(owner, torch.long, device), _to_device(per, torch.float32, device))
 
 
-def sampled_block_mass(q, k, plan, block_size: int, scale: float, key_valid=None) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def _probe_rows(n: int, window: int, block_size: int, count: int, per_block: int, device: torch.device):
+    """(the last `window` query positions [w], those followed by the sampled queries of `_sample_plan`
+    [w + R]) on `device`, once per shape: the probe attends from all of them in one pass."""
+    last = torch.arange(n - min(window, n), n, device=device)
+    return last, torch.cat([last, _sample_plan(n, block_size, count, per_block, device)[1]])
+
+
+def sampled_block_mass(q, k, plan, block_size: int, scale: float, key_valid=None, probs=None) -> torch.Tensor:
     """[B, Hq, S, nk]: for each sampled query block of `plan` (`_sample_plan`), the attention mass its
-    sampled queries put on each key block (softmax over causal, valid keys; mean over those queries)."""
-    n = q.shape[2]
+    sampled queries put on each key block (softmax over causal, valid keys; mean over those queries).
+    `probs` [B, Hq, R, N]: those queries' attention, when the caller computed it already."""
     blocks, pos, owner, per = plan
-    logits = group_scores(q[:, :, pos].float(), k.float()) * scale            # [B, Hq, R, N]
-    allowed = (torch.arange(n, device=q.device)[None, :] <= pos[:, None])[None, None]
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :]
-    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-    per_row = sum_key_blocks(probs, block_size)                               # [B, Hq, R, nk]
+    if probs is None:
+        probs = masked_softmax(group_scores(q[:, :, pos].float(), k.float()).mul_(scale), pos, key_valid)
+    per_row = sum_key_blocks(probs, block_size)                                 # [B, Hq, R, nk]
     sums = torch.zeros(*per_row.shape[:2], blocks.shape[0], per_row.shape[-1], device=q.device)
     sums.index_add_(2, owner, per_row)
     return sums / per[None, None, :, None]
@@ -137,7 +142,7 @@ def _ranked_blocks(q, k, blocks: torch.Tensor, forced: torch.Tensor, not_causal:
                    scale: float, key_valid):
     """Key blocks of each sampled query block in the order the selection takes them (forced first,
     then by score, non-causal last): [B, Hq, S, nk]."""
-    scores = METHODS[spec.method](q, k, spec, scale, key_valid)[:, :, blocks].float()
+    scores = METHODS[spec.method](q, k, spec, scale, key_valid, query_blocks=blocks).float()
     lowest = torch.finfo(torch.float32).min
     s = torch.nan_to_num(scores, nan=lowest, neginf=lowest)
     s = s.masked_fill(not_causal, float("-inf"))
@@ -147,11 +152,12 @@ def _ranked_blocks(q, k, blocks: torch.Tensor, forced: torch.Tensor, not_causal:
 
 @torch.no_grad()
 def mass_recall(q: torch.Tensor, k: torch.Tensor, scale: float, spec: SelectionSpec, key_valid=None,
-                levels=RECALL_LEVELS, sampled: int = SAMPLED_BLOCKS) -> dict[str, torch.Tensor]:
+                levels=RECALL_LEVELS, sampled: int = SAMPLED_BLOCKS, probs=None) -> dict[str, torch.Tensor]:
     """{recall{level}_mean, recall{level}_min: [B]}: the share of the true attention mass at the
     sampled query blocks that `spec`'s selection keeps at each level (head mean; mean / min over
     the sampled blocks). The blocks are scored and ranked once; a level keeps the first
-    `kept_block_counts` of them, so every level costs one gather."""
+    `kept_block_counts` of them, so every level costs one gather. `probs`: the sampled queries'
+    attention, if computed already (see `sampled_block_mass`)."""
     b, _, n, _ = q.shape
     levels = tuple(levels)
     plan = _sample_plan(n, spec.block_size, sampled, QUERIES_PER_BLOCK, q.device)
@@ -162,7 +168,7 @@ def mass_recall(q: torch.Tensor, k: torch.Tensor, scale: float, spec: SelectionS
     else:
         sink = first_valid_block(key_valid, b, spec.block_size, q.device)
         forced, not_causal, counts = _masks_and_counts(num_blocks(n, spec.block_size), spec, blocks, sink, levels)
-    mass = sampled_block_mass(q, k, plan, spec.block_size, scale, key_valid)        # [B, Hq, S, nk]
+    mass = sampled_block_mass(q, k, plan, spec.block_size, scale, key_valid, probs)   # [B, Hq, S, nk]
     order = _ranked_blocks(q, k, blocks, forced, not_causal, spec, scale, key_valid)
     covered = mass.gather(-1, order).cumsum(-1) / mass.sum(-1, keepdim=True).clamp_min(1e-30)
     idx = (counts - 1).clamp_min(0)[:, :, None, :, None].expand(-1, -1, covered.shape[1], -1, 1)
@@ -178,8 +184,12 @@ def attention_probe(q: torch.Tensor, k: torch.Tensor, scale: float, window: int 
                     block_size: int = 64, key_valid: torch.Tensor | None = None,
                     selection: SelectionSpec | None = None) -> dict[str, torch.Tensor]:
     """q [B, Hq, N, D], k [B, Hkv, N, D] -> {stat name: [B] float32} (names in PROBE_STATS);
-    `selection` (default: block_topk at `block_size`) is the selection whose mass recall is measured."""
-    probs, pos = last_query_attention(q, k, window, scale, key_valid)
+    `selection` (default: block_topk at `block_size`) is the selection whose mass recall is measured.
+    The last `window` queries and the sampled ones of the mass recall attend in one pass."""
+    selection = selection or SelectionSpec(block_size=block_size)
+    pos, rows = _probe_rows(q.shape[2], window, selection.block_size, SAMPLED_BLOCKS, QUERIES_PER_BLOCK, q.device)
+    every = masked_softmax(group_scores(q[:, :, rows].float(), k.float()).mul_(scale), rows, key_valid)
+    probs = every[:, :, :pos.shape[0]]
     n_visible = _visible_keys(pos, key_valid, q.shape[0])[:, None, :]  # [B, 1, w]
     ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / n_visible.log()  # [B, H, w]
     per_head = torch.stack([ent, *_top_block_masses(probs, block_size, TOP_FRACTIONS)]).mean(-1)   # [1 + F, B, H]
@@ -187,5 +197,5 @@ def attention_probe(q: torch.Tensor, k: torch.Tensor, scale: float, window: int 
     out = {}
     for name, mean, low in zip(names, per_head.mean(2).unbind(0), per_head.amin(2).unbind(0)):   # [B] each
         out[f"{name}_mean"], out[f"{name}_min"] = mean, low
-    out.update(mass_recall(q, k, scale, selection or SelectionSpec(block_size=block_size), key_valid))
+    out.update(mass_recall(q, k, scale, selection, key_valid, probs=every[:, :, pos.shape[0]:]))
     return out

@@ -149,9 +149,12 @@ def group_scores(q_rows: torch.Tensor, k_rows: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("block_topk")
-def block_topk_scores(q, k, spec: SelectionSpec, scale: float, key_valid=None) -> torch.Tensor:
-    """Mean-pooled Q block . mean-pooled K block per head (The Sparse Frontier's Block-Sparse)."""
+def block_topk_scores(q, k, spec: SelectionSpec, scale: float, key_valid=None, query_blocks=None) -> torch.Tensor:
+    """Mean-pooled Q block . mean-pooled K block per head (The Sparse Frontier's Block-Sparse):
+    [B, Hq, nq, nk], or only the rows of `query_blocks` [S] (the probes score a few blocks)."""
     qp = pool_blocks(q, spec.block_size, None)
+    if query_blocks is not None:
+        qp = qp[:, :, query_blocks]
     kp = pool_blocks(k, spec.block_size, key_valid)
     scores = group_scores(qp, kp) * scale
     if key_valid is not None:
@@ -167,26 +170,33 @@ def last_query_attention(q, k, window: int, scale: float, key_valid=None):
     n = q.shape[2]
     w = min(window, n)
     pos = torch.arange(n - w, n, device=q.device)
-    logits = group_scores(q[:, :, n - w:].float(), k.float()) * scale
-    allowed = (torch.arange(n, device=q.device)[None, :] <= pos[:, None])[None, None]
+    logits = group_scores(q[:, :, n - w:].float(), k.float()).mul_(scale)
+    return masked_softmax(logits, pos, key_valid), pos
+
+
+def masked_softmax(logits: torch.Tensor, pos: torch.Tensor, key_valid=None) -> torch.Tensor:
+    """Softmax of logits [B, H, R, N] of the queries at positions `pos` [R] over their causal, valid
+    keys; a row with no such key gives zeros (only padding can do that: key 0 is causal to all)."""
+    allowed = (torch.arange(logits.shape[-1], device=logits.device)[None, :] <= pos[:, None])[None, None]
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :]
-    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-    return probs, pos
+    probs = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
+    return probs if key_valid is None else probs.nan_to_num_(0.0)
 
 
 def sum_key_blocks(probs: torch.Tensor, block_size: int) -> torch.Tensor:
     """[..., N] -> [..., nb]: sum over each key block."""
     n = probs.shape[-1]
     nb = num_blocks(n, block_size)
-    padded = torch.nn.functional.pad(probs, (0, nb * block_size - n))
+    padded = torch.nn.functional.pad(probs, (0, nb * block_size - n)) if n % block_size else probs
     return padded.view(*probs.shape[:-1], nb, block_size).sum(-1)
 
 
 @register_method("vertical_slash")
-def vertical_slash_scores(q, k, spec: SelectionSpec, scale: float, key_valid=None) -> torch.Tensor:
+def vertical_slash_scores(q, k, spec: SelectionSpec, scale: float, key_valid=None, query_blocks=None) -> torch.Tensor:
     """MInference-style: the last queries' attention mass per key block (vertical) plus per
-    block diagonal (slash); score[i, j] = vertical[j] + slash[i - j]."""
+    block diagonal (slash); score[i, j] = vertical[j] + slash[i - j]; rows i of `query_blocks` only
+    when given."""
     b, hq, n, _ = q.shape
     bs = spec.block_size
     nb = num_blocks(n, bs)
@@ -198,8 +208,9 @@ def vertical_slash_scores(q, k, spec: SelectionSpec, scale: float, key_valid=Non
     slash = torch.zeros(b, hq, nb, device=q.device)
     slash.scatter_add_(-1, offset.clamp_min(0).reshape(1, 1, -1).expand(b, hq, -1),
                        (probs * (offset >= 0)).reshape(b, hq, -1))
-    diag = (ar[:, None] - ar[None, :]).clamp_min(0).reshape(1, 1, -1).expand(b, hq, -1)
-    return vertical[:, :, None, :] + slash.gather(-1, diag).view(b, hq, nb, nb)
+    rows = ar if query_blocks is None else query_blocks
+    diag = (rows[:, None] - ar[None, :]).clamp_min(0).reshape(1, 1, -1).expand(b, hq, -1)
+    return vertical[:, :, None, :] + slash.gather(-1, diag).view(b, hq, rows.shape[0], nb)
 
 
 def density_on(density: torch.Tensor, device: torch.device) -> torch.Tensor:

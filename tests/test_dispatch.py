@@ -198,6 +198,7 @@ def test_benchmark_end_to_end_rows_and_break_even_on_the_tiny_model(tiny_trained
         assert ("ms_no_graphs" in r) == (r["level"] == 0.9) and r.get("ms_no_graphs", 1) > 0
         assert ("ms_with_probes" in r) == (r["level"] == 0.9) and r.get("ms_with_probes", 1) > 0
     assert set(record) >= {"model", "model_id", "levels", "source", "rule"}
+    assert [r for r in rows if r["mode"] == "dense"][0]["text_statistics_ms"] > 0
     assert e2e_table(rows).count("\n") == len(rows) + 1
 
 
