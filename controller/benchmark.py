@@ -8,7 +8,8 @@ with SDPA; `forced`: a level set before the forward, no probe and no decision, w
 `ms_with_decision` = the same level forced through the hook with probes and decision, whose
 difference is the decision's true overhead (and at level 0.9 `ms_no_graphs`, the same plan with
 the sparse step's CUDA graphs off, and `ms_with_probes`, the same plan computing the probe statistics
-with no decision: the overhead's probe part); `hook_dense`: the hook's own path for a request it
+with no decision: the overhead's probe part; `decision_fallback`: None when the net decided, as it
+does past the stream's warm-up); `hook_dense`: the hook's own path for a request it
 runs dense; `decided`: the controller's own decision; these two alternate call by call with dense), level, ms, ms_dense (same run), speedup,
 peak_mib; and the break-even table those forced rows give (`sparse_kernels.dispatch`), which
 `attach` reads for this model on this card. And the command line. The kernel part is
@@ -138,6 +139,7 @@ def _forced_round(lm, ckpt, ids, levels, samples: _Samples) -> None:
             handle.force_level = level
             samples.add(("decision", level), _measure(call, n))
             samples.setdefault(("achieved", level), handle.last_decisions[0].achieved_sparsity)
+            samples.setdefault(("fallback", level), handle.last_decisions[0].fallback)   # None: the net decided
     previous = enable_sparse_attention(lm.model)
     try:
         for level in ([0.0] if sliding_window_of(lm.model) is not None else []) + list(levels):   # 0: the window path
@@ -183,7 +185,7 @@ def _forced_rows(n: int, levels, s: _Samples, text_ms: float | None = None) -> l
         ms, ms_dec = s.ms(("forced", level)), s.ms(("decision", level))
         rows.append(_row(n, "forced", level, ms, s.peak(("forced", level)), dense, ms_with_decision=round(ms_dec, 3),
                          decision_overhead_ms=round(ms_dec - ms, 3), decision_overhead_share=round((ms_dec - ms) / dense, 4),
-                         achieved_sparsity=round(s[("achieved", level)], 4),
+                         achieved_sparsity=round(s[("achieved", level)], 4), decision_fallback=s[("fallback", level)],
                          **({"ms_no_graphs": round(s.ms(("forced_no_graphs", level)), 3),
                              "ms_with_probes": round(s.ms(("forced_probed", level)), 3)}
                             if ("forced_no_graphs", level) in s else {})))

@@ -178,10 +178,20 @@ def test_levels_slower_than_dense_at_the_length_are_vetoed(tiny_lm, tiny_trained
             assert "runs slower than dense below 1000000 tokens" in b.fallback and b.probability == a.probability
 
 
-def test_benchmark_end_to_end_rows_and_break_even_on_the_tiny_model(tiny_trained):
-    """The end-to-end rows' mechanics on CPU (timings there mean nothing; they are taken on the GPU)."""
+def test_benchmark_end_to_end_rows_and_break_even_on_the_tiny_model(tiny_trained, tmp_path):
+    """The end-to-end rows' mechanics on CPU (timings there mean nothing; they are taken on the GPU).
+    The checkpoint's stream warm-up is longer than the whole run: the benchmark must still time
+    decisions past it (the controller's net deciding), not requests on probation."""
+    import shutil
+
     from controller.benchmark import bench_end_to_end, e2e_table
-    _, _, ckpt, _, _ = tiny_trained
+    from controller.export import RECORD_FILE
+    _, _, trained, _, _ = tiny_trained
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained, ckpt)
+    record = json.loads((ckpt / RECORD_FILE).read_text())
+    record["guard"]["warmup"] = 10**6
+    (ckpt / RECORD_FILE).write_text(json.dumps(record))
     seen = []
     rows, record = bench_end_to_end(str(ckpt), "tiny-random-llama", lengths=(300,), device="cpu", dtype="float32",
                                     progress=lambda so_far: seen.append(list(so_far)))
@@ -199,6 +209,8 @@ def test_benchmark_end_to_end_rows_and_break_even_on_the_tiny_model(tiny_trained
         assert ("ms_with_probes" in r) == (r["level"] == 0.9) and r.get("ms_with_probes", 1) > 0
     assert set(record) >= {"model", "model_id", "levels", "source", "rule"}
     assert [r for r in rows if r["mode"] == "dense"][0]["text_statistics_ms"] > 0
+    for r in forced:   # the timed decision ran past the warm-up: the net decided (the level is then forced)
+        assert r["decision_fallback"] is None, r["decision_fallback"]
     assert e2e_table(rows).count("\n") == len(rows) + 1
 
 
