@@ -8,7 +8,8 @@ with SDPA; `forced`: a level set before the forward, no probe and no decision, w
 `ms_with_decision` = the same level forced through the hook with probes and decision, whose
 difference is the decision's true overhead (and at level 0.9 `ms_no_graphs`, the same plan with
 the sparse step's CUDA graphs off, and `ms_with_probes`, the same plan computing the probe statistics
-with no decision: the overhead's probe part; `decision_fallback`: None when the net decided, as it
+with no decision: the overhead's probe part, `ms_with_probes_fused` the same through the Triton probe
+kernel; `decision_fallback`: None when the net decided, as it
 does past the stream's warm-up); `hook_dense`: the hook's own path for a request it
 runs dense; `decided`: the controller's own decision; these two alternate call by call with dense), level, ms, ms_dense (same run), speedup,
 peak_mib; and the break-even table those forced rows give (`sparse_kernels.dispatch`), which
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import sys
 import time
@@ -33,7 +35,8 @@ E2E_LENGTHS = (2048, 8000, 16384, 32768, 65536, 131072)
 REQUIRED_FORCED = (0.8, 0.9, 0.95)
 NO_GRAPHS_LEVEL = 0.9   # also timed with the sparse step's CUDA graphs off (`ms_no_graphs`): their A/B, and with
 # the probes computed but no decision (`ms_with_probes`): the decision's overhead split into probes and waiting
-VARIANTS = {"forced": (True, False), "forced_no_graphs": (False, False), "forced_probed": (True, True)}  # graphs, probes
+VARIANTS = {"forced": (True, False, False), "forced_no_graphs": (False, False, False),   # graphs, probes, fused probe
+            "forced_probed": (True, True, False), "forced_probed_fused": (True, True, True)}
 
 
 ROUNDS = 3   # every mode is measured once per round, rounds interleaved with dense (the host's speed drifts)
@@ -80,6 +83,28 @@ def _forcing(handle, level):
         yield
     finally:
         handle.force_level = None
+
+
+def _variants(level: float, device: torch.device) -> tuple[str, ...]:
+    """The plan variants timed at `level`: all of `VARIANTS` at `NO_GRAPHS_LEVEL` (the fused probe
+    only on CUDA: the CPU interpreter is no benchmark), else the plain forced plan."""
+    if level != NO_GRAPHS_LEVEL:
+        return ("forced",)
+    return tuple(v for v in VARIANTS if v != "forced_probed_fused" or device.type == "cuda")
+
+
+@contextlib.contextmanager
+def _fused_probe(on: bool):
+    """The probe through the Triton kernel (`sparse_kernels.triton_probe`, opt-in) or plain torch."""
+    previous = os.environ.get("SPARSE_FUSED_PROBE")
+    os.environ["SPARSE_FUSED_PROBE"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["SPARSE_FUSED_PROBE"]
+        else:
+            os.environ["SPARSE_FUSED_PROBE"] = previous
 
 
 def _past_warmup(handle) -> None:
@@ -143,10 +168,10 @@ def _forced_round(lm, ckpt, ids, levels, samples: _Samples) -> None:
     previous = enable_sparse_attention(lm.model)
     try:
         for level in ([0.0] if sliding_window_of(lm.model) is not None else []) + list(levels):   # 0: the window path
-            for variant in VARIANTS if level == NO_GRAPHS_LEVEL else ("forced",):
-                graphs, probes = VARIANTS[variant]
+            for variant in _variants(level, ids.device):
+                graphs, probes, fused = VARIANTS[variant]
                 def forced():
-                    with use_plan(SparsePlan(levels=torch.full((1,), level, dtype=torch.float64), selection=sparse[0],
+                    with _fused_probe(fused), use_plan(SparsePlan(levels=torch.full((1,), level, dtype=torch.float64), selection=sparse[0],
                                              dense_layers=sparse[1], backend=sparse[2], cuda_graphs=graphs,
                                              probe_layers=sparse[3] if probes else frozenset(), probe_window=sparse[4],
                                              on_probe=(lambda layer, stats: None) if probes else None)):
@@ -188,7 +213,9 @@ def _forced_rows(n: int, levels, s: _Samples, text_ms: float | None = None) -> l
                          achieved_sparsity=round(s[("achieved", level)], 4), decision_fallback=s[("fallback", level)],
                          **({"ms_no_graphs": round(s.ms(("forced_no_graphs", level)), 3),
                              "ms_with_probes": round(s.ms(("forced_probed", level)), 3)}
-                            if ("forced_no_graphs", level) in s else {})))
+                            if ("forced_no_graphs", level) in s else {}),
+                         **({"ms_with_probes_fused": round(s.ms(("forced_probed_fused", level)), 3)}
+                            if ("forced_probed_fused", level) in s else {})))
     return rows
 
 

@@ -15,8 +15,9 @@ import math
 
 import torch
 
+from . import triton_probe
 from .select import (METHODS, SelectionSpec, causal_block_mask, first_valid_block, forced_block_mask, group_scores,
-                     kept_block_counts, last_query_attention, masked_softmax, num_blocks, sum_key_blocks)
+                     kept_block_counts, masked_softmax, num_blocks, sum_key_blocks)
 
 TOP_FRACTIONS = (0.05, 0.1, 0.2)
 RECALL_LEVELS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
@@ -27,10 +28,9 @@ PROBE_STATS = ("entropy_mean", "entropy_min",
                *(f"recall{round(lv * 100)}_{p}" for lv in RECALL_LEVELS for p in ("mean", "min")))
 
 
-def _top_block_masses(probs, block_size, fractions) -> list[torch.Tensor]:
-    """Per fraction f, the attention mass of the top ceil(f * nk) key blocks: [B, H, w] each. One
-    block sum and one top-k at the largest fraction serve every fraction (a prefix of its values)."""
-    blocks = sum_key_blocks(probs, block_size)
+def _top_block_masses(blocks, fractions) -> list[torch.Tensor]:
+    """Per fraction f, the attention mass of the top ceil(f * nk) key blocks of `blocks` [B, H, w, nk]
+    (mass per key block): [B, H, w] each. One top-k at the largest fraction serves every fraction."""
     ks = [max(1, math.ceil(f * blocks.shape[-1])) for f in fractions]
     top = blocks.topk(max(ks), dim=-1).values   # sorted, largest first: top-k's values are its prefix
     return [top[..., :k].sum(-1) for k in ks]
@@ -107,14 +107,26 @@ def _probe_rows(n: int, window: int, block_size: int, count: int, per_block: int
     return last, torch.cat([last, _sample_plan(n, block_size, count, per_block, device)[1]])
 
 
-def sampled_block_mass(q, k, plan, block_size: int, scale: float, key_valid=None, probs=None) -> torch.Tensor:
+def probe_attention(q, k, pos: torch.Tensor, scale: float, key_valid, block_size: int, entropy_rows: int):
+    """(attention mass per key block [B, Hq, R, nk], entropy in nats [B, Hq, entropy_rows] of the first
+    `entropy_rows` queries) of the queries at positions `pos` [R] over their causal, valid keys. THE
+    place that picks the path: the Triton kernel (`triton_probe`: unpadded rows, no logits held) or
+    plain torch (a float32 [B, Hq, R, N] softmax)."""
+    if key_valid is None and triton_probe.fused_probe_enabled(q.device) and triton_probe.supports(q, block_size):
+        mass, entropy = triton_probe.combine_block_stats(*triton_probe.probe_block_stats(q, k, pos, scale, block_size))
+        return mass, entropy[:, :, :entropy_rows]
+    probs = masked_softmax(group_scores(q[:, :, pos].float(), k.float()).mul_(scale), pos, key_valid)
+    head = probs[:, :, :entropy_rows]
+    return sum_key_blocks(probs, block_size), -(head * head.clamp_min(1e-30).log()).sum(-1)
+
+
+def sampled_block_mass(q, k, plan, block_size: int, scale: float, key_valid=None, per_row=None) -> torch.Tensor:
     """[B, Hq, S, nk]: for each sampled query block of `plan` (`_sample_plan`), the attention mass its
     sampled queries put on each key block (softmax over causal, valid keys; mean over those queries).
-    `probs` [B, Hq, R, N]: those queries' attention, when the caller computed it already."""
+    `per_row` [B, Hq, R, nk]: those queries' mass per key block, when the caller computed it already."""
     blocks, pos, owner, per = plan
-    if probs is None:
-        probs = masked_softmax(group_scores(q[:, :, pos].float(), k.float()).mul_(scale), pos, key_valid)
-    per_row = sum_key_blocks(probs, block_size)                                 # [B, Hq, R, nk]
+    if per_row is None:
+        per_row = probe_attention(q, k, pos, scale, key_valid, block_size, 0)[0]     # [B, Hq, R, nk]
     sums = torch.zeros(*per_row.shape[:2], blocks.shape[0], per_row.shape[-1], device=q.device)
     sums.index_add_(2, owner, per_row)
     return sums / per[None, None, :, None]
@@ -152,12 +164,12 @@ def _ranked_blocks(q, k, blocks: torch.Tensor, forced: torch.Tensor, not_causal:
 
 @torch.no_grad()
 def mass_recall(q: torch.Tensor, k: torch.Tensor, scale: float, spec: SelectionSpec, key_valid=None,
-                levels=RECALL_LEVELS, sampled: int = SAMPLED_BLOCKS, probs=None) -> dict[str, torch.Tensor]:
+                levels=RECALL_LEVELS, sampled: int = SAMPLED_BLOCKS, block_mass=None) -> dict[str, torch.Tensor]:
     """{recall{level}_mean, recall{level}_min: [B]}: the share of the true attention mass at the
     sampled query blocks that `spec`'s selection keeps at each level (head mean; mean / min over
     the sampled blocks). The blocks are scored and ranked once; a level keeps the first
-    `kept_block_counts` of them, so every level costs one gather. `probs`: the sampled queries'
-    attention, if computed already (see `sampled_block_mass`)."""
+    `kept_block_counts` of them, so every level costs one gather. `block_mass`: the sampled queries'
+    mass per key block, if computed already (see `sampled_block_mass`)."""
     b, _, n, _ = q.shape
     levels = tuple(levels)
     plan = _sample_plan(n, spec.block_size, sampled, QUERIES_PER_BLOCK, q.device)
@@ -168,7 +180,7 @@ def mass_recall(q: torch.Tensor, k: torch.Tensor, scale: float, spec: SelectionS
     else:
         sink = first_valid_block(key_valid, b, spec.block_size, q.device)
         forced, not_causal, counts = _masks_and_counts(num_blocks(n, spec.block_size), spec, blocks, sink, levels)
-    mass = sampled_block_mass(q, k, plan, spec.block_size, scale, key_valid, probs)   # [B, Hq, S, nk]
+    mass = sampled_block_mass(q, k, plan, spec.block_size, scale, key_valid, block_mass)   # [B, Hq, S, nk]
     order = _ranked_blocks(q, k, blocks, forced, not_causal, spec, scale, key_valid)
     covered = mass.gather(-1, order).cumsum(-1) / mass.sum(-1, keepdim=True).clamp_min(1e-30)
     idx = (counts - 1).clamp_min(0)[:, :, None, :, None].expand(-1, -1, covered.shape[1], -1, 1)
@@ -188,14 +200,18 @@ def attention_probe(q: torch.Tensor, k: torch.Tensor, scale: float, window: int 
     The last `window` queries and the sampled ones of the mass recall attend in one pass."""
     selection = selection or SelectionSpec(block_size=block_size)
     pos, rows = _probe_rows(q.shape[2], window, selection.block_size, SAMPLED_BLOCKS, QUERIES_PER_BLOCK, q.device)
-    every = masked_softmax(group_scores(q[:, :, rows].float(), k.float()).mul_(scale), rows, key_valid)
-    probs = every[:, :, :pos.shape[0]]
-    n_visible = _visible_keys(pos, key_valid, q.shape[0])[:, None, :]  # [B, 1, w]
-    ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / n_visible.log()  # [B, H, w]
-    per_head = torch.stack([ent, *_top_block_masses(probs, block_size, TOP_FRACTIONS)]).mean(-1)   # [1 + F, B, H]
+    w = pos.shape[0]
+    if block_size == selection.block_size:
+        mass, ent = probe_attention(q, k, rows, scale, key_valid, block_size, w)
+        last, sampled = mass[:, :, :w], mass[:, :, w:]
+    else:
+        last, ent = probe_attention(q, k, pos, scale, key_valid, block_size, w)
+        sampled = probe_attention(q, k, rows[w:], scale, key_valid, selection.block_size, 0)[0]
+    ent = ent / _visible_keys(pos, key_valid, q.shape[0])[:, None, :].log()   # [B, H, w]
+    per_head = torch.stack([ent, *_top_block_masses(last, TOP_FRACTIONS)]).mean(-1)   # [1 + F, B, H]
     names = ["entropy", *(f"top{int(f * 100)}_mass" for f in TOP_FRACTIONS)]
     out = {}
     for name, mean, low in zip(names, per_head.mean(2).unbind(0), per_head.amin(2).unbind(0)):   # [B] each
         out[f"{name}_mean"], out[f"{name}_min"] = mean, low
-    out.update(mass_recall(q, k, scale, selection, key_valid, probs=every[:, :, pos.shape[0]:]))
+    out.update(mass_recall(q, k, scale, selection, key_valid, block_mass=sampled))
     return out

@@ -207,6 +207,7 @@ def test_benchmark_end_to_end_rows_and_break_even_on_the_tiny_model(tiny_trained
         assert r["ms_with_decision"] > 0 and r["achieved_sparsity"] > 0
         assert ("ms_no_graphs" in r) == (r["level"] == 0.9) and r.get("ms_no_graphs", 1) > 0
         assert ("ms_with_probes" in r) == (r["level"] == 0.9) and r.get("ms_with_probes", 1) > 0
+        assert ("ms_with_probes_fused" in r) == (r["level"] == 0.9 and torch.cuda.is_available())
     assert set(record) >= {"model", "model_id", "levels", "source", "rule"}
     assert [r for r in rows if r["mode"] == "dense"][0]["text_statistics_ms"] > 0
     for r in forced:   # the timed decision ran past the warm-up: the net decided (the level is then forced)
