@@ -90,11 +90,13 @@ def arrays_from_frame(df: pd.DataFrame) -> LabelArrays:
         forms=first["form"].fillna("").to_numpy(str) if "form" in first else np.full(len(ids), "", dtype=object))
 
 
-def check_feature_version(meta: dict, where: str) -> None:
+def check_feature_version(meta: dict, where: str, root: str | Path | None = None) -> None:
     identity = meta.get("identity", {})
     if identity.get("feature_version") != FEATURE_VERSION or list(identity.get("feature_names", [])) != list(FEATURE_NAMES):
+        fix = (f"bring its features up to date with `python -m data.backfill --store {root}` (no relabeling)"
+               if root is not None else "relabel it with this code")
         raise UserError(f"{where} was made with feature version {identity.get('feature_version')}, this code "
-                        f"computes version {FEATURE_VERSION}; relabel it with this code")
+                        f"computes version {FEATURE_VERSION}; {fix}")
 
 
 def arrays_from_store(root: str | Path, criterion=None) -> tuple[LabelArrays, dict]:
@@ -102,7 +104,7 @@ def arrays_from_store(root: str | Path, criterion=None) -> tuple[LabelArrays, di
     if not store.root.is_dir():
         raise UserError(f"label store {root} does not exist; run labeling first or fix the path")
     meta = store.meta()
-    check_feature_version(meta, f"label store {root}")
+    check_feature_version(meta, f"label store {root}", root)
     crit = criterion_dict(criterion if criterion is not None else meta["criterion"])
     table = store.table()
     missing = missing_outputs(table) if crit["name"] == "gold" else 0

@@ -153,6 +153,19 @@ def test_committed_store_loads_as_arrays():
         arrays_from_store("data/labels/nope")
 
 
+def test_a_store_of_another_feature_version_is_refused_with_the_backfill_command(tmp_path):
+    import shutil
+    root = tmp_path / "old"
+    shutil.copytree(STORE, root)
+    meta = json.loads((root / "meta.json").read_text())
+    meta["identity"]["feature_version"] = FEATURE_VERSION - 1
+    (root / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=f"feature version {FEATURE_VERSION - 1}, this code computes version "
+                                        f"{FEATURE_VERSION}; bring its features up to date with "
+                                        f"`python -m data.backfill --store {root}`"):
+        arrays_from_store(root)
+
+
 def test_training_is_seeded_and_deterministic_on_cpu(tmp_path):
     from dataclasses import replace
 
