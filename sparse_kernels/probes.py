@@ -16,8 +16,8 @@ import math
 import torch
 
 from . import triton_probe
-from .select import (METHODS, SelectionSpec, causal_block_mask, first_valid_block, forced_block_mask, group_scores,
-                     kept_block_counts, masked_softmax, num_blocks, sum_key_blocks)
+from .select import (METHODS, SelectionSpec, causal_block_mask, first_valid_block, forced_block_mask,
+                     kept_block_counts, num_blocks, query_attention, sum_key_blocks)
 
 TOP_FRACTIONS = (0.05, 0.1, 0.2)
 RECALL_LEVELS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)
@@ -115,7 +115,7 @@ def probe_attention(q, k, pos: torch.Tensor, scale: float, key_valid, block_size
     if key_valid is None and triton_probe.fused_probe_enabled(q.device) and triton_probe.supports(q, block_size):
         mass, entropy = triton_probe.combine_block_stats(*triton_probe.probe_block_stats(q, k, pos, scale, block_size))
         return mass, entropy[:, :, :entropy_rows]
-    probs = masked_softmax(group_scores(q[:, :, pos].float(), k.float()).mul_(scale), pos, key_valid)
+    probs = query_attention(q, k, pos, scale, key_valid)
     head = probs[:, :, :entropy_rows]
     return sum_key_blocks(probs, block_size), -(head * head.clamp_min(1e-30).log()).sum(-1)
 

@@ -170,8 +170,13 @@ def last_query_attention(q, k, window: int, scale: float, key_valid=None):
     n = q.shape[2]
     w = min(window, n)
     pos = torch.arange(n - w, n, device=q.device)
-    logits = group_scores(q[:, :, n - w:].float(), k.float()).mul_(scale)
-    return masked_softmax(logits, pos, key_valid), pos
+    return query_attention(q, k, pos, scale, key_valid), pos
+
+
+def query_attention(q, k, pos: torch.Tensor, scale: float, key_valid=None) -> torch.Tensor:
+    """[B, Hq, R, N] float32 softmax attention of the queries at positions `pos` [R] over their
+    causal, valid keys."""
+    return masked_softmax(group_scores(q[:, :, pos].float(), k.float()).mul_(scale), pos, key_valid)
 
 
 def masked_softmax(logits: torch.Tensor, pos: torch.Tensor, key_valid=None) -> torch.Tensor:
