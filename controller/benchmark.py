@@ -95,7 +95,7 @@ def _variants(level: float, device: torch.device) -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def _fused_probe(on: bool):
-    """The probe through the Triton kernel (`sparse_kernels.triton_probe`, opt-in) or plain torch."""
+    """The probe through the Triton kernel (`sparse_kernels.triton_probe`) or plain torch, whatever the default."""
     previous = os.environ.get("SPARSE_FUSED_PROBE")
     os.environ["SPARSE_FUSED_PROBE"] = "1" if on else "0"
     try:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .flex import _compiled_flex, _split_full_partial, kv_index
 from .backends import selection
 from .select import SelectionSpec, block_accounting, select_blocks_with_index
-from .triton_attention import block_sparse_attention
+from .triton_attention import block_sparse_attention, chosen_config
 
 SHAPES = ((32, 8, 128, 128), (9, 3, 64, 64))   # (Hq, Hkv, D, block)
 LENGTHS = (8192, 32768, 65536, 131072)
@@ -77,6 +77,7 @@ def bench_point(q, k, v, k_dense, v_dense, kept_target: float, block: int, ms_sd
     _timed(row, "ms_flex", flex)
     triton_fn = lambda: block_sparse_attention(q, k, v, counts, idx, block)[0]  # noqa: E731
     _timed(row, "ms_triton", triton_fn)
+    row["triton_config"] = chosen_config(q.device)   # tile and loop form (SPLIT) the autotuner kept
     if row["ms_flex"] and row["ms_triton"]:  # the two kernels compute the same thing
         a, b = triton_fn().float(), flex().float()
         row["rel_diff_triton_flex"] = float((a - b).norm() / b.norm())

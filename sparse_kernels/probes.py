@@ -112,7 +112,7 @@ def probe_attention(q, k, pos: torch.Tensor, scale: float, key_valid, block_size
     `entropy_rows` queries) of the queries at positions `pos` [R] over their causal, valid keys. THE
     place that picks the path: the Triton kernel (`triton_probe`: unpadded rows, no logits held) or
     plain torch (a float32 [B, Hq, R, N] softmax)."""
-    if key_valid is None and triton_probe.fused_probe_enabled(q.device) and triton_probe.supports(q, block_size):
+    if key_valid is None and triton_probe.fused_probe_enabled(q.device, q.shape[-1]) and triton_probe.supports(q, block_size):
         mass, entropy = triton_probe.combine_block_stats(*triton_probe.probe_block_stats(q, k, pos, scale, block_size))
         return mass, entropy[:, :, :entropy_rows]
     probs = query_attention(q, k, pos, scale, key_valid)

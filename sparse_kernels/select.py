@@ -97,8 +97,9 @@ def topk_block_index(scores: torch.Tensor, counts: torch.Tensor, forced: torch.T
     """Per (row, head, query block), the `counts` best causal blocks, forced ones first.
 
     scores [B, H, nq, nk]; counts [B, nq]; forced [B, nq, nk]; kmax >= counts.max() if known
-    (saves a host sync). Returns (bool mask [B, H, nq, nk], top [B, H, nq, kmax] block ids, best
-    first: the first counts[b, i] of row (b, h, i) are the kept ones, the rest unused).
+    (saves a host sync). Returns (bool mask [B, H, nq, nk], top [B, H, nq, kmax] block ids: the
+    first counts[b, i] of row (b, h, i) are the kept ones, ascending as the Triton kernel's split
+    loop reads them; the rest unused, distinct valid ids).
     """
     nq = scores.shape[-2]
     causal = causal_block_mask(nq, scores.device)
@@ -111,7 +112,9 @@ def topk_block_index(scores: torch.Tensor, counts: torch.Tensor, forced: torch.T
     top = s.topk(kmax, dim=-1, sorted=True).indices  # best first; a full argsort cost 4x more on GPU
     keep = torch.arange(kmax, device=scores.device) < counts[:, None, :, None]
     mask = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, top, keep.expand_as(top))
-    return mask & causal, top
+    # kept ids ascending first, then the unused ones (still distinct, valid ids)
+    ascending = (top + nq * (~keep)).sort(dim=-1).values % nq
+    return mask & causal, ascending
 
 
 def topk_block_mask(scores: torch.Tensor, counts: torch.Tensor, forced: torch.Tensor,

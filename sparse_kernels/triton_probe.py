@@ -61,15 +61,23 @@ if triton is not None:
             tl.store(SL + rows + j, tl.sum(e * tl.where(seen, s, 0.0), 1), mask=ok)
 
 
-def fused_probe_enabled(device: torch.device) -> bool:
-    """Whether the probe runs through this kernel: only with SPARSE_FUSED_PROBE=1, wherever Triton
-    runs (CUDA, or the CPU interpreter in tests). Off by default until its GPU test
-    (`pytest -m gpu tests/test_triton_probe.py`) and the benchmark's A/B (`ms_with_probes_fused`)
-    have run on a GPU: the probe statistics are features, and a calibrated checkpoint's guarantee
-    holds only for features computed as its labels' were."""
+# head dims whose GPU test (`pytest -m gpu tests/test_triton_probe.py`: every statistic within 1e-4
+# of the torch path) passed on an H200, 2026-11-29; the benchmark's A/B there (SmolLM2, level 0.9):
+# 0.95 ms less at 32K, 3.7 ms less at 64K, equal at 16K (`docs/results/h200_e2e_split_kernel.json`)
+GPU_CHECKED_HEAD_DIMS = (64,)
+
+
+def fused_probe_enabled(device: torch.device, head_dim: int) -> bool:
+    """Whether the probe runs through this kernel. SPARSE_FUSED_PROBE=1: wherever Triton runs (CUDA,
+    or the CPU interpreter in tests); 0: never; unset: on CUDA at the head dims of
+    `GPU_CHECKED_HEAD_DIMS` only. The probe statistics are features, and a calibrated checkpoint's
+    guarantee holds only for features computed as its labels' were, so a head dim joins the default
+    only after its GPU test has passed."""
     flag = os.environ.get("SPARSE_FUSED_PROBE")
     if flag is not None and flag not in ("0", "1"):
         raise ValueError(f"SPARSE_FUSED_PROBE must be 0 or 1, got {flag!r}")
+    if flag is None:
+        return device.type == "cuda" and head_dim in GPU_CHECKED_HEAD_DIMS and available(device)
     return flag == "1" and available(device)
 
 

@@ -50,16 +50,17 @@ SHAPES = [  # (B, Hq, Hkv, N, D, block, dtype)
 ]
 
 
+@pytest.mark.parametrize("loop", ["split", "masked"])
 @pytest.mark.parametrize("loads", ["pointer", "tma"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s[:6])) + str(s[6])[-4:])
-def test_kernel_matches_brute_force_and_reference(shape, loads, gen):
+def test_kernel_matches_brute_force_and_reference(shape, loads, loop, gen):
     b, hq, hkv, n, d, block, dtype = shape
     q, k, v = (torch.randn(b, h, n, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
     mask = random_block_mask(b, hq, n, block, 0.5, gen)
     scale = 1 / math.sqrt(d)
     counts, idx = kv_index(mask)
     q, k, v, counts, idx = (t.to(DEVICE) for t in (q, k, v, counts, idx))
-    out, lse = block_sparse_attention(q, k, v, counts, idx, block, scale, loads=loads)
+    out, lse = block_sparse_attention(q, k, v, counts, idx, block, scale, loads=loads, loop=loop)
     want, want_lse = brute_force(q.cpu(), k.cpu(), v.cpu(), mask, block, scale)
     tol = FP32_TOL if dtype == torch.float32 else 1e-2
     assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
@@ -145,6 +146,7 @@ def test_benchmark_rows_carry_the_promised_fields(monkeypatch, capsys):
     assert {"N", "kept", "hq", "hkv", "d", "ms_sdpa", "ms_flex", "ms_triton", "ms_select", "triton_over_ideal"} <= set(row)
     assert 0.3 <= row["kept"] < 1 and row["rel_diff_triton_flex"] < FP32_TOL and "errors" not in row, row.get("errors")
     assert row["fused_select_equal"] and row["ms_select_torch"] == 1.0 and row["select_share"] == 1.0
+    assert "SPLIT: True" in row["triton_config"]   # the interpreter's one config: the split loop
     assert bench.kernel_table([row]).count("\n") == 2
     import controller.benchmark as cli
     if not torch.cuda.is_available():
@@ -152,13 +154,17 @@ def test_benchmark_rows_carry_the_promised_fields(monkeypatch, capsys):
 
 
 def test_index_from_topk_gives_the_mask_path_result(gen):
-    """The index straight from top-k (best-first order) and the sorted index of the mask agree."""
+    """The index straight from top-k (torch and fused: ids ascending, as the split loop reads
+    them) and the sorted index of the mask agree."""
     from sparse_kernels.select import select_blocks_with_index
     b, hq, hkv, n, d = 3, 4, 2, 170, 16
     q, k, v = (torch.randn(b, h, n, d, generator=gen) for h in (hq, hkv, hkv))
     for density in (torch.tensor([1.0, 0.5, 0.2]), torch.ones(3)):
         mask, counts, idx = select_blocks_with_index(q, k, density, SelectionSpec(block_size=32), 0.25)
         assert torch.equal(counts.long(), mask.sum(-1))
+        kept = torch.arange(idx.shape[-1]) < counts[..., None]
+        rising = torch.where(kept[..., 1:], idx[..., 1:] - idx[..., :-1], 1)
+        assert (rising > 0).all() and (idx <= torch.arange(idx.shape[2])[:, None]).where(kept, True).all()
         assert torch.equal(torch.zeros_like(mask).scatter_(-1, idx.long(), torch.arange(idx.shape[-1]) < counts[..., None]), mask)
         a = block_sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), counts.to(DEVICE), idx.to(DEVICE), 32, 0.25)[0]
         c, i = kv_index(mask)

@@ -73,26 +73,30 @@ def test_padded_rows_take_the_torch_path(monkeypatch, gen):
 def test_the_switch(monkeypatch):
     monkeypatch.setenv("SPARSE_FUSED_PROBE", "yes")
     with pytest.raises(ValueError, match="SPARSE_FUSED_PROBE must be 0 or 1"):
-        triton_probe.fused_probe_enabled(torch.device("cpu"))
+        triton_probe.fused_probe_enabled(torch.device("cpu"), 64)
     monkeypatch.setenv("SPARSE_FUSED_PROBE", "0")
-    assert not triton_probe.fused_probe_enabled(torch.device(DEVICE))
+    assert not triton_probe.fused_probe_enabled(torch.device(DEVICE), 64)
     monkeypatch.delenv("SPARSE_FUSED_PROBE")
-    assert not triton_probe.fused_probe_enabled(torch.device(DEVICE))   # opt-in until measured on a GPU
+    assert not triton_probe.fused_probe_enabled(torch.device("cpu"), 64)   # unset: CUDA only
+    if torch.cuda.is_available():   # and only at the head dims whose GPU test has passed
+        assert triton_probe.fused_probe_enabled(torch.device("cuda"), 64)
+        assert not triton_probe.fused_probe_enabled(torch.device("cuda"), 256)
     monkeypatch.setenv("SPARSE_FUSED_PROBE", "1")
-    assert triton_probe.fused_probe_enabled(torch.device(DEVICE))
+    assert triton_probe.fused_probe_enabled(torch.device(DEVICE), 256)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 1, 256)])   # SmolLM2's and Gemma 3's heads
 @pytest.mark.parametrize("n", [8192, 32768])
-def test_full_size_on_gpu(n, monkeypatch):
+def test_full_size_on_gpu(n, hq, hkv, d, monkeypatch):
     gen = torch.Generator(device="cuda").manual_seed(n)
-    q = torch.randn(1, 9, n, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(1, 3, n, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
     spec = SelectionSpec(block_size=64)
     monkeypatch.setenv("SPARSE_FUSED_PROBE", "1")
-    fused = attention_probe(q, k, 0.125, 64, 64, None, spec)
+    fused = attention_probe(q, k, d ** -0.5, 64, 64, None, spec)
     monkeypatch.setenv("SPARSE_FUSED_PROBE", "0")
-    plain = attention_probe(q, k, 0.125, 64, 64, None, spec)
+    plain = attention_probe(q, k, d ** -0.5, 64, 64, None, spec)
     for s in PROBE_STATS:
         assert torch.allclose(fused[s], plain[s], atol=1e-4), (s, fused[s], plain[s])
