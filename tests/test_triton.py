@@ -191,8 +191,8 @@ def test_model_forward_on_the_triton_backend_matches_reference(tiny_lm, gen):
 
 @pytest.mark.parametrize("b,h,nq,sinks", [(2, 3, 13, (0, 2)), (1, 2, 40, (5,)), (3, 1, 1, (0, 0, 0))])
 def test_fused_topk_equals_the_torch_selection(b, h, nq, sinks, gen):
-    """Counts (computed in the kernel from the densities), mask and kept ids against the torch top-k;
-    the index is only as wide as the host-side bound and the mask can be skipped."""
+    """Counts (computed in the kernel from the densities), mask and kept ids (both ascending) against
+    the torch top-k; the index is only as wide as the host-side bound and the mask can be skipped."""
     from sparse_kernels.select import forced_block_mask, kept_block_counts, topk_block_index
     from sparse_kernels.triton_select import topk_index_triton
     spec = SelectionSpec(block_size=32, sink_blocks=1, local_blocks=2)
@@ -212,7 +212,8 @@ def test_fused_topk_equals_the_torch_selection(b, h, nq, sinks, gen):
         for hh in range(h):
             for i in range(nq):
                 n = int(counts[bb, i])
-                assert set(idx[bb, hh, i, :n].tolist()) == set(top[bb, hh, i, :n].tolist())
+                # the same ids in the same (ascending) order: the kernel's split loop relies on it
+                assert idx[bb, hh, i, :n].tolist() == top[bb, hh, i, :n].tolist() == sorted(top[bb, hh, i, :n].tolist())
     no_mask, c2, idx2 = topk_index_triton(scores.to(DEVICE), density, sink, 1, 2, kmax, with_mask=False)
     assert no_mask is None and torch.equal(c2, c)
 
