@@ -5,9 +5,10 @@ Owns `block_sparse_attention(q, k, v, counts, indices, block_size, scale, loads)
 BLOCK_M-row query tile of one (batch row, query head) and walks only that query block's kept KV
 blocks, read from a per-(row, head, query block) index (counts + ids: `flex.kv_index` or the
 selection's own), so skipped blocks cost nothing; rows of a batch may carry different levels.
-With ids ascending and causal (loop "split", the default) every block but the last runs in one
-unmasked, unbranched loop and only the last (the diagonal) is masked, over just the sub-tiles
-that reach the tile's rows; loop "masked" takes ids in any order and checks each tile.
+With ids ascending and causal (loop "split") every block but the last runs in one unmasked,
+unbranched loop and only the last (the diagonal) is masked, over just the sub-tiles that reach the
+tile's rows; loop "masked" takes ids in any order and checks each tile; by default the autotuner
+times both per shape and keeps the faster.
 GQA: query head h reads KV head h // (Hq / Hkv) (no K/V copies). K/V tiles come through
 Hopper's tensor-copy engine (TMA descriptors, `loads="tma"`, the default on compute capability 9+)
 or plain pointer loads. Online softmax in fp32 with exp2, P @ V accumulated in the tensor-core
@@ -237,7 +238,7 @@ def default_loop() -> str:
     and `flex.kv_index` of a causal mask write them: one unmasked loop, then the last block),
     "masked" (any order: every tile checks whether it crosses the diagonal), or "auto" (the
     default: the autotuner times both per shape and keeps the faster; on one H200 split was 3-13%
-    faster at head dim 64 and 2-6% slower at 128). SPARSE_KERNEL_LOOP overrides (A/B runs)."""
+    faster at head dim 64 and 2-8% slower at 128). SPARSE_KERNEL_LOOP overrides (A/B runs)."""
     loop = os.environ.get("SPARSE_KERNEL_LOOP", "auto")
     if loop not in LOOPS:
         raise ValueError(f"SPARSE_KERNEL_LOOP must be one of {LOOPS}, got {loop!r}")
