@@ -60,6 +60,8 @@ def _strata(text: str) -> tuple[int, ...] | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        from controller.compat import check_switches
+        check_switches()
         if args.max_requests is not None and args.max_requests < 1:
             raise UserError(f"--max-requests must be >= 1, got {args.max_requests}")
         if args.devices < 1 or args.batch_samples < 1:

@@ -37,7 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        from controller.compat import check_switches
         from controller.pipeline import evaluate_checkpoint
+        check_switches()
         check_output_folder(args.out, f"--out {args.out}")
         criterion = "fidelity" if args.prompts and args.criterion is None else args.criterion
         out = evaluate_checkpoint(args.checkpoint, args.out, labels=args.labels, ruler=args.ruler,

@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from controller.compat import check_switches
 from controller.config import ControllerJobConfig
 from data.config import config_keys_help, load_config
 from data.errors import ArgumentParser, UserError, check_output_folder
@@ -91,6 +92,7 @@ def run(job: ControllerJobConfig) -> str | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_switches()
         job = load_config(ControllerJobConfig, args.config, args.overrides)
         check_out(job, args.overwrite)
         result = run(job)

@@ -324,6 +324,10 @@ def main(argv=None) -> int:
         print(f"error: --shapes {args.shapes!r}: give Hq:Hkv:D:block[,...] with Hq a multiple of Hkv, e.g. 4:1:256:64",
               file=sys.stderr)
         return 2
+    from sparse_kernels.backends import switch_problem
+    if switch_problem() is not None:
+        print(f"error: {switch_problem()}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU; run it on the GPU machine", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """What `attach` checks before it touches a model: that the model is the one the checkpoint was
 trained for (structure, then weights by `id` or `weights_id`), that a named task is one the
-controller knows, and which break-even table applies on this card. Each failure is one UserError
+controller knows, which break-even table applies on this card, and that the environment switches
+of `sparse_kernels` hold valid values. Each failure is one UserError
 line. Imports `data` and `sparse_kernels` only (ships at inference: nothing from training).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from data.errors import UserError
 from data.models import model_fingerprint, same_weights
 from data.tasks.base import TASK_TYPES, UNKNOWN_TASK
+from sparse_kernels.backends import switch_problem
 from sparse_kernels.dispatch import BreakEven, recorded_break_even
 
 from .export import ControllerCheckpoint
@@ -19,6 +21,13 @@ from .export import ControllerCheckpoint
 log = logging.getLogger(__name__)
 
 STRUCTURE = ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
+
+
+def check_switches() -> None:
+    """UserError when an environment switch of `sparse_kernels` (`SWITCHES`) has a value it refuses."""
+    problem = switch_problem()
+    if problem is not None:
+        raise UserError(problem)
 
 
 def check_model(model, ckpt: ControllerCheckpoint, strict: bool = True) -> None:

@@ -45,7 +45,7 @@ from sparse_kernels import (SelectionSpec, SparsePlan, disable_sparse_attention,
                             unsupported_reason, use_plan)
 from sparse_kernels.dispatch import BreakEven
 
-from .compat import check_model, check_task, resolve_break_even
+from .compat import check_model, check_switches, check_task, resolve_break_even
 from .decision import Decision, one_thread_limiter
 from .export import ControllerCheckpoint, load_checkpoint
 from .policies import deployed_policy
@@ -376,6 +376,7 @@ def attach(model, checkpoint: str | Path | ControllerCheckpoint, task: str | lis
     if isinstance(model, LoadedModel):
         model = model.model
     check_task(task)
+    check_switches()
     ckpt = checkpoint if isinstance(checkpoint, ControllerCheckpoint) else load_checkpoint(checkpoint)
     check_model(model, ckpt, strict)
     reason = unsupported_reason(model)

@@ -75,3 +75,21 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {list(BACKEND_CHOICES)}")
     return name
+
+
+SWITCHES = ("SPARSE_FUSED_TOPK", "SPARSE_FUSED_PROBE", "SPARSE_KERNEL_LOOP")   # environment, for A/B runs
+
+
+def switch_problem() -> str | None:
+    """The first of `SWITCHES` set to a value it refuses, as one line naming the fix; None when every
+    one is unset or valid. Command lines and `attach` check it up front, so a typo does not surface
+    mid-forward (where the hook would run the call dense) or mid-benchmark."""
+    from . import triton_probe
+    cpu = torch.device("cpu")
+    for check in (lambda: resolve_selection(cpu), lambda: triton_probe.fused_probe_enabled(cpu, 64),
+                  triton_attention.default_loop):
+        try:
+            check()
+        except ValueError as e:
+            return f"{e}; unset it or give a value it names"
+    return None

@@ -181,3 +181,21 @@ def test_a_store_too_small_for_the_splits_is_refused_before_anything_is_written(
     _check(capsys, tmp_path, ["--config", str(ROOT / "configs/test_tiny_controller.yaml"), f"labels={store}",
                               f"out={tmp_path / 'run'}", "split.train=0.9", "split.val=0.05", "split.calibration=0.01"],
            "too few for train/val/calibration/test")
+
+
+@pytest.mark.parametrize("switch", ["SPARSE_FUSED_TOPK", "SPARSE_FUSED_PROBE", "SPARSE_KERNEL_LOOP"])
+def test_a_bad_environment_switch_is_refused_up_front(capsys, tmp_path, monkeypatch, tiny_lm, tiny_trained, switch):
+    """A switch with a value it refuses: one line from each command, UserError from attach; nothing
+    runs and no file is written (before, a typo surfaced mid-forward, where the hook runs dense)."""
+    import controller.benchmark as benchmark
+    from controller.hook import attach
+    from data.errors import UserError
+    monkeypatch.setenv(switch, "bogus")
+    _check(capsys, tmp_path, ["--config", TINY, f"labeling.out={tmp_path / 'store'}"], switch)
+    before = _files(tmp_path)
+    assert benchmark.main(["--out", str(tmp_path / "bench.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and switch in err, err
+    assert _files(tmp_path) == before
+    with pytest.raises(UserError, match=switch):
+        attach(tiny_lm, tiny_trained[2])
