@@ -325,8 +325,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     from sparse_kernels.backends import switch_problem
-    if switch_problem() is not None:
-        print(f"error: {switch_problem()}", file=sys.stderr)
+    problem = switch_problem()
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU; run it on the GPU machine", file=sys.stderr)

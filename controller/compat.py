@@ -1,8 +1,8 @@
 """What `attach` checks before it touches a model: that the model is the one the checkpoint was
 trained for (structure, then weights by `id` or `weights_id`), that a named task is one the
 controller knows, which break-even table applies on this card, and that the environment switches
-of `sparse_kernels` hold valid values. Each failure is one UserError
-line. Imports `data` and `sparse_kernels` only (ships at inference: nothing from training).
+of `sparse_kernels` hold valid values. Each failure is one UserError line. Imports `data` and
+`sparse_kernels` only (ships at inference: nothing from training).
 """
 from __future__ import annotations
 
