@@ -5,8 +5,8 @@ SmolLM2-135M prefill end to end with the controller hook, in one run on one GPU;
 
 Owns `bench_end_to_end`: prefill at 2K..128K, rows with keys N, mode (`dense`: the unhooked model
 with SDPA; `forced`: a level set before the forward, no probe and no decision, with
-`ms_with_decision` = the same level forced through the hook with probes and decision, whose
-difference is the decision's true overhead (and at level 0.9 `ms_no_graphs`, the same plan with
+`ms_with_decision` = the same level forced through the hook with probes and decision, timed call
+by call against it, whose difference is the decision's true overhead (and at level 0.9 `ms_no_graphs`, the same plan with
 the sparse step's CUDA graphs off, and `ms_with_probes`, the same plan computing the probe statistics
 with no decision: the overhead's probe part, `ms_with_probes_fused` the same through the Triton probe
 kernel; `decision_fallback`: None when the net decided, as it
@@ -148,37 +148,45 @@ def _row(n, mode, level, ms, peak, dense, **extra) -> dict:
 
 
 def _forced_round(lm, ckpt, ids, levels, samples: _Samples) -> None:
-    """One round at one length: dense; each level forced with the hook detached (a plan set before
-    the forward: no probe, no decision); each level forced through the hook with probes and the
-    decision. The monitor is reset before each measurement, so no window test (once per 100
-    requests, on a worker thread) runs during the timing, and its warm-up is off (`_past_warmup`):
-    every timed request goes through the controller's net, as a request after the warm-up does."""
+    """One round at one length: dense (the unhooked model); then per level, call by call in turn (a
+    drift of the host's speed hits them alike, so their difference is the decision's overhead and
+    not the drift's): the level forced with the controller paused (a plan set before the forward:
+    no probe, no decision; at `NO_GRAPHS_LEVEL` also the other `VARIANTS`), and the level forced
+    through the hook with probes and the decision, last, so `last_decisions` are its. The monitor is
+    reset before each measurement, so no window test (once per 100 requests, on a worker thread)
+    runs during the timing, and its warm-up is off (`_past_warmup`): every timed request goes
+    through the controller's net, as a request after the warm-up does."""
     from controller.hook import attach
-    from sparse_kernels import SparsePlan, disable_sparse_attention, enable_sparse_attention, sliding_window_of, use_plan
+    from sparse_kernels import sliding_window_of
     n, call = int(ids.shape[1]), lambda: lm.model(input_ids=ids, logits_to_keep=1)  # noqa: E731
     samples.add("dense", _measure(call, n))
     with attach(lm, ckpt, break_even=None) as handle:
-        sparse = (handle.selection, handle.dense_layers, handle.backend, handle.probe_layers, handle.probe_window)
-        for level in levels:
-            _past_warmup(handle)
-            handle.force_level = level
-            samples.add(("decision", level), _measure(call, n))
-            samples.setdefault(("achieved", level), handle.last_decisions[0].achieved_sparsity)
-            samples.setdefault(("fallback", level), handle.last_decisions[0].fallback)   # None: the net decided
-    previous = enable_sparse_attention(lm.model)
-    try:
         for level in ([0.0] if sliding_window_of(lm.model) is not None else []) + list(levels):   # 0: the window path
-            for variant in _variants(level, ids.device):
-                graphs, probes, fused = VARIANTS[variant]
-                def forced():
-                    with _fused_probe(fused), use_plan(SparsePlan(levels=torch.full((1,), level, dtype=torch.float64), selection=sparse[0],
-                                             dense_layers=sparse[1], backend=sparse[2], cuda_graphs=graphs,
-                                             probe_layers=sparse[3] if probes else frozenset(), probe_window=sparse[4],
-                                             on_probe=(lambda layer, stats: None) if probes else None)):
-                        return call()
-                samples.add((variant, level), _measure(forced, n))
-    finally:
-        disable_sparse_attention(lm.model, previous)
+            modes = {(v, level): (_forced_call(handle, call, level, *VARIANTS[v]), handle.paused)
+                     for v in _variants(level, ids.device)}
+            if level in levels:
+                modes[("decision", level)] = (call, lambda level=level: _forcing(handle, level))
+            _past_warmup(handle)
+            for key, measured in _measure_alternating(modes, n).items():
+                samples.add(key, measured)
+            if level in levels:
+                samples.setdefault(("achieved", level), handle.last_decisions[0].achieved_sparsity)
+                samples.setdefault(("fallback", level), handle.last_decisions[0].fallback)   # None: the net decided
+
+
+def _forced_call(handle, call, level: float, graphs: bool, probes: bool, fused: bool):
+    """`call` under a plan at `level` with the handle's sparse settings: no decision; `probes`: the
+    probe statistics computed all the same (through the Triton probe when `fused`)."""
+    from sparse_kernels import SparsePlan, use_plan
+
+    def forced():
+        plan = SparsePlan(levels=torch.full((1,), level, dtype=torch.float64), selection=handle.selection,
+                          dense_layers=handle.dense_layers, backend=handle.backend, cuda_graphs=graphs,
+                          probe_layers=handle.probe_layers if probes else frozenset(), probe_window=handle.probe_window,
+                          on_probe=(lambda layer, stats: None) if probes else None)
+        with _fused_probe(fused), use_plan(plan):
+            return call()
+    return forced
 
 
 def _window_rows(n: int, s: _Samples) -> list[dict]:

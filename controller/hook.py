@@ -127,17 +127,27 @@ class ControllerHandle:
         del _ATTACHED[self.model]
 
     @contextlib.contextmanager
+    def paused(self):
+        """Inside the block this thread's calls skip the controller (no probe, no decision) but keep
+        the sparse adapter, so a plan the caller sets (`sparse_kernels.use_plan`) runs as given
+        (benchmarks: a level forced with no decision, call by call against the hooked path)."""
+        self._local.paused = True
+        try:
+            yield self
+        finally:
+            self._local.paused = False
+
+    @contextlib.contextmanager
     def detached(self):
         """Inside the block the model runs as if no controller were attached: its own attention
         implementation, hooks paused (benchmarks: the unhooked baseline in the same process). It
         switches the model for every thread: not for use while other threads serve requests."""
-        self._local.paused = True
-        disable_sparse_attention(self.model, self._previous)
-        try:
-            yield self
-        finally:
-            enable_sparse_attention(self.model)
-            self._local.paused = False
+        with self.paused():
+            disable_sparse_attention(self.model, self._previous)
+            try:
+                yield self
+            finally:
+                enable_sparse_attention(self.model)
 
     def __enter__(self) -> "ControllerHandle":
         return self

@@ -266,6 +266,30 @@ def test_detached_handle_runs_the_unhooked_model(tiny_lm, tiny_trained, monkeypa
         assert calls
 
 
+def test_paused_handle_keeps_the_adapter_and_runs_the_callers_plan(tiny_lm, tiny_trained, monkeypatch):
+    """Paused: no probe and no decision, but a plan the caller sets runs sparse through the adapter
+    (the benchmark's forced rows, timed call by call against the hooked ones)."""
+    from sparse_kernels import SparsePlan, use_plan
+    job, _, ckpt, _, _ = tiny_trained
+    ids = _ids(job, tiny_lm.tokenizer, 0)
+    calls = _counting_probes(monkeypatch)
+    with attach(tiny_lm, ckpt, break_even=None) as handle, torch.no_grad():
+        hooked_impl = tiny_lm.model.config._attn_implementation
+        handle.dispatch = False
+        tiny_lm.model(input_ids=ids)
+        decided, probed = handle.last_decisions, len(calls)
+        assert probed == len(handle.probe_layers)
+        plan = SparsePlan(levels=torch.full((1,), 0.9, dtype=torch.float64), selection=handle.selection,
+                          dense_layers=handle.dense_layers, backend=handle.backend)
+        with handle.paused(), use_plan(plan):
+            assert tiny_lm.model.config._attn_implementation == hooked_impl
+            tiny_lm.model(input_ids=ids)
+        assert len(calls) == probed and handle.last_decisions is decided   # no probe, nothing recorded
+        assert float(plan.counts.achieved_sparsity()[0]) > 0.5              # the caller's plan ran sparse
+        tiny_lm.model(input_ids=ids)
+        assert len(calls) == 2 * probed                                     # un-paused: probed again
+
+
 def test_committed_benchmark_json_carries_the_promised_rows_and_table():
     from sparse_kernels.dispatch import BENCH_DIR
     d = json.loads((BENCH_DIR / "h200.json").read_text())
