@@ -80,7 +80,8 @@ def test_the_switch(monkeypatch):
     assert not triton_probe.fused_probe_enabled(torch.device("cpu"), 64)   # unset: CUDA only
     if torch.cuda.is_available():   # and only at the head dims whose GPU test has passed
         assert triton_probe.fused_probe_enabled(torch.device("cuda"), 64)
-        assert not triton_probe.fused_probe_enabled(torch.device("cuda"), 256)
+        assert triton_probe.fused_probe_enabled(torch.device("cuda"), 256)
+        assert not triton_probe.fused_probe_enabled(torch.device("cuda"), 128)
     monkeypatch.setenv("SPARSE_FUSED_PROBE", "1")
     assert triton_probe.fused_probe_enabled(torch.device(DEVICE), 256)
 
