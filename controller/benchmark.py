@@ -258,7 +258,7 @@ def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, devi
     from controller.export import load_checkpoint
     from controller.hook import attach
     from data.models import load_model, model_fingerprint
-    from sparse_kernels.dispatch import BreakEven
+    from sparse_kernels.dispatch import WIN_MARGIN, BreakEven
     lm = load_model(model_name, dtype=dtype, device=device)
     vocab = lm.model.config.vocab_size
     prompts = {n: _prompt(lm.tokenizer, n, vocab, device) for n in lengths}
@@ -281,7 +281,7 @@ def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, devi
     fp = model_fingerprint(lm.model)[0]
     record = {"model": model_name, "model_id": fp["id"], "weights_id": fp["weights_id"], **table.to_json(), "window": window,
               "rule": "a level is worth running from the shortest length from which, decision included, it "
-                      "took at most 0.98x dense (median of interleaved rounds) at that length and every longer "
+                      f"took at most {WIN_MARGIN}x dense (median of interleaved rounds) at that length and every longer "
                       "measured length; window_from (models with sliding-window layers): the same rule for a "
                       "plan at level 0 with no probe and no decision (those layers over their window only)"}
     return rows, record
