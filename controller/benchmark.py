@@ -6,8 +6,9 @@ SmolLM2-135M prefill end to end with the controller hook, in one run on one GPU;
 Owns `bench_end_to_end`: prefill at 2K..128K, rows with keys N, mode (`dense`: the unhooked model
 with SDPA; `forced`: a level set before the forward, no probe and no decision, with
 `ms_with_decision` = the same level forced through the hook with probes and decision, timed call
-by call against it, whose difference is the decision's true overhead (and at level 0.9 `ms_no_graphs`, the same plan with
-the sparse step's CUDA graphs off, and `ms_with_probes`, the same plan computing the probe statistics
+by call against it, whose difference is the decision's true overhead (and at level 0.9
+`ms_no_graphs`, the same plan with the sparse step's CUDA graphs off, and `ms_with_probes`, the
+same plan computing the probe statistics
 with no decision: the overhead's probe part, `ms_with_probes_fused` the same through the Triton probe
 kernel; `decision_fallback`: None when the net decided, as it
 does past the stream's warm-up); `hook_dense`: the hook's own path for a request it
