@@ -263,6 +263,25 @@ def test_probe_statistics_copied_ahead_read_the_same(gen):
     assert np.array_equal(direct.host(), ahead.host()) and direct.pooled(1) == ahead.pooled(1)
 
 
+def test_benchmark_times_each_level_forced_and_decided_in_one_alternation(tiny_trained, monkeypatch):
+    """The decision overhead is a difference of two timings: they must alternate call by call (one
+    `_measure_alternating` per level holding both), not come from two blocks minutes apart."""
+    import controller.benchmark as bench
+    _, _, ckpt, _, _ = tiny_trained
+    batches, measure = [], bench._measure_alternating
+
+    def recording(modes, n):
+        batches.append(set(modes))
+        return measure(modes, n)
+    monkeypatch.setattr(bench, "_measure_alternating", recording)
+    rows, _ = bench.bench_end_to_end(str(ckpt), "tiny-random-llama", lengths=(300,), device="cpu", dtype="float32")
+    levels = {r["level"] for r in rows if r["mode"] == "forced"}
+    for level in levels:
+        together = [b for b in batches if ("decision", level) in b]
+        assert len(together) == bench.ROUNDS and all(("forced", level) in b for b in together), (level, batches)
+    assert {("forced_no_graphs", 0.9), ("forced_probed", 0.9)} <= next(b for b in batches if ("decision", 0.9) in b)
+
+
 def test_detached_handle_runs_the_unhooked_model(tiny_lm, tiny_trained, monkeypatch):
     job, _, ckpt, _, _ = tiny_trained
     ids = _ids(job, tiny_lm.tokenizer, 0)
