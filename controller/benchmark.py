@@ -3,19 +3,20 @@ SmolLM2-135M prefill end to end with the controller hook, in one run on one GPU;
 
   python -m controller.benchmark --checkpoint runs/demo/checkpoint --out sparse_kernels/bench/h100.json
 
-Owns `bench_end_to_end`: prefill at 2K..128K, rows with keys N, mode (`dense`: the unhooked model
-with SDPA; `forced`: a level set before the forward, no probe and no decision, with
-`ms_with_decision` = the same level forced through the hook with probes and decision, timed call
-by call against it, whose difference is the decision's true overhead (and at level 0.9
-`ms_no_graphs`, the same plan with the sparse step's CUDA graphs off, and `ms_with_probes`, the
-same plan computing the probe statistics
-with no decision: the overhead's probe part, `ms_with_probes_fused` the same through the Triton probe
-kernel; `decision_fallback`: None when the net decided, as it
-does past the stream's warm-up); `hook_dense`: the hook's own path for a request it
-runs dense; `decided`: the controller's own decision; these two alternate call by call with dense), level, ms, ms_dense (same run), speedup,
-peak_mib; and the break-even table those forced rows give (`sparse_kernels.dispatch`), which
-`attach` reads for this model on this card. And the command line. The kernel part is
-`sparse_kernels.bench`. Imports every layer below it; nothing imports it.
+Owns `bench_end_to_end`: prefill at 2K..128K, rows with keys N, mode, level, ms, ms_dense (same
+run), speedup, peak_mib; and the break-even table those forced rows give (`sparse_kernels.dispatch`),
+which `attach` reads for this model on this card. Modes:
+- `dense`: the unhooked model with SDPA;
+- `forced`: a level set before the forward, no probe and no decision. `ms_with_decision` is the same
+  level forced through the hook with probes and decision, timed call by call against it: their
+  difference is the decision's true overhead. At level 0.9 also `ms_no_graphs` (the sparse step's
+  CUDA graphs off), `ms_with_probes` (the probe statistics computed, no decision: the overhead's
+  probe part) and `ms_with_probes_fused` (the same through the Triton probe). `decision_fallback`:
+  None when the net decided, as it does past the stream's warm-up;
+- `hook_dense`: the hook's own path for a request it runs dense; `decided`: the controller's own
+  decision; these two alternate call by call with dense.
+The JSON also records the command line. The kernel part is `sparse_kernels.bench`. Imports every
+layer below it; nothing imports it.
 """
 from __future__ import annotations
 
