@@ -98,7 +98,7 @@ def _check_number(value, name: str, lo: float, hi: float) -> None:
 
 def validate_record(record: dict) -> None:
     """Every key a checkpoint needs, with its type and range (ValueError naming the first bad one)."""
-    from sparse_kernels import BACKEND_CHOICES, METHODS
+    from sparse_kernels import BACKEND_CHOICES, METHODS, probe_layers_problem
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise ValueError(f"{RECORD_FILE} lacks {', '.join(missing)}")
@@ -117,6 +117,9 @@ def validate_record(record: dict) -> None:
     for k in ("dense_layers", "probe_layers"):
         if not isinstance(sp.get(k), list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in sp[k]):
             raise ValueError(f"sparse.{k} must be a list of layer indices")
+    problem = probe_layers_problem(sp["dense_layers"], sp["probe_layers"])
+    if problem is not None or not sp["probe_layers"]:
+        raise ValueError(f"sparse.probe_layers: {problem or 'empty'}")
     model = record["model"]
     fp = model.get("fingerprint") if isinstance(model, dict) else None
     if not isinstance(fp, dict) or not isinstance(fp.get("id"), str) or not isinstance(fp.get("weights_id", ""), str):

@@ -308,7 +308,8 @@ class ControllerHandle:
     def _probe(self, layer: int, stats: dict) -> None:
         """A probe layer's statistics; after the last one, their copy to the host starts and the
         decision waits for the first sparse layer (`SparsePlan.before_sparse`), so the GPU runs the
-        layers queued in between while the host decides."""
+        layers queued in between while the host decides. Where the last probe layer is itself sparse,
+        the decision comes right after its probe and that layer already runs at the decided level."""
         collector = self._active[2]
         collector(layer, stats)
         if layer == max(self.probe_layers):

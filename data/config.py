@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from sparse_kernels import BACKEND_CHOICES, METHODS, SelectionSpec
+from sparse_kernels import BACKEND_CHOICES, METHODS, SelectionSpec, probe_layers_problem
 
 from .errors import UserError
 from .tasks import TaskSpec, build_task
@@ -56,7 +56,8 @@ class SparseConfig:
     local_blocks: int = 1                        # blocks ending at the diagonal always kept
     last_queries: int = 64                       # vertical_slash: final queries that estimate the pattern
     dense_layers: tuple[int, ...] = (0, 1)       # layers that always run dense
-    probe_layers: tuple[int, ...] = (0, 1)       # dense layers whose attention gives the probe features
+    probe_layers: tuple[int, ...] = (0, 1)       # layers whose queries/keys give the probe features; the
+    # layers below the last of them must be dense, the last may be sparse (it then runs at the decided level)
     probe_window: int = 64                       # last queries the probe statistics read
     backend: str = "auto"                        # auto, triton, flex or reference
 
@@ -69,9 +70,10 @@ class SparseConfig:
                 or min((*self.dense_layers, 0)) < 0:
             raise UserError("sparse.block_size, last_queries and probe_window must be >= 1, sink_blocks, local_blocks "
                             "and layer indices >= 0")
-        if not set(self.probe_layers) <= set(self.dense_layers) or not self.probe_layers:
-            raise UserError("sparse.probe_layers must be a non-empty subset of sparse.dense_layers "
-                            f"(got {list(self.probe_layers)} and {list(self.dense_layers)})")
+        problem = probe_layers_problem(self.dense_layers, self.probe_layers)
+        if problem is not None or not self.probe_layers:
+            raise UserError(f"sparse.probe_layers: {problem or 'name at least one layer'}; e.g. dense_layers: [0] "
+                            "with probe_layers: [0, 1] (layer 1 probed, then run at the decided level)")
         try:
             self.selection()
         except ValueError as e:

@@ -74,7 +74,7 @@ class ProbeCollector:
     def pooled(self, row: int) -> dict[str, float]:
         """{stat: mean over probe layers} for one batch row."""
         if not self.layers:
-            raise RuntimeError("no probe layer ran: probe_layers must be non-empty dense layers")
+            raise RuntimeError("no probe layer ran: probe_layers must name layers that ran")
         values = self.host()[:, :, row].astype(np.float64)
         return {s: float(values[:, i].mean()) for i, s in enumerate(PROBE_STATS)}
 

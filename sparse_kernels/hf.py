@@ -14,8 +14,11 @@ hook) sets a plan. Rules, per attention call:
   model's own window mask), counted as a dense layer over the blocks its window reaches;
 - prefill of a layer in `dense_layers`, or every row at level 0 -> dense SDPA, with its blocks
   counted as host-side integers (no GPU work, no host sync: a request run dense pays nothing per layer);
-- probe layers (a subset of the dense ones) call `on_probe(layer_idx, stats)` first;
-- the first sparse layer reached with no levels yet calls `before_sparse()` once (a deferred decision);
+- probe layers call `on_probe(layer_idx, stats)` first, from the layer's queries and keys before
+  its attention runs; every layer below the last probe layer is dense (`probe_layers_problem`), so
+  the statistics never depend on a level. The last probe layer may itself run sparse;
+- the first sparse layer reached with no levels yet calls `before_sparse()` once (a deferred
+  decision; after its probe when that layer is a probe layer);
 - otherwise: select blocks per row at density 1 - level, run the backend, count the blocks.
 Imports nothing from `data/` or `controller/`.
 """
@@ -128,9 +131,9 @@ class SparsePlan:
     _graphs: StepGraphs = field(default_factory=StepGraphs, repr=False)   # captured for these densities only
 
     def __post_init__(self):
-        if not self.probe_layers <= self.dense_layers:
-            raise ValueError(f"probe layers {sorted(self.probe_layers)} must be dense layers "
-                             f"{sorted(self.dense_layers)}: probes run before any sparse layer")
+        problem = probe_layers_problem(self.dense_layers, self.probe_layers)
+        if problem is not None:
+            raise ValueError(problem)
         if self.levels is not None:
             self.set_levels(self.levels)
 
@@ -148,6 +151,20 @@ class SparsePlan:
             density = 1.0 - self.levels
             self._density[device] = (density, density_on(density, device))
         return self._density[device]
+
+
+def probe_layers_problem(dense_layers, probe_layers) -> str | None:
+    """Why these probe layers cannot give level-independent statistics, or None. A probe reads its
+    layer's queries and keys before the layer's attention runs, so only the layers below it must be
+    dense: then the statistics are the same at every level, and the last probe layer itself may run
+    sparse at the level its statistics decided (it then saves that layer's dense attention)."""
+    if not probe_layers:
+        return None
+    below = set(range(max(probe_layers))) - set(dense_layers)
+    if below:
+        return (f"probe layers {sorted(probe_layers)} read layers {sorted(below)}, which are not dense "
+                f"(dense layers {sorted(dense_layers)}): every layer below the last probe layer must be dense")
+    return None
 
 
 @contextlib.contextmanager
@@ -193,7 +210,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     layer = getattr(module, "layer_idx", None)
-    if plan.on_probe is not None and layer in plan.probe_layers:   # probe layers are dense layers
+    if plan.on_probe is not None and layer in plan.probe_layers:   # before this layer's attention, at any level
         plan.on_probe(layer, attention_probe(query, key, scale, plan.probe_window, plan.selection.block_size,
                                              _key_valid(attention_mask), plan.selection))
     if plan.levels is None and plan.before_sparse is not None and layer not in plan.dense_layers:

@@ -48,11 +48,11 @@ def test_rows_are_independent_of_other_rows_levels(model, gen):
 
 def test_dense_layers_and_probes(model, gen):
     seen = []
-    plan = make_plan([0.8], dense_layers=frozenset({0, 2}), probe_layers=frozenset({0, 2}),
+    plan = make_plan([0.8], dense_layers=frozenset({0, 1}), probe_layers=frozenset({0, 1}),
                      on_probe=lambda layer, stats: seen.append((layer, stats)))
     with torch.no_grad(), use_plan(plan):
         model(torch.randint(0, 40000, (1, 150), generator=gen))
-    assert [layer for layer, _ in seen] == [0, 2]
+    assert [layer for layer, _ in seen] == [0, 1]
     assert all(torch.isfinite(v).all() for _, st in seen for v in st.values())
     # 4 layers, 2 dense: sparse accounting covers exactly the 2 sparse layers
     nq = 5
@@ -80,8 +80,50 @@ def test_left_padded_batch_gives_finite_logits(model, tiny_lm, gen):
     assert torch.isfinite(logits[:, -1]).all()
 
 
-def test_plan_rejects_bad_levels_and_probe_outside_dense():
+def test_plan_rejects_bad_levels_and_probes_above_sparse_layers():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         make_plan([1.0])
-    with pytest.raises(ValueError, match="probe layers"):
+    with pytest.raises(ValueError, match=r"read layers \[1, 2\], which are not dense"):
         make_plan([0.5], probe_layers=frozenset({3}))
+    with pytest.raises(ValueError, match=r"read layers \[0\]"):
+        make_plan([0.5], dense_layers=frozenset({1}), probe_layers=frozenset({1}))
+    make_plan([0.5], probe_layers=frozenset({0, 1}))   # layer 1: probed, then sparse
+    make_plan([0.5], dense_layers=frozenset(), probe_layers=frozenset({0}))
+
+
+def test_a_sparse_probe_layer_is_probed_then_decided_then_run_at_the_level(model, gen):
+    """dense {0}, probes {0, 1}: layer 1's statistics come before its attention, the deferred
+    decision follows them in the same layer, and layer 1 runs sparse at the decided level."""
+    events = []
+
+    def decide():
+        events.append("decide")
+        plan.set_levels(torch.tensor([0.8], dtype=torch.float64))
+
+    plan = make_plan([0.0], probe_layers=frozenset({0, 1}), on_probe=lambda layer, stats: events.append(layer),
+                     before_sparse=decide)
+    plan.levels = None   # undecided until `decide`
+    with torch.no_grad(), use_plan(plan):
+        model(torch.randint(0, 40000, (1, 150), generator=gen))
+    assert events == [0, 1, "decide"]
+    nq = 5
+    assert plan.counts.causal_sparse == 3 * 4 * nq * (nq + 1) // 2   # layers 1-3 sparse, layer 1 included
+    assert 0 < float(plan.counts.achieved_sparsity()[0]) < 0.8
+
+
+def test_probe_statistics_do_not_depend_on_the_probe_layers_own_level(model, gen):
+    """The features a sparse last probe layer gives equal those of the same layer run dense."""
+    ids = torch.randint(0, 40000, (1, 230), generator=gen)
+    seen = {}
+    for name, dense in (("dense", {0, 1}), ("sparse", {0})):
+        stats = []
+        plan = make_plan([0.9], dense_layers=frozenset(dense), probe_layers=frozenset({0, 1}),
+                         on_probe=lambda layer, st: stats.append((layer, st)))
+        with torch.no_grad(), use_plan(plan):
+            logits = model(ids).logits
+        seen[name] = (stats, logits, plan.counts.causal_sparse)
+    (a, la, ca), (b, lb, cb) = seen["dense"], seen["sparse"]
+    assert [layer for layer, _ in a] == [layer for layer, _ in b] == [0, 1]
+    for (_, sa), (_, sb) in zip(a, b):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert cb > ca and not torch.equal(la, lb)   # layer 1 did run sparse

@@ -50,3 +50,11 @@ def test_wrong_types_and_bad_yaml(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(ControllerJobConfig, bad)
+
+
+def test_the_last_probe_layer_may_run_sparse_and_no_probe_may_read_a_sparse_layer():
+    from data.config import SparseConfig
+    SparseConfig(dense_layers=(0,), probe_layers=(0, 1))   # layer 1 probed, then run at the decided level
+    SparseConfig(dense_layers=(), probe_layers=(0,))
+    with pytest.raises(UserError, match=r"read layers \[1\]"):
+        SparseConfig(dense_layers=(0,), probe_layers=(0, 2))

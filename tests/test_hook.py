@@ -246,3 +246,42 @@ def test_a_stratified_checkpoint_decides_each_row_in_its_length_stratum(tiny_lm,
         idx, _ = handle.decide(feats)
         assert idx.tolist() == [len(ckpt.levels) - 1, 0, len(ckpt.levels) - 1]
         assert handle.decide(feats, np.array([500, 50, 500]))[0].tolist() == [0, len(ckpt.levels) - 1, 0]
+
+
+def test_a_checkpoint_whose_probe_layer_runs_sparse_decides_alike_and_skips_more(tiny_lm, tiny_trained):
+    """The tiny controller probes layer 0 with layer 0 dense. The same checkpoint with no dense
+    layer probes layer 0 before its attention (the same features: nothing runs below it), decides
+    there, and runs layer 0 at the decided level too: the same features and level, other logits."""
+    import copy
+    job, _, ckpt_dir, _, _ = tiny_trained
+    ckpt = load_checkpoint(ckpt_dir)
+    sparse_probe = copy.copy(ckpt)
+    sparse_probe.record = copy.deepcopy(ckpt.record)
+    sparse_probe.record["sparse"]["dense_layers"] = []
+    runs = {}
+    for name, c in (("dense probe layer", ckpt), ("sparse probe layer", sparse_probe)):
+        with attach(tiny_lm, c) as handle:
+            handle.dispatch = False
+            handle.force_level = 0.7   # the decision's path, at a level that is sure to skip blocks
+            sample, ids = _prompt(job, tiny_lm.tokenizer, 3)
+            handle.task = sample.task
+            with torch.no_grad():
+                logits = tiny_lm.model(input_ids=ids).logits
+            runs[name] = (handle.last_features[0], handle.last_decisions[0], logits)
+    (fa, da, la), (fb, db, lb) = runs["dense probe layer"], runs["sparse probe layer"]
+    np.testing.assert_array_equal(fa, fb)
+    assert da.level == db.level == 0.7 and da.fallback == db.fallback and da.probability == db.probability
+    assert da.achieved_sparsity > 0 and not torch.allclose(la, lb)   # layer 0 ran sparse only in the second
+
+
+def test_a_checkpoint_that_probes_above_a_sparse_layer_is_refused(tiny_trained, tmp_path):
+    import shutil
+
+    from controller.export import RECORD_FILE
+    bad = tmp_path / "ckpt"
+    shutil.copytree(tiny_trained[2], bad)
+    record = json.loads((bad / RECORD_FILE).read_text())
+    record["sparse"].update(dense_layers=[], probe_layers=[0, 1])
+    (bad / RECORD_FILE).write_text(json.dumps(record))
+    with pytest.raises(Exception, match=r"read layers \[0\], which are not dense"):
+        load_checkpoint(bad)
