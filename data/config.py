@@ -56,8 +56,7 @@ class SparseConfig:
     local_blocks: int = 1                        # blocks ending at the diagonal always kept
     last_queries: int = 64                       # vertical_slash: final queries that estimate the pattern
     dense_layers: tuple[int, ...] = (0, 1)       # layers that always run dense
-    probe_layers: tuple[int, ...] = (0, 1)       # layers whose queries/keys give the probe features; the
-    # layers below the last of them must be dense, the last may be sparse (it then runs at the decided level)
+    probe_layers: tuple[int, ...] = (0, 1)       # probed before their attention; all layers below the last must be dense
     probe_window: int = 64                       # last queries the probe statistics read
     backend: str = "auto"                        # auto, triton, flex or reference
 
