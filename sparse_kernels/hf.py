@@ -19,7 +19,9 @@ hook) sets a plan. Rules, per attention call:
   the statistics never depend on a level. The last probe layer may itself run sparse;
 - the first sparse layer reached with no levels yet calls `before_sparse()` once (a deferred
   decision; after its probe when that layer is a probe layer);
-- otherwise: select blocks per row at density 1 - level, run the backend, count the blocks.
+- otherwise: select blocks per row at density 1 - level, run the backend, count the blocks; in a
+  batch that mixes rows at level 0 with sparse rows, the level-0 rows run SDPA (only the others
+  take the sparse path), so a row at level 0 is never computed by a sparse kernel.
 Imports nothing from `data/` or `controller/`.
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .probes import attention_probe
 from . import triton_attention
 from .flex import sliding_window_attention
 from .graphs import StepGraphs
-from .select import (SelectionSpec, block_accounting, density_on, num_blocks, select_blocks,
+from .select import (SelectionSpec, block_accounting, density_on, num_blocks, on_device, select_blocks,
                      select_blocks_with_index)
 
 ATTENTION_NAME = "sparse_prefill"
@@ -125,9 +127,11 @@ class SparsePlan:
     before_sparse: Callable[[], None] | None = None
     counts: BlockCounts = field(default_factory=BlockCounts)
     all_dense: bool = True   # every row at level 0 (kept by set_levels; the adapter reads it per layer)
+    mixed: bool = False      # some rows at level 0 and some above: those run SDPA, the others sparse
     padding: tuple[int | None, bool] | None = None   # (mask length, whether keys are padded), read once
     cuda_graphs: bool = True   # replay the Triton sparse step as a CUDA graph where the host bounds it (graphs.py)
     _density: dict = field(default_factory=dict, repr=False)   # device -> (density [B] on the host, on device)
+    _split: dict = field(default_factory=dict, repr=False)     # device -> `split`'s tuple
     _graphs: StepGraphs = field(default_factory=StepGraphs, repr=False)   # captured for these densities only
 
     def __post_init__(self):
@@ -142,7 +146,8 @@ class SparsePlan:
         if levels.numel() and (levels.min() < 0 or levels.max() >= 1 or torch.isnan(levels).any()):
             raise ValueError(f"sparsity levels must be in [0, 1), got {levels.tolist()}")
         self.levels, self.all_dense = levels, bool((levels == 0).all())
-        self._density, self._graphs = {}, StepGraphs()
+        self.mixed = not self.all_dense and bool((levels == 0).any())
+        self._density, self._split, self._graphs = {}, {}, StepGraphs()
 
     def density(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 - levels on the host, the same on `device`), placed once per plan and device: the
@@ -151,6 +156,16 @@ class SparsePlan:
             density = 1.0 - self.levels
             self._density[device] = (density, density_on(density, device))
         return self._density[device]
+
+    def split(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A mixed plan's (level-0 rows, other rows, their density on the host, on `device`), the
+        row indices on `device`; placed once per plan and device."""
+        if device not in self._split:
+            dense, sparse = (self.levels == 0).nonzero().flatten(), (self.levels != 0).nonzero().flatten()
+            density = 1.0 - self.levels[sparse]
+            self._split[device] = (on_device(dense, device), on_device(sparse, device), density,
+                                   density_on(density, device))
+        return self._split[device]
 
 
 def probe_layers_problem(dense_layers, probe_layers) -> str | None:
@@ -229,23 +244,63 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
         # the dense path: host-side accounting only, then exactly transformers' SDPA
         _count_dense(plan, query, sparse=layer not in plan.dense_layers)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    key_valid = _key_valid(attention_mask)
     if levels.shape[0] != query.shape[0]:
         raise ValueError(f"plan has {levels.shape[0]} levels for a batch of {query.shape[0]} rows")
+    if plan.mixed:
+        return _split_rows(plan, module, query, key, value, attention_mask, dropout, scaling, scale, **kwargs), None
+    return _sparse_rows(plan, plan.counts, query, key, value, attention_mask, scale, *plan.density(query.device)), None
+
+
+def _sparse_rows(plan: SparsePlan, counts, query, key, value, attention_mask, scale: float, density, placed,
+                 graphs: bool = True) -> torch.Tensor:
+    """Every row of `query` through the sparse path at its `density` (host [B], `placed` on the
+    device); kept blocks go to `counts`. Returns [B, N, Hq, D]."""
+    key_valid = _key_valid(attention_mask)
     backend = resolve_backend(plan.backend, query.device)
-    density, placed = plan.density(query.device)
     if backend == "triton" and triton_attention.supports(query, plan.selection.block_size, key_valid):
-        return _triton_step(plan, query, key, value, density, placed, scale, key_valid), None
+        return _triton_step(plan, counts, query, key, value, density, placed, scale, key_valid, graphs)
     block_mask = select_blocks(query, key, density, plan.selection, scale, key_valid,
                                fused=selection(query.device), placed=placed)
-    plan.counts.add(*block_accounting(block_mask))
+    counts.add(*block_accounting(block_mask))
     out = BACKENDS[backend](query, key, value, block_mask, plan.selection.block_size, scale, attention_mask, key_valid)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
-def _triton_step(plan: SparsePlan, query, key, value, density, placed, scale: float, key_valid) -> torch.Tensor:
+class _KeptRows:
+    """Receives one sparse call's kept blocks (the `BlockCounts.add` interface, no graphs)."""
+    kept, causal = None, 0
+
+    def add(self, kept: torch.Tensor, causal: int, rows: int | None = None) -> None:
+        self.kept, self.causal = kept, causal
+
+
+def _split_rows(plan: SparsePlan, module, query, key, value, attention_mask, dropout, scaling, scale, **kwargs):
+    """A batch with rows at level 0 and rows above. The level-0 rows run transformers' SDPA, as they
+    would with every row dense (a request decided dense, or the labeler's dense reference row, is
+    never computed by the sparse kernel); the others run the sparse path. Kept blocks are counted
+    per row, every causal block for the dense ones. Returns [B, N, Hq, D]."""
+    dense, sparse, density, placed = plan.split(query.device)
+    def rows(t, idx):
+        return None if t is None else t.index_select(0, idx)
+    dense_out = sdpa_attention_forward(module, rows(query, dense), rows(key, dense), rows(value, dense),
+                                       rows(attention_mask, dense), dropout, scaling, **kwargs)[0]
+    kept = _KeptRows()
+    sparse_out = _sparse_rows(plan, kept, rows(query, sparse), rows(key, sparse), rows(value, sparse),
+                              rows(attention_mask, sparse), scale, density, placed, graphs=False)
+    out = dense_out.new_empty((query.shape[0], *dense_out.shape[1:]))
+    out.index_copy_(0, dense, dense_out)
+    out.index_copy_(0, sparse, sparse_out)
+    per_row = torch.full((query.shape[0],), float(kept.causal), dtype=torch.float64, device=query.device)
+    per_row.index_copy_(0, sparse, kept.kept.reshape(sparse.shape[0], -1).sum(-1, dtype=torch.float64))
+    plan.counts.add(per_row, kept.causal)
+    return out
+
+
+def _triton_step(plan: SparsePlan, counts, query, key, value, density, placed, scale: float, key_valid,
+                 graphs: bool = True) -> torch.Tensor:
     """Selection writing the index the Triton kernel reads (no mask is built), then the kernel; as a
-    replayed CUDA graph where `StepGraphs.applies`. Returns [B, N, Hq, D] (the kernel's own layout)."""
+    replayed CUDA graph where `StepGraphs.applies` (and `graphs`). Kept blocks go to `counts`.
+    Returns [B, N, Hq, D] (the kernel's own layout)."""
     spec, fused = plan.selection, selection(query.device)
 
     def step(q, k, v):
@@ -259,12 +314,12 @@ def _triton_step(plan: SparsePlan, query, key, value, density, placed, scale: fl
     # Triton launches, graph capture and replay use the current device: make it the tensors' one
     # (a model spread over several GPUs leaves the current device at the first)
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
-        if plan.cuda_graphs and StepGraphs.applies(query, key_valid):
+        if graphs and plan.cuda_graphs and StepGraphs.applies(query, key_valid):
             key_ = (tuple(query.shape), tuple(key.shape), query.dtype, query.device, scale)
-            out = plan._graphs.run(key_, step, query, key, value, plan.counts, causal)
+            out = plan._graphs.run(key_, step, query, key, value, counts, causal)
         else:
-            out, counts = step(query, key, value)
-            plan.counts.add(counts, causal)
+            out, kept = step(query, key, value)
+            counts.add(kept, causal)
     return out.transpose(1, 2).contiguous()
 
 

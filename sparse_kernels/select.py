@@ -221,14 +221,17 @@ def vertical_slash_scores(q, k, spec: SelectionSpec, scale: float, key_valid=Non
     return vertical[:, :, None, :] + slash.gather(-1, diag).view(b, hq, rows.shape[0], nb)
 
 
+def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`. From the CPU it goes through pinned memory without blocking: a plain copy
+    would make the host wait for every kernel queued before it (a full sync per sparse layer)."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def density_on(density: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """density [B] as float64 on `device`. From the CPU it goes through pinned memory without
-    blocking: a plain copy would make the host wait for every kernel queued before it (a full
-    sync per sparse layer)."""
-    density = density.to(torch.float64)
-    if density.device.type == "cpu" and device.type == "cuda":
-        return density.pin_memory().to(device, non_blocking=True)
-    return density.to(device)
+    """density [B] as float64 on `device` (`on_device`)."""
+    return on_device(density.to(torch.float64), device)
 
 
 def _select(q, k, density: torch.Tensor, spec: SelectionSpec, scale: float, key_valid, with_mask: bool = True,

@@ -60,6 +60,28 @@ def test_dense_layers_and_probes(model, gen):
     assert plan.counts.causal_all == 4 * 4 * nq * (nq + 1) // 2
 
 
+def test_a_row_at_level_zero_in_a_mixed_batch_runs_sdpa_like_an_all_dense_batch(model, gen, monkeypatch):
+    """The labeler's dense reference row, and a request decided dense next to sparse ones, get the
+    dense path's attention (SDPA), not the sparse kernel at density 1."""
+    from sparse_kernels import hf
+    rows_seen = []
+    for name, fn in list(hf.BACKENDS.items()):
+        monkeypatch.setitem(hf.BACKENDS, name, lambda q, *a, fn=fn, **k: rows_seen.append(q.shape[0]) or fn(q, *a, **k))
+    ids = torch.randint(0, 40000, (1, 230), generator=gen).expand(3, -1)
+    with torch.no_grad():
+        with use_plan(make_plan([0.0, 0.0, 0.0])):
+            dense = model(ids).logits
+        with use_plan(make_plan([0.0, 0.8, 0.0])) as plan:
+            mixed = model(ids).logits
+        with use_plan(make_plan([0.8])):
+            alone = model(ids[:1]).logits
+    assert rows_seen == [1] * 3 + [1] * 3   # the mixed batch's sparse layers, then the row alone: one row each
+    assert torch.equal(mixed[0], dense[0]) and torch.equal(mixed[2], dense[2])
+    torch.testing.assert_close(mixed[1], alone[0], atol=1e-5, rtol=1e-5)
+    s = plan.counts.achieved_sparsity()
+    assert s[0] == 0 and s[2] == 0 and 0.5 < s[1] < 0.8
+
+
 def test_decode_stays_dense_and_generate_works(model, gen):
     ids = torch.randint(0, 40000, (1, 100), generator=gen)
     with torch.no_grad(), use_plan(make_plan([0.9])) as plan:
@@ -127,3 +149,26 @@ def test_probe_statistics_do_not_depend_on_the_probe_layers_own_level(model, gen
     for (_, sa), (_, sb) in zip(a, b):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert cb > ca and not torch.equal(la, lb)   # layer 1 did run sparse
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_batch_on_the_gpu_dense_rows_equal_an_all_dense_batch_bit_for_bit():
+    """The Triton path: level-0 rows next to sparse rows give the all-dense batch's logits exactly."""
+    from data.tiny import tiny_random_llama
+    model, _ = tiny_random_llama(dtype=torch.bfloat16, num_layers=4)
+    model = model.cuda().eval()
+    previous = enable_sparse_attention(model)
+    ids = torch.randint(100, 40000, (1, 1500), generator=torch.Generator().manual_seed(5)).cuda().expand(3, -1)
+    try:
+        with torch.no_grad():
+            with use_plan(make_plan([0.0, 0.0, 0.0], backend="triton")):
+                dense = model(input_ids=ids).logits
+            with use_plan(make_plan([0.0, 0.9, 0.0], backend="triton")) as plan:
+                mixed = model(input_ids=ids).logits
+    finally:
+        disable_sparse_attention(model, previous)
+    torch.testing.assert_close(mixed[0], dense[0], rtol=0, atol=0)
+    torch.testing.assert_close(mixed[2], dense[2], rtol=0, atol=0)
+    s = plan.counts.achieved_sparsity()
+    assert s[0] == 0 and s[2] == 0 and 0.5 < s[1] < 0.9
