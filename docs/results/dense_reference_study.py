@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from data.store import load_labels, write_json_atomic
+from data.tasks.scoring import normalise_answer
 
 STORES = {"v2 (flex, committed)": "data/labels/smollm2-135m/v2", "d01 (triton)": "d01",
           "d01sdpa (triton, dense row SDPA)": "d01sdpa"}
@@ -40,8 +41,10 @@ def agreement(labs: str) -> dict:
             continue
         d = _dense(root).reindex(ref.index)
         same = d["answer"] == ref["answer"]
+        norm = [normalise_answer(t, a) == normalise_answer(t, b) for t, a, b in zip(ref["task"], d["answer"], ref["answer"])]
         prefix = [len(os.path.commonprefix([a, b])) for a, b in zip(d["answer"][~same], ref["answer"][~same])]
         out[name] = {"dense_answer_equals_served": int(same.sum()),
+                     "normalised_answer_equals_served": int(sum(norm)),   # what `fidelity` compares
                      "dense_score_equals_served": int((d["score"] == ref["score"]).sum()),
                      "common_prefix_chars_median_where_different": float(np.median(prefix)) if prefix else None,
                      "nll_gold_abs_diff_median": round(float((d["nll_gold"] - ref["nll_gold"]).abs().median()), 5),
