@@ -10,8 +10,11 @@ Three plans, in one alternation per length with dense SDPA (the host's speed dri
   the shipped net reads other inputs, so its decisions here are for timing only).
 Per plan and level: `forced` (the level set before the forward, no probe, no decision) and
 `decision` (through the hook, probes and net, the level forced after the decision).
+`--overhead`: plans `dense01` and `dense_none` at level 0.9 only, and also `decision_no_text`: the
+decision with the token-id statistics looked up instead of computed (what the decision costs
+when it does not wait for them).
 
-  python docs/results/sparse_probe_study.py --checkpoint runs/demo/checkpoint --out F.json
+  python docs/results/sparse_probe_study.py --checkpoint runs/demo/checkpoint --out F.json [--overhead]
 """
 from __future__ import annotations
 
@@ -53,12 +56,35 @@ def _forced(handle, call, dense, level):
     return run
 
 
-def _modes(handle, call):
-    modes = {"dense": (call, handle.detached)}
+@contextlib.contextmanager
+def _text_looked_up(handle, d, p, lv, known: dict):
+    """The hook's token-id statistics returned from `known` (computed once, outside the timing)."""
+    import controller.hook as hook
+    original = hook.text_statistics
+    def looked_up(ids):
+        key = ids.tobytes()
+        if key not in known:
+            known[key] = original(ids)
+        return known[key]
+    hook.text_statistics = looked_up
+    try:
+        with _hooked(handle, d, p, lv):
+            yield
+    finally:
+        hook.text_statistics = original
+
+
+def _modes(handle, call, overhead: bool):
+    modes, known = {"dense": (call, handle.detached)}, {}
     for name, (dense, probes) in PLANS.items():
-        for level in LEVELS:
+        if overhead and name == "dense0":
+            continue
+        for level in LEVELS[:1] if overhead else LEVELS:
             modes[(name, level, "forced")] = (_forced(handle, call, dense, level), handle.paused)
             modes[(name, level, "decision")] = (call, lambda d=dense, p=probes, lv=level: _hooked(handle, d, p, lv))
+            if overhead:
+                modes[(name, level, "decision_no_text")] = (
+                    call, lambda d=dense, p=probes, lv=level: _text_looked_up(handle, d, p, lv, known))
     return modes
 
 
@@ -68,6 +94,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
+    p.add_argument("--overhead", action="store_true")
     args = p.parse_args()
     cuda = args.device == "cuda"
     lm = load_model("smollm2-135m", dtype="bfloat16" if cuda else "float32", device=args.device)
@@ -83,17 +110,17 @@ def main() -> None:
             rounds = []
             for _ in range(ROUNDS):
                 _past_warmup(handle)
-                rounds.append(_measure_alternating(_modes(handle, call), n))
+                rounds.append(_measure_alternating(_modes(handle, call, args.overhead), n))
             med = {k: sorted(r[k][0] for r in rounds)[ROUNDS // 2] for k in rounds[0]}
-            for name in PLANS:
-                for level in LEVELS:
-                    f, d = med[(name, level, "forced")], med[(name, level, "decision")]
-                    result["rows"].append({"N": n, "plan": name, "level": level, "ms_dense": round(med["dense"], 3),
-                                           "ms_forced": round(f, 3), "ms_decision": round(d, 3),
-                                           "speedup_forced": round(med["dense"] / f, 3),
-                                           "speedup_decision": round(med["dense"] / d, 3),
-                                           "decision_overhead_ms": round(d - f, 3)})
-                    print(json.dumps(result["rows"][-1]), flush=True)
+            for name, level, _ in [k for k in med if k != "dense" and k[2] == "forced"]:
+                f, d = med[(name, level, "forced")], med[(name, level, "decision")]
+                row = {"N": n, "plan": name, "level": level, "ms_dense": round(med["dense"], 3),
+                       "ms_forced": round(f, 3), "ms_decision": round(d, 3), "speedup_forced": round(med["dense"] / f, 3),
+                       "speedup_decision": round(med["dense"] / d, 3), "decision_overhead_ms": round(d - f, 3)}
+                if (name, level, "decision_no_text") in med:
+                    row["decision_overhead_no_text_ms"] = round(med[(name, level, "decision_no_text")] - f, 3)
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
             with open(args.out, "w") as fh:
                 json.dump(result, fh, indent=1)
 
