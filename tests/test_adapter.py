@@ -100,6 +100,12 @@ def test_left_padded_batch_gives_finite_logits(model, tiny_lm, gen):
     with torch.no_grad(), use_plan(make_plan([0.7, 0.7])):
         logits = model(**batch).logits
     assert torch.isfinite(logits[:, -1]).all()
+    with torch.no_grad():   # a padded batch mixing a dense row with a sparse one: the dense row as if all were dense
+        with use_plan(make_plan([0.0, 0.7])):
+            mixed = model(**batch).logits
+        with use_plan(make_plan([0.0, 0.0])):
+            dense = model(**batch).logits
+    assert torch.equal(mixed[0], dense[0]) and torch.isfinite(mixed[1, -1]).all()
 
 
 def test_plan_rejects_bad_levels_and_probes_above_sparse_layers():
