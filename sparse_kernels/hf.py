@@ -280,8 +280,9 @@ def _split_rows(plan: SparsePlan, module, query, key, value, attention_mask, dro
     never computed by the sparse kernel); the others run the sparse path. Kept blocks are counted
     per row, every causal block for the dense ones. Returns [B, N, Hq, D]."""
     dense, sparse, density, placed = plan.split(query.device)
-    def rows(t, idx):
-        return None if t is None else t.index_select(0, idx)
+
+    def rows(t, idx):   # a mask broadcast over the batch (leading size 1) serves every subset as it is
+        return t if t is None or t.shape[0] != query.shape[0] else t.index_select(0, idx)
     dense_out = sdpa_attention_forward(module, rows(query, dense), rows(key, dense), rows(value, dense),
                                        rows(attention_mask, dense), dropout, scaling, **kwargs)[0]
     kept = _KeptRows()
