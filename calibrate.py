@@ -8,7 +8,10 @@ line, then the new checkpoint folder as the last line.
 
 --prompts: a JSONL file (or folder of them) of {"input": ..., "answer_prefix"?: ..., "task"?: ...}
 (RULER files work as they are; `outputs` optional), or a folder of .txt files, one prompt each.
-The labels go to OUT.labels (resumable; --labels DIR to choose). Errors print one line, exit 2.
+The labels go to OUT.labels (resumable; --labels DIR to choose). An existing --out is refused unless
+--overwrite is given, and even then only a checkpoint this project wrote is replaced; no output may
+be, contain or lie inside the input checkpoint, the prompts or a label store. Errors print one line,
+exit 2, and leave nothing written.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by train.py (or calibrate.py)")
     p.add_argument("--prompts", required=True, help="JSONL file or folder, or a folder of .txt prompts")
-    p.add_argument("--out", required=True, help="folder for the recalibrated checkpoint")
+    p.add_argument("--out", required=True, help="folder for the recalibrated checkpoint (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint at --out (only a checkpoint folder this project wrote)")
     p.add_argument("--criterion", default="fidelity", choices=["fidelity", "gold"],
                    help="fidelity: label-free (default); gold: needs `outputs` on every prompt")
     p.add_argument("--alpha", type=float, help="target rate of unsafe decisions (default: the checkpoint's)")
@@ -71,7 +76,7 @@ def main(argv=None) -> int:
         result = recalibrate_checkpoint(args.checkpoint, args.prompts, args.out, args.criterion, args.alpha,
                                         args.delta, args.max_requests, args.labels, args.devices,
                                         args.batch_samples, args.guard_p, model=args.model, policy=args.policy,
-                                        length_strata=strata)
+                                        length_strata=strata, overwrite=args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,14 +11,17 @@ same for prompts without answers (judged by the label-free `fidelity` criterion)
 fitted on the checkpoint's training store and calibrated on the requests the checkpoint was
 calibrated on. The report says which criterion judged the violations, what share of the requests
 the shift guard flagged, and whether the traffic looks exchangeable with the calibration requests.
-Errors print one line and exit with code 2.
+An existing --out is refused unless --overwrite is given, and even then only a report this project
+wrote is replaced (a folder holding only the labels of an interrupted run is resumed); --out may not
+be, contain or lie inside the checkpoint, its label stores or the evaluated inputs.
+Errors print one line, exit with code 2 and leave nothing written.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from data.errors import ArgumentParser, UserError, check_output_folder
+from data.errors import ArgumentParser, UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--prompts", help="prompts without answers: JSONL file or folder, or a folder of .txt files")
     p.add_argument("--criterion", choices=["gold", "fidelity"],
                    help="criterion that judges violations (default: the checkpoint's; --prompts needs fidelity)")
-    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--out", required=True, help="report folder (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report at --out (only a report this project wrote)")
     return p.parse_args(argv)
 
 
@@ -38,9 +42,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         from controller.compat import check_switches
-        from controller.pipeline import evaluate_checkpoint
+        from controller.pipeline import check_report_paths, evaluate_checkpoint
         check_switches()
-        check_output_folder(args.out, f"--out {args.out}")
+        check_report_paths(args.out, args.checkpoint, args.overwrite, labels=args.labels, ruler=args.ruler,
+                           prompts=args.prompts)
         criterion = "fidelity" if args.prompts and args.criterion is None else args.criterion
         out = evaluate_checkpoint(args.checkpoint, args.out, labels=args.labels, ruler=args.ruler,
                                   prompts=args.prompts, criterion=criterion)

@@ -20,7 +20,7 @@ from pathlib import Path
 from controller.compat import check_switches
 from controller.config import ControllerJobConfig
 from data.config import config_keys_help, load_config
-from data.errors import ArgumentParser, UserError, check_output_folder
+from data.errors import ArgumentParser, UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,20 +28,30 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog="config keys (YAML sections, or dotted overrides key=value), with defaults:\n"
                                        + config_keys_help(ControllerJobConfig))
     p.add_argument("--config", required=True, help="YAML file in configs/")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/checkpoint (refused otherwise)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT/checkpoint and OUT/report (refused otherwise; only ones this project wrote)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. out=runs/x calibration.alpha=0.1")
     return p.parse_args(argv)
 
 
 def check_out(job: ControllerJobConfig, overwrite: bool) -> None:
-    """Refuse to replace a checkpoint unless asked, before anything is written."""
-    ckpt = Path(job.out) / "checkpoint"
-    if "train" in job.stages and ckpt.exists() and not overwrite:
-        raise UserError(f"{ckpt} exists; pass --overwrite to replace it, or choose another out=DIR")
+    """Every path the job writes, before anything is written: `out` new, empty or a run folder of
+    ours; its checkpoint and report replaced only with --overwrite and only when they are ours; the
+    label store new, empty or a store to resume, never inside what a rerun replaces."""
+    from data.outputs import check_disjoint, check_replaceable, check_run_folder, check_store_target, relation
+    store = job.labels if job.labels is not None else job.labeling.out
     if "train" in job.stages:
-        check_output_folder(job.out, f"out={job.out}")
+        out = Path(job.out)
+        if relation(out, store) in ("is", "lies inside"):
+            raise UserError(f"out={job.out} {relation(out, store)} the label store {store}; choose another out=DIR")
+        check_run_folder(out, f"out={job.out}", store)
+        check_disjoint(store, f"label store {store}", {"the run's checkpoint folder": out / "checkpoint",
+                                                        "the run's report folder": out / "report", "the run's logs": out / "logs"})
+        check_replaceable(out / "checkpoint", f"{out / 'checkpoint'}", "checkpoint", overwrite)
+        if "evaluate" in job.stages:
+            check_replaceable(out / "report", f"{out / 'report'}", "report", overwrite)
     if "label" in job.stages or job.labels is None:   # labels are written into labeling.out
-        check_output_folder(job.labeling.out, f"labeling.out={job.labeling.out}")
+        check_store_target(job.labeling.out, f"labeling.out={job.labeling.out}")
 
 
 def save_resolved_config(job: ControllerJobConfig) -> None:

@@ -19,12 +19,14 @@ import numpy as np
 
 from data.errors import UserError
 from data.features import FEATURE_NAMES, FEATURE_VERSION
+from data.outputs import (CHECKPOINT_EXTRAS, CHECKPOINT_FILES, check_replaceable, fresh_sibling, remove_stale_siblings,
+                          unmark)
 
 from .calibrate import Calibration
 from .net import SafetyNet
 
 CHECKPOINT_FORMAT = 1
-WEIGHTS_FILE, RECORD_FILE = "model.safetensors", "controller.json"
+RECORD_FILE, WEIGHTS_FILE = CHECKPOINT_FILES
 
 
 @dataclass
@@ -53,23 +55,34 @@ class ControllerCheckpoint:
 
 
 def export_checkpoint(path: str | Path, net: SafetyNet, record: dict, texts: dict[str, str] | None = None) -> Path:
-    """Write the checkpoint folder atomically; an existing folder at `path` is replaced (moved aside
-    first and deleted only after the new one is in place). `texts`: extra text files (a report)."""
+    """Write the checkpoint folder atomically: into a fresh temporary folder beside `path`, then
+    renamed into place. An existing checkpoint of ours at `path` is replaced (moved aside first and
+    deleted only after the new one is in place); any other non-empty folder is refused (UserError):
+    the commands ask for --overwrite before they get here, this is the last line of defence.
+    `texts`: extra text files (a report); their names must be ones a checkpoint of ours may hold."""
     from safetensors.torch import save_file
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    extra = sorted(set(texts or {}) - set(CHECKPOINT_EXTRAS))
+    if extra:
+        raise ValueError(f"a checkpoint holds no file {extra[0]!r}; add it to CHECKPOINT_EXTRAS")
+    replacing = path.exists() and any(path.iterdir())
+    if replacing:
+        check_replaceable(path, f"checkpoint folder {path}", "checkpoint", overwrite=True)
+    remove_stale_siblings(path, "export")
+    tmp = fresh_sibling(path, "export")
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS_FILE))
     (tmp / RECORD_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, **record}, indent=1, sort_keys=True))
     for name, text in (texts or {}).items():
         (tmp / name).write_text(text)
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
+    old = None
+    if replacing:
+        old = fresh_sibling(path, "replaced")
+        shutil.rmtree(old)
+        os.replace(path, old)   # a crash from here until the next line leaves the old checkpoint in `old`
     os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    unmark(path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 

@@ -52,6 +52,7 @@ from .policies import deployed_policy
 
 log = logging.getLogger(__name__)
 _ATTACHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> its attached handle
+_ATTACH_LOCK = threading.Lock()   # attach and detach are atomic per process (so per model)
 
 
 class ControllerHandle:
@@ -76,9 +77,7 @@ class ControllerHandle:
         self.guard = ckpt.guard   # None: a checkpoint without one (every request is decided by the controller)
         # the traffic as a whole: once its p-values stop looking exchangeable, every request runs at the fallback
         self.monitor = self.guard.monitor() if self.guard is not None else None
-        self._previous = enable_sparse_attention(model)
-        self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
-                       model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
+        self._previous, self._hooks = None, []   # set by _install, under the attach lock
         # the token-id statistics need only the ids: a worker computes them while the probe layers run
         self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-features")
         self._monitor_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-monitor")
@@ -114,17 +113,27 @@ class ControllerHandle:
         if seconds is not None:
             self._local.seconds = seconds
 
-    def detach(self) -> None:
-        """Restore the model (idempotent: a second call does nothing)."""
-        if _ATTACHED.get(self.model) is not self:
-            return
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+    def _install(self) -> None:
+        """The sparse adapter and the two forward hooks (attach calls it under `_ATTACH_LOCK`)."""
+        self._previous = enable_sparse_attention(self.model)
+        self._hooks = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+                       self.model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
+
+    def _shutdown_workers(self) -> None:
         self._text_worker.shutdown(wait=False, cancel_futures=True)
         self._monitor_worker.shutdown(wait=False, cancel_futures=True)
-        disable_sparse_attention(self.model, self._previous)
-        del _ATTACHED[self.model]
+
+    def detach(self) -> None:
+        """Restore the model (idempotent: a second call does nothing; safe from any thread)."""
+        with _ATTACH_LOCK:
+            if _ATTACHED.get(self.model) is not self:
+                return
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            self._shutdown_workers()
+            disable_sparse_attention(self.model, self._previous)
+            del _ATTACHED[self.model]
 
     @contextlib.contextmanager
     def paused(self):
@@ -393,8 +402,11 @@ def attach(model, checkpoint: str | Path | ControllerCheckpoint, task: str | lis
     reason = unsupported_reason(model)
     if reason is not None:
         raise UserError(reason)
-    if model in _ATTACHED:
-        raise UserError("this model already has a controller attached; detach it first (handle.detach())")
     handle = ControllerHandle(model, ckpt, task, resolve_break_even(model, break_even))
-    _ATTACHED[model] = handle
+    with _ATTACH_LOCK:   # check and install as one step: of concurrent attaches to one model, one wins
+        if model in _ATTACHED:
+            handle._shutdown_workers()
+            raise UserError("this model already has a controller attached; detach it first (handle.detach())")
+        handle._install()
+        _ATTACHED[model] = handle
     return handle

@@ -124,6 +124,34 @@ def find_store(path: str, from_checkpoint: str | None, checkpoint_dir: str | Pat
                     "put the store back at one of those paths")
 
 
+def recorded_stores(rec: dict, checkpoint_dir: str | Path) -> dict[str, str]:
+    """{description: path} of the label stores a checkpoint record names that exist here (outputs
+    must keep clear of them)."""
+    cal = rec.get("calibration_data") or {}
+    entries = {"the checkpoint's training label store": rec.get("label_store") or {},
+               "the checkpoint's calibration label store": {"path": cal.get("label_store"),
+                                                            "path_from_checkpoint": cal.get("label_store_from_checkpoint")}}
+    found = {}
+    for what, entry in entries.items():
+        rel = entry.get("path_from_checkpoint")
+        for path in (entry.get("path"), str(Path(checkpoint_dir) / rel) if isinstance(rel, str) else None):
+            if isinstance(path, str) and Path(path).is_dir():
+                found[what] = path
+                break
+    return found
+
+
+def check_report_paths(out: str, checkpoint: str, overwrite: bool, **inputs: str | None) -> None:
+    """eval.py's --out, before anything is written: new, empty or a report of ours (replaced only
+    with --overwrite), clear of the input checkpoint, its stores and the evaluated inputs."""
+    from data.outputs import check_disjoint, check_report_target
+    rec = load_checkpoint(checkpoint).record
+    others = {"the input checkpoint": checkpoint, **recorded_stores(rec, checkpoint),
+              **{f"the --{k} input": v for k, v in inputs.items()}}
+    check_disjoint(out, f"--out {out}", others)
+    check_report_target(out, f"--out {out}", overwrite)
+
+
 def calibration_data(source: str, cal: LabelArrays, criterion: dict, store: str, checkpoint_dir: Path,
                      files: list | None = None) -> dict:
     """What a checkpoint's guarantee was calibrated on, for its record and reports."""

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from data.config import DataConfig
-from data.errors import UserError, check_output_folder
+from data.errors import UserError
+from data.outputs import check_disjoint, check_not_here, check_replaceable, check_store_target
 from data.store import criterion_dict
 from data.tasks import read_prompts
 
@@ -127,10 +128,19 @@ def certified_line(r: Recalibrated) -> str:
             + (f", and so do the first {r.guard.warmup} requests of every stream (warm-up)" if r.guard.warmup else ""))
 
 
-def _check_out(out: Path, checkpoint: Path) -> None:
-    if out.resolve() == checkpoint.resolve():
-        raise UserError(f"--out {out} is the input checkpoint; write the recalibrated one to a new folder")
-    check_output_folder(out, f"--out {out}")
+def check_write_paths(out: Path, store: Path, checkpoint: Path, prompts: str, rec: dict, overwrite: bool) -> None:
+    """Every path calibrate.py writes, checked before anything is: `out` new, empty, or a checkpoint of
+    ours replaced only with --overwrite; the label store new, empty or a store to resume; neither
+    is, contains or lies inside the input checkpoint, the prompts, the other output or the
+    checkpoint's stores."""
+    from .pipeline import recorded_stores
+    stores = recorded_stores(rec, checkpoint)
+    check_disjoint(out, f"--out {out}", {"the input checkpoint": checkpoint, "the prompts": prompts,
+                                         "the label store": store, **stores})
+    check_replaceable(out, f"--out {out}", "checkpoint", overwrite)
+    stores.pop("the checkpoint's calibration label store", None)   # resuming it (the same prompts again) is fine
+    check_disjoint(store, f"--labels {store}", {"the input checkpoint": checkpoint, "the prompts": prompts, **stores})
+    check_store_target(store, f"--labels {store}")
 
 
 def _prompt_count(prompts: str, criterion: dict, max_requests: int | None) -> int:
@@ -170,13 +180,16 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
                            labels: str | None = None, devices: int = 1, batch_samples: int = 8,
                            guard_p: float | None = None, progress: bool = True,
                            model: str | None = None, policy: str = "auto",
-                           length_strata: tuple[int, ...] | None = None) -> tuple[Path, str] | None:
+                           length_strata: tuple[int, ...] | None = None, overwrite: bool = False
+                           ) -> tuple[Path, str] | None:
     """calibrate.py: check everything, label the prompts, recalibrate, export. Returns (checkpoint
     folder, certified line), or None on a non-zero rank of a distributed labeling run."""
     from .pipeline import label_requests, path_from
     out_path, ckpt_path = Path(out), Path(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
-    _check_out(out_path, ckpt_path)
+    check_not_here(out_path, f"--out {out}")
+    store = labels or str(out_path.with_name(out_path.name + ".labels"))
+    check_write_paths(out_path, Path(store), ckpt_path, prompts, ckpt.record, overwrite)
     crit = {**criterion_dict(ckpt.record["criterion"]), "name": criterion}
     alpha = ckpt.record["alpha"] if alpha is None else alpha
     delta = ckpt.record["delta"] if delta is None else delta
@@ -191,7 +204,6 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
         raise UserError(f"{n} requests are too few to certify alpha={alpha:g} with delta={delta:g}: Learn-then-Test "
                         f"needs at least {need}{each} (with zero violations); give more prompts, a larger alpha/delta"
                         + (" or --policy controller" if count > 1 else ""))
-    store = labels or str(out_path.with_name(out_path.name + ".labels"))
     root = label_requests(ckpt, DataConfig(tasks=(), prompts=(prompts,), max_prompts=max_requests), Path(store), crit,
                           devices=devices, batch_samples=batch_samples, progress=progress, model=model)
     if not root:

@@ -11,7 +11,8 @@ labeling the new config then resumes it and labels only the samples it lacks.
   python -m data.adopt --source data/labels/smollm2-135m/v1 --config configs/label_smollm2_gpu_v2.yaml
 
 Refuses (one line, nothing written) when anything but the data section differs, when the data
-sections differ in more than the form sets, or when the target exists. Imports lower `data`
+sections differ in more than the form sets, when the target exists (a rerun after a finished
+adoption from the same source just reports it), or while a labeling run holds the source's LOCK. Imports lower `data`
 modules; never `controller`.
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 
 from .config import LabelJobConfig, data_identity, load_config, stored_data_identity
 from .errors import ArgumentParser, UserError
-from .store import LabelStore, write_json_atomic
+from .outputs import check_disjoint, fresh_sibling, remove_stale_siblings, unmark
+from .store import LabelStore, StoreLock, finish_swap, write_json_atomic
 
 
 def _check_source(src_meta: dict, data: dict, job: LabelJobConfig) -> None:
@@ -45,31 +47,59 @@ def _check_source(src_meta: dict, data: dict, job: LabelJobConfig) -> None:
         raise UserError(f"the source store is for model {src_meta.get('model_name')!r}, the config names {job.model.name!r}")
 
 
+def _already_adopted(target: Path, source: str | Path) -> bool:
+    """`target` is the store an earlier run adopted from `source` (a rerun after it finished)."""
+    if not (target / "meta.json").is_file():
+        return False
+    adopted = LabelStore(target).meta().get("adopted") or [{}]
+    return Path(str(adopted[0].get("from"))).resolve() == Path(source).resolve()
+
+
 def adopt_store(source: str | Path, job: LabelJobConfig) -> LabelStore:
-    """Create `job.labeling.out` from the rows of `source` (see the module text)."""
+    """Create `job.labeling.out` from the rows of `source` (see the module text). Holds the source's
+    lock while copying (a labeling run on it is refused, and cannot start meanwhile); builds the new
+    store in a marked temporary folder renamed into place at the end, so a kill at any point leaves
+    the source untouched and the target absent or complete; a rerun after completion says so."""
     src = LabelStore(source)
     src_meta = src.meta()
     target = Path(job.labeling.out)
-    if target.exists():
+    if _already_adopted(target, source):
+        return LabelStore(target)
+    check_disjoint(target, f"labeling.out={target}", {"the source store": source})
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"{target} exists; adopt into a new folder (labeling.out=NEW_DIR)")
     data = data_identity(job.data)
     _check_source(src_meta, data, job)
-    rows = len(src.table())
-    tmp = target.with_name(target.name + ".adopt.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "shards").mkdir(parents=True)
-    for shard in src.shards():
-        shutil.copyfile(shard, tmp / "shards" / f"part-from-{Path(source).name}-{shard.name.removeprefix('part-')}")
+    with StoreLock(source):
+        finish_swap(source)   # a backfill of the source killed mid-swap: finish it first
+        remove_stale_siblings(target, "adopt")
+        tmp = fresh_sibling(target, "adopt")
+        rows, shards = _copy_rows(src, Path(source), tmp)
     meta = json.loads(json.dumps(src_meta))
     meta["identity"]["data"] = data
-    meta["adopted"] = [{"from": str(source), "rows": rows, "shards": len(src.shards()),
+    meta["adopted"] = [{"from": str(source), "rows": rows, "shards": shards,
                         "source_created": src_meta.get("created"), "source_versions": src_meta.get("versions"),
                         "at": datetime.datetime.now(datetime.timezone.utc).isoformat()}]
     write_json_atomic(tmp / "meta.json", meta)
-    if (Path(source) / "runs.jsonl").is_file():
-        shutil.copyfile(Path(source) / "runs.jsonl", tmp / "runs.jsonl")
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{target} appeared while adopting; adopt into a new folder (labeling.out=NEW_DIR)") from None
+    unmark(target)
     return LabelStore(target)
+
+
+def _copy_rows(src: LabelStore, source: Path, tmp: Path) -> tuple[int, int]:
+    """Copy the source's shards (and runs log) into `tmp`; (rows, shards)."""
+    rows = len(src.table())
+    (tmp / "shards").mkdir()
+    shards = src.shards()
+    for shard in shards:
+        shutil.copyfile(shard, tmp / "shards" / f"part-from-{source.name}-{shard.name.removeprefix('part-')}")
+    if (source / "runs.jsonl").is_file():
+        shutil.copyfile(source / "runs.jsonl", tmp / "runs.jsonl")
+    return rows, len(shards)
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,8 @@ only on the model and the prompt. So when FEATURE_VERSION changes, a store is br
 running each stored prompt through the model's dense layers up to the last probe layer (the forward
 stops there), computing the features with `features.compute_features` (the function labeling and
 the hook use), and rewriting the shards with the new feature columns. The new shards are written
-into a temporary folder and swapped in with the metadata, so a crash leaves the old store intact.
+into a folder inside the store and swapped in with the metadata in steps that a rerun finishes
+after a kill at any point (`store.finish_swap`); it holds the store's LOCK throughout.
 
   python -m data.backfill --store data/labels/smollm2-135m/v1 [--device cpu] [--dtype bfloat16] [--text-only]
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
 import sys
 
@@ -38,7 +38,7 @@ from .errors import ArgumentParser, UserError
 from .features import FEATURE_NAMES, FEATURE_VERSION, TEXT_STATS, ProbeCollector, compute_features, text_statistics
 from .labeling import plan_samples, realize
 from .models import load_model, same_weights
-from .store import LabelStore, write_json_atomic
+from .store import BUILD_DIR, LabelStore, StoreLock, finish_swap, swap_in_shards
 from .tasks import prompt_ids
 from .tasks.base import parse_generated_sample_id
 
@@ -90,7 +90,21 @@ def _text_only_features(stored, ids: list[int]) -> dict[str, float]:
 
 def backfill_store(root: str, device: str = "cpu", dtype: str | None = None, log=print, text_only: bool = False) -> dict:
     """Recompute every request's features (`text_only`: the token-id statistics only, from the
-    stored probe statistics); returns the backfill record written into meta.json."""
+    stored probe statistics); returns the backfill record written into meta.json. Holds the store's
+    lock throughout (a live labeling run is refused in one line, and cannot start meanwhile); first
+    finishes a backfill that was killed while swapping its shards in (then that one's record is
+    returned when it already brought the store to this feature version)."""
+    LabelStore(root).meta()   # the one-line error for a folder that is not a store, before the lock
+    with StoreLock(root):
+        done = finish_swap(root)
+        meta = LabelStore(root).meta()
+        if done == "finished" and meta["identity"].get("feature_version") == FEATURE_VERSION:
+            log(f"backfill: finished the interrupted backfill of {root}")
+            return meta["features_backfilled"][-1]
+        return _backfill(root, device, dtype, log, text_only)
+
+
+def _backfill(root: str, device: str, dtype: str | None, log, text_only: bool) -> dict:
     store = LabelStore(root)
     meta = store.meta()
     table = store.table()
@@ -131,8 +145,9 @@ def backfill_store(root: str, device: str = "cpu", dtype: str | None = None, log
 
 
 def _rewrite(store: LabelStore, meta: dict, features: dict[str, dict], record: dict) -> None:
-    """New shards in a temporary folder, then swapped in together with the metadata."""
-    new_dir = store.root / "shards.backfill.tmp"
+    """New shards built in a folder inside the store, then swapped in together with the metadata
+    (`store.swap_in_shards`: a kill at any point is finished or undone by a rerun)."""
+    new_dir = store.root / BUILD_DIR
     shutil.rmtree(new_dir, ignore_errors=True)
     new_dir.mkdir()
     for shard in store.shards():
@@ -144,12 +159,7 @@ def _rewrite(store: LabelStore, meta: dict, features: dict[str, dict], record: d
     meta = json.loads(json.dumps(meta))
     meta["identity"].update(feature_version=FEATURE_VERSION, feature_names=list(FEATURE_NAMES))
     meta.setdefault("features_backfilled", []).append(record)
-    old_dir = store.root / "shards.old"
-    shutil.rmtree(old_dir, ignore_errors=True)
-    os.replace(store.shard_dir, old_dir)
-    os.replace(new_dir, store.shard_dir)
-    write_json_atomic(store.meta_path, meta)
-    shutil.rmtree(old_dir)
+    swap_in_shards(store.root, new_dir, {"store_version": meta.get("store_version", 1), **meta})
 
 
 def main(argv=None) -> int:

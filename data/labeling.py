@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 import platform
 import re
 import subprocess
@@ -29,6 +30,8 @@ from .models import LoadedModel
 from .errors import UserError
 from .tasks import Sample, TaskSpec, build_task, generate_sample, prompt_ids, read_prompts, read_ruler, score
 from .tasks.base import generated_sample_id
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ class Labeler:
         self.cache_arg = cache_kwarg(lm.model)
         enable_sparse_attention(lm.model)
         self.sliding = sliding_window_of(lm.model)   # None, or the window its sliding caches keep
+        self.batch_limit = job.labeling.batch_samples   # halved when a batch runs out of memory
 
     def plan(self, collector: ProbeCollector) -> SparsePlan:
         sp = self.job.sparse
@@ -190,9 +194,28 @@ class Labeler:
     @torch.no_grad()
     def label_samples(self, samples: list[Sample]) -> list[dict]:
         """Label K samples: K sparse prefills, then one stacked dense decode of all K x levels rows.
-        Decode and teacher seconds are the batch's, divided evenly among its samples."""
-        pre = [self.prefill(s) for s in samples]
-        return [r for group in self._decode_groups(pre) for r in self._decode(group)]
+        Decode and teacher seconds are the batch's, divided evenly among its samples. A batch that
+        runs out of memory is labeled again in halves (and later batches in parts no larger than the
+        half that fitted); one sample that does not fit alone is a UserError naming it."""
+        if len(samples) > self.batch_limit:
+            k = self.batch_limit
+            return [r for i in range(0, len(samples), k) for r in self.label_samples(samples[i:i + k])]
+        try:
+            pre = [self.prefill(s) for s in samples]
+            return [r for group in self._decode_groups(pre) for r in self._decode(group)]
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            reason = type(e).__name__
+        pre = None
+        free_memory(self.lm.device)
+        if len(samples) == 1:
+            raise UserError(f"labeling request {samples[0].sample_id} alone at {len(self.levels)} levels ran out of "
+                            f"{self.lm.device.type} memory ({reason}); drop or shorten that prompt, label fewer "
+                            "levels, or use a device with more memory (the rows labeled so far are kept)")
+        self.batch_limit = len(samples) // 2
+        log.warning("labeling %d samples at once ran out of memory; continuing with batches of %d (set "
+                    "labeling.batch_samples / --batch-samples %d to skip this retry)", len(samples), self.batch_limit,
+                    self.batch_limit)
+        return self.label_samples(samples)
 
     def _decode_groups(self, pre: list[Prefilled]) -> list[list[Prefilled]]:
         """Samples decoded together. A sliding-window cache keeps its prompt's last window - 1
@@ -244,6 +267,14 @@ class Labeler:
                 **{f"seconds_{k}": v for k, v in seconds.items()},
             })
         return records
+
+
+def free_memory(device: torch.device) -> None:
+    """Return what an out-of-memory batch left behind (its tensors are unreachable by now)."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _git_sha() -> str:

@@ -26,8 +26,9 @@ from .config import LabelJobConfig
 from .labeling import Labeler, PlannedSample, plan_samples, realize, store_meta
 from .models import LoadedModel, load_model, resolve_dtype
 from .errors import UserError
+from .outputs import check_store_target
 from .store import LabelStore, StoreLock
-from .tasks import Sample
+from .tasks import Sample, prompt_ids
 
 log = logging.getLogger(__name__)
 ACCELERATORS = {"auto": "auto", "cpu": "cpu", "cuda": "gpu", "gpu": "gpu"}
@@ -142,6 +143,11 @@ class ShardWriter(BasePredictionWriter):
             self.store.write_shard(self.buffer, rank)
             self.buffer, self.buffered_samples = [], 0
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A run that stops on an error (a sample that does not fit in memory, an interrupt) keeps
+        the whole samples it labeled: a rerun resumes after them."""
+        self._flush(trainer.global_rank)
+
     def on_predict_end(self, trainer, pl_module) -> None:
         self._flush(trainer.global_rank)
         end = time.perf_counter()
@@ -219,42 +225,80 @@ def check_layers(job: LabelJobConfig, lm: LoadedModel) -> None:
                         f"{n} layers (0..{n - 1})")
 
 
-def labeling_bytes(job: LabelJobConfig, lm: LoadedModel) -> int:
-    """A floor on what labeling the longest generated request holds at once: the weights, the KV
-    caches of `batch_samples` samples x grid levels rows (kept from prefill through decoding), and
-    one sample's prefill MLP activations (levels rows x gate, up, product)."""
-    cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
-    n = max(job.data.lengths) if job.data.tasks else 0
+def _text_config(lm: LoadedModel):
+    cfg = lm.model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def request_lengths(job: LabelJobConfig, lm: LoadedModel, plan: list[PlannedSample | Sample]) -> list[tuple[int, str]]:
+    """(tokens, sample id) of every request the job plans: read prompts (RULER files, the user's
+    prompts) measured with the model's tokenizer, generated ones at their target length."""
+    return [(p.length, p.sample_id) if isinstance(p, PlannedSample)
+            else (len(prompt_ids(lm.tokenizer, p, job.data.chat_template)), p.sample_id) for p in plan]
+
+
+def check_window(job: LabelJobConfig, lm: LoadedModel, lengths: list[tuple[int, str]], read: set[str]) -> None:
+    """Refuse read prompts longer than the model's window (one line naming the longest); warn when
+    a generated target length exceeds it."""
+    window = getattr(_text_config(lm), "max_position_embeddings", None)
+    if not isinstance(window, int) or not lengths:
+        return
+    over = sorted(((n, sid) for n, sid in lengths if n > window and sid in read), reverse=True)
+    if over:
+        raise UserError(f"{len(over)} of the prompts are longer than {job.model.name}'s window of {window} tokens "
+                        f"(the longest, {over[0][1]}, has {over[0][0]}); shorten or drop them, or use a model with a "
+                        "longer context")
+    longest = max(n for n, sid in lengths if sid not in read) if len(read) < len(lengths) else 0
+    if longest > window:
+        log.warning("data.lengths reach %d tokens, beyond %s's window of %d tokens: its answers there are "
+                    "extrapolation", longest, job.model.name, window)
+
+
+def labeling_bytes(job: LabelJobConfig, lm: LoadedModel, lengths: list[int]) -> int:
+    """A floor on what labeling the job's worst batch holds at once: the weights, the KV caches of
+    its `batch_samples` longest requests x grid levels rows (kept from prefill through decoding),
+    and the longest request's prefill MLP activations (levels rows x gate, up, product)."""
+    cfg = _text_config(lm)
     width = next(lm.model.parameters()).element_size()
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rows = len(job.labeling.levels)
-    kv = job.labeling.batch_samples * rows * n * 2 * cfg.num_hidden_layers * heads * head_dim
-    mlp = rows * n * 3 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+    worst = sorted(lengths, reverse=True)[:job.labeling.batch_samples]
+    kv = rows * sum(worst) * 2 * cfg.num_hidden_layers * heads * head_dim
+    mlp = rows * max(worst, default=0) * 3 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
     return (kv + mlp) * width + sum(p.numel() * p.element_size() for p in lm.model.parameters())
 
 
-def check_memory(job: LabelJobConfig, lm: LoadedModel) -> None:
+def device_memory_bytes(dev: torch.device) -> int:
+    """The device's total memory (a GPU's, or this machine's RAM)."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(job: LabelJobConfig, lm: LoadedModel, lengths: list[int]) -> None:
     """Refuse, before anything is written, a job whose floor estimate exceeds the device's memory."""
     dev = target_device(job)
-    total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else \
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    need = labeling_bytes(job, lm)
+    total = device_memory_bytes(dev)
+    need = labeling_bytes(job, lm, lengths)
     if need > 0.95 * total:
-        raise UserError(f"labeling {max(job.data.lengths)}-token requests, {job.labeling.batch_samples} samples x "
+        raise UserError(f"labeling {max(lengths, default=0)}-token requests, {job.labeling.batch_samples} samples x "
                         f"{len(job.labeling.levels)} levels at once, needs at least {need / 2**30:.1f} GiB (weights, KV "
                         f"caches, activations), more than this {dev.type} device's {total / 2**30:.1f} GiB; lower "
-                        "labeling.batch_samples or data.lengths")
+                        "the batch (labeling.batch_samples, calibrate.py --batch-samples) or the prompts' lengths")
 
 
 def run_labeling(job: LabelJobConfig, lm: LoadedModel | None = None) -> LabelStore | None:
     """Label every sample of `job` not yet in its store. Returns the store on global rank 0,
     None on the other ranks of a distributed run."""
+    check_store_target(job.labeling.out, f"labeling.out={job.labeling.out}")
     check_devices(job)
     lm = lm or load_for_labeling(job)
     check_layers(job, lm)
-    check_memory(job, lm)
     plan = plan_samples(job.data)
+    lengths = request_lengths(job, lm, plan)
+    check_window(job, lm, lengths, {p.sample_id for p in plan if isinstance(p, Sample)})
+    check_memory(job, lm, [n for n, _ in lengths])
     meta = store_meta(job, lm, target_device(job))
     with StoreLock(job.labeling.out):
         store = LabelStore.open_for_writing(job.labeling.out, meta)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict
@@ -31,6 +32,10 @@ STORE_VERSION = 1
 META_FILE = "meta.json"
 SHARD_DIR = "shards"
 RUNS_FILE = "runs.jsonl"
+# A swap of every shard (backfill) in steps that a rerun finishes after a kill at any point:
+# build BUILD_DIR -> rename it to NEW_DIR (the commit point) -> shards to OLD_DIR -> NEW_DIR to shards
+# -> meta.json from shards/SWAP_META -> delete OLD_DIR. `finish_swap` reads which step was reached.
+BUILD_DIR, NEW_DIR, OLD_DIR, SWAP_META = "shards.backfill.tmp", "shards.new", "shards.old", "meta.pending.json"
 
 
 @contextlib.contextmanager
@@ -115,6 +120,8 @@ class LabelStore:
 
         Every rank of a distributed run may call this; only rank 0 writes the metadata."""
         store = cls(root)
+        if rank == 0:
+            finish_swap(store.root)   # a backfill killed mid-swap: its writer is dead (we hold the lock)
         if store.meta_path.is_file():
             old = store.meta()
             identity = json.loads(json.dumps(meta["identity"], default=str))  # tuples -> lists
@@ -131,6 +138,9 @@ class LabelStore:
         return store
 
     def shards(self) -> list[Path]:
+        if swap_pending(self.root):
+            raise UserError(f"{self.root}: a backfill was interrupted while swapping in new shards; rerun "
+                            f"`python -m data.backfill --store {self.root}` (or a labeling run) to finish it")
         return sorted(self.shard_dir.glob("part-*.parquet"))
 
     def done_ids(self) -> set[str]:
@@ -170,6 +180,57 @@ class LabelStore:
 
 
 LOCK_FILE = "LOCK"
+
+
+def swap_pending(root: str | Path) -> bool:
+    """A backfill's shard swap was interrupted (or is running) in this store."""
+    r = Path(root)
+    return (r / NEW_DIR).exists() or (r / OLD_DIR).exists() or (r / SHARD_DIR / SWAP_META).exists()
+
+
+def swap_in_shards(root: str | Path, build: Path, meta: dict) -> None:
+    """Make the complete shards in `build` (a folder inside the store) the store's, with `meta`, in
+    steps that `finish_swap` completes after a kill at any point. Refused, with nothing changed,
+    when the store's shards are not the ones `build` replaces (a writer ignored the lock)."""
+    r = Path(root)
+    have = sorted(p.name for p in (r / SHARD_DIR).glob("part-*.parquet"))
+    built = sorted(p.name for p in build.glob("part-*.parquet"))
+    if have != built:
+        extra = sorted(set(have) - set(built))
+        shutil.rmtree(build)
+        raise UserError(f"{r}: shards changed while the backfill ran ({(extra or have)[0]}); rerun it when no labeling runs")
+    write_json_atomic(build / SWAP_META, meta)
+    os.replace(build, r / NEW_DIR)   # the commit point: from here a rerun finishes the swap
+    finish_swap(r)
+
+
+def finish_swap(root: str | Path) -> str | None:
+    """Complete (or undo, before its commit point) an interrupted shard swap; the caller holds the
+    store's lock. Returns 'finished', 'rolled back' or None when there was nothing to do."""
+    r = Path(root)
+    shards, new, old, build = r / SHARD_DIR, r / NEW_DIR, r / OLD_DIR, r / BUILD_DIR
+    done = None
+    if build.exists():   # killed while building: the store itself was not touched yet
+        shutil.rmtree(build)
+        done = "rolled back"
+    if new.exists():
+        if shards.exists():
+            if old.exists():   # the shards of a swap before this one, half deleted
+                shutil.rmtree(old)
+            os.replace(shards, old)
+        os.replace(new, shards)
+    elif old.exists() and not shards.exists():   # nothing new to swap in (a store left by older code)
+        os.replace(old, shards)
+        return "rolled back"
+    pending = shards / SWAP_META
+    if pending.exists():
+        write_text_atomic(r / META_FILE, pending.read_text(encoding="utf-8"))
+        pending.unlink()
+        done = "finished"
+    if old.exists():
+        shutil.rmtree(old)
+        done = done or "finished"
+    return done
 
 
 def _read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:

@@ -88,16 +88,25 @@ def test_controller_job_on_the_committed_store_prints_the_report_folder_last(cap
     assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "logs" / "metrics.csv").is_file()
 
 
-def test_an_existing_checkpoint_is_replaced_only_with_overwrite(capsys, tmp_path):
+def test_an_existing_checkpoint_is_replaced_only_with_overwrite_and_only_when_ours(capsys, tmp_path):
+    """A folder of the user's where the checkpoint goes is never replaced, even with --overwrite; a
+    checkpoint this project wrote is replaced only with --overwrite."""
     out = tmp_path / "run"
     (out / "checkpoint").mkdir(parents=True)
     (out / "checkpoint" / "keep.txt").write_text("mine")
-    code = train.main(["--config", DEMO, f"out={out}", "train.max_epochs=1"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith("error: ") and "--overwrite" in err and "\n" not in err
-    assert (out / "checkpoint" / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["checkpoint"]
+    for extra in ([], ["--overwrite"]):
+        code = train.main(["--config", DEMO, f"out={out}", "train.max_epochs=1", *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("error: ") and "--overwrite" in err and "\n" not in err
+        assert (out / "checkpoint" / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["checkpoint"]
+    (out / "checkpoint" / "keep.txt").unlink()   # an empty folder is taken as it is
+    assert train.main(["--config", DEMO, f"out={out}", "train.max_epochs=1", "calibration.sweep=[0.1]"]) == 0
+    capsys.readouterr()
+    code = train.main(["--config", DEMO, f"out={out}", "train.max_epochs=2", "calibration.sweep=[0.1]"])
+    assert code == 2 and "pass --overwrite" in capsys.readouterr().err
     assert train.main(["--config", DEMO, f"out={out}", "train.max_epochs=2", "calibration.sweep=[0.1]", "--overwrite"]) == 0
-    assert not (out / "checkpoint" / "keep.txt").exists() and (out / "checkpoint" / "model.safetensors").is_file()
+    assert (out / "checkpoint" / "model.safetensors").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]   # no temporary folder left beside it
     import yaml
     resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
     assert resolved["train"]["max_epochs"] == 2 and resolved["labels"] == "data/labels/smollm2-135m/v2"
