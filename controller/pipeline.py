@@ -144,7 +144,10 @@ def recorded_stores(rec: dict, checkpoint_dir: str | Path) -> dict[str, str]:
 def check_report_paths(out: str, checkpoint: str, overwrite: bool, **inputs: str | None) -> None:
     """eval.py's --out, before anything is written: new, empty or a report of ours (replaced only
     with --overwrite), clear of the input checkpoint, its stores and the evaluated inputs."""
-    from data.outputs import check_disjoint, check_report_target
+    from data.errors import check_output_folder
+    from data.outputs import check_disjoint, check_not_here, check_report_target
+    check_not_here(out, f"--out {out}")
+    check_output_folder(out, f"--out {out}")   # a file, under a file, unwritable: said first
     rec = load_checkpoint(checkpoint).record
     others = {"the input checkpoint": checkpoint, **recorded_stores(rec, checkpoint),
               **{f"the --{k} input": v for k, v in inputs.items()}}

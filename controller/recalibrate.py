@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from data.config import DataConfig
-from data.errors import UserError
+from data.errors import UserError, check_output_folder
 from data.outputs import check_disjoint, check_not_here, check_replaceable, check_store_target
 from data.store import criterion_dict
 from data.tasks import read_prompts
@@ -135,6 +135,7 @@ def check_write_paths(out: Path, store: Path, checkpoint: Path, prompts: str, re
     checkpoint's stores."""
     from .pipeline import recorded_stores
     stores = recorded_stores(rec, checkpoint)
+    check_output_folder(out, f"--out {out}")   # a file, under a file, unwritable: said first
     check_disjoint(out, f"--out {out}", {"the input checkpoint": checkpoint, "the prompts": prompts,
                                          "the label store": store, **stores})
     check_replaceable(out, f"--out {out}", "checkpoint", overwrite)

@@ -238,8 +238,8 @@ def request_lengths(job: LabelJobConfig, lm: LoadedModel, plan: list[PlannedSamp
 
 
 def check_window(job: LabelJobConfig, lm: LoadedModel, lengths: list[tuple[int, str]], read: set[str]) -> None:
-    """Refuse read prompts longer than the model's window (one line naming the longest); warn when
-    a generated target length exceeds it."""
+    """Refuse requests longer than the model's window, in one line naming the longest (read prompts
+    measured with its tokenizer; generated ones at their target length)."""
     window = getattr(_text_config(lm), "max_position_embeddings", None)
     if not isinstance(window, int) or not lengths:
         return
@@ -248,10 +248,10 @@ def check_window(job: LabelJobConfig, lm: LoadedModel, lengths: list[tuple[int, 
         raise UserError(f"{len(over)} of the prompts are longer than {job.model.name}'s window of {window} tokens "
                         f"(the longest, {over[0][1]}, has {over[0][0]}); shorten or drop them, or use a model with a "
                         "longer context")
-    longest = max(n for n, sid in lengths if sid not in read) if len(read) < len(lengths) else 0
+    longest = max((n for n, sid in lengths if sid not in read), default=0)
     if longest > window:
-        log.warning("data.lengths reach %d tokens, beyond %s's window of %d tokens: its answers there are "
-                    "extrapolation", longest, job.model.name, window)
+        raise UserError(f"data.lengths reach {longest} tokens, beyond {job.model.name}'s window of {window} tokens; "
+                        "lower data.lengths or use a model with a longer context")
 
 
 def labeling_bytes(job: LabelJobConfig, lm: LoadedModel, lengths: list[int]) -> int:

@@ -11,6 +11,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU (set before import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Lightning gives its loggers a handler on the stderr of the moment it is first imported: imported
+# inside a test that captures stderr, later tests would log into that closed capture.
+import lightning.pytorch  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

@@ -25,8 +25,9 @@ LABEL_CASES = [  # (override, words in the error) on the tiny label-only config
     ("data.samples_per_length=0", "samples_per_length"),
     ("data.lengths=[1000000000]", "data.lengths"),
     ("data.lengths=[10]", "data.lengths"),
-    (("data.lengths=[4000000]", "labeling.batch_samples=64"), "needs at least"),   # ~1.8 TiB: refused anywhere
-    (("labeling.batch_samples=4096", "data.lengths=[1000000]"), "lower labeling.batch_samples"),
+    (("data.lengths=[4000000]", "labeling.batch_samples=64"), "beyond tiny-random-llama's window of 8192"),
+    (("labeling.batch_samples=4096", "data.samples_per_length=100000", "data.lengths=[8000]"), "needs at least"),
+    (("labeling.batch_samples=4096", "data.samples_per_length=100000", "data.lengths=[8000]"), "lower the batch"),
     ("data.seed=-1", "data.seed"),
     ("data.forms=[fancy]", "data.forms"),
     ("data.forms=[]", "data.forms"),
