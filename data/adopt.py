@@ -65,9 +65,9 @@ def adopt_store(source: str | Path, job: LabelJobConfig) -> LabelStore:
     target = Path(job.labeling.out)
     if _already_adopted(target, source):
         return LabelStore(target)
-    check_disjoint(target, f"labeling.out={target}", {"the source store": source})
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"{target} exists; adopt into a new folder (labeling.out=NEW_DIR)")
+    check_disjoint(target, f"labeling.out={target}", {"the source store": source})
     data = data_identity(job.data)
     _check_source(src_meta, data, job)
     with StoreLock(source):

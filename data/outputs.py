@@ -29,7 +29,7 @@ REPORT_EXTRA_SUFFIXES = (".png",)
 REPORT_STORE = "labels"                                        # eval.py labels RULER files / prompts here
 RUN_ENTRIES = ("config.resolved.yaml", "logs", "wandb", "checkpoint", "report")
 LOG_FILES = ("metrics.csv", "hparams.yaml")
-STORE_FILE = "meta.json"
+STORE_FILE, LOCK_FILE = "meta.json", "LOCK"
 TEMP_MARK = ".sparsity-controller-temp"                        # inside every temporary folder we make
 
 
@@ -133,7 +133,7 @@ def check_store_target(path: str | Path, what: str) -> None:
     p = Path(path)
     check_not_here(p, what)
     check_output_folder(p, what)
-    if p.exists() and _entries(p) and not is_store(p):
+    if p.exists() and not set(_entries(p)) <= {LOCK_FILE} and not is_store(p):   # a LOCK alone: a store being begun
         raise UserError(f"{what} exists and is not a label store (no {STORE_FILE}); choose a new folder for the labels")
 
 
