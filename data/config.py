@@ -140,27 +140,39 @@ def stored_data_identity(data: dict) -> dict:
             **{k: v for k, v in data.items()}}
 
 
-CRITERIA = ("gold", "fidelity")
+CRITERIA = ("gold", "fidelity", "divergence")
 
 
 @dataclass(frozen=True)
 class CriterionConfig:
-    """safe(request, s). `gold` (needs reference outputs): the task score is not below dense (if
-    `require_score`) and the NLL of `nll_reference` rises by at most tau. `fidelity` (label-free, any
-    prompt): the sparse greedy answer equals the dense one after the task's normalisation and the NLL
-    of the dense answer rises by at most tau (`nll_reference` and `require_score` do not apply)."""
+    """safe(request, s); `data.criteria` says each in full. `gold` (needs reference outputs): the task
+    score is not below dense (if `require_score`) and the NLL of `nll_reference` rises by at most
+    tau. `fidelity` (label-free): the sparse greedy answer equals the dense one after the task's
+    normalisation and the dense answer's NLL rises by at most tau. `divergence` (label-free):
+    `measure` of the sparse row against the dense row, along the dense answer, within the
+    `null_quantile` quantile of the dense-vs-dense noise floor (or within `threshold`, if set)."""
     tau: float = 0.1
     nll_reference: str = "gold"     # gold: the task's reference answer; dense: the dense model's answer
     require_score: bool = True
-    name: str = "gold"              # gold or fidelity
+    name: str = "gold"              # gold, fidelity or divergence
+    measure: str = "kl_mean"        # divergence: kl_mean, kl_max, gap_max, top1_agree or agree_prefix
+    threshold: float | None = None  # divergence: None = from the labels' noise floor
+    null_quantile: float = 0.99     # divergence: the noise floor's quantile that bounds a safe row
 
     def __post_init__(self):
+        from .criteria import MEASURES
         if self.name not in CRITERIA:
             raise UserError(f"criterion.name must be one of {list(CRITERIA)}, got {self.name!r}")
         if self.nll_reference not in ("gold", "dense"):
             raise UserError(f"criterion.nll_reference must be 'gold' or 'dense', got {self.nll_reference!r}")
         if not self.tau >= 0:
             raise UserError(f"criterion.tau must be >= 0, got {self.tau}")
+        if self.measure not in MEASURES:
+            raise UserError(f"criterion.measure must be one of {sorted(MEASURES)}, got {self.measure!r}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise UserError(f"criterion.threshold must be a finite number or null, got {self.threshold}")
+        if not 0.5 <= self.null_quantile <= 1:
+            raise UserError(f"criterion.null_quantile must lie in [0.5, 1], got {self.null_quantile}")
 
 
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_false")
@@ -175,7 +187,8 @@ class LabelingConfig:
     devices: int = 1          # Lightning devices (ranks); the accelerator follows model.device
     strategy: str = "auto"    # Lightning strategy: auto (ddp for several devices), ddp, ddp_spawn
     loader_workers: int = 0   # DataLoader workers generating samples while the model labels
-    batch_samples: int = 1    # samples decoded together (rows = batch_samples x levels); labels do not depend on it
+    batch_samples: int = 1    # samples decoded together (rows = batch_samples x levels)
+    null_share: float = 0.0   # seeded share of samples whose dense reference is also computed alone (the noise floor)
 
     def __post_init__(self):
         bad = [g for g in self.grid if not (0.0 <= g < 1.0) or math.isnan(g)]
@@ -187,6 +200,8 @@ class LabelingConfig:
             raise UserError("labeling.shard_size, labeling.devices and labeling.batch_samples must be >= 1")
         if not 0 <= self.loader_workers <= 64:
             raise UserError(f"labeling.loader_workers must lie in 0..64, got {self.loader_workers}")
+        if not 0.0 <= self.null_share <= 1.0:
+            raise UserError(f"labeling.null_share must lie in [0, 1], got {self.null_share}")
         if self.strategy not in STRATEGIES:
             raise UserError(f"labeling.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         if self.devices > 1024 or self.batch_samples > 4096 or self.shard_size > 1_000_000:

@@ -156,6 +156,43 @@ class Labeler:
         batch.reset()
         return (-(logp * valid).sum(1) / valid.sum(1)).cpu()
 
+    def answer_logprobs(self, batch: DecodeBatch, answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """([R, T+1, V] float log-probs, [R, T+1] validity) of each row after its prompt and after each
+        token of its answer (teacher forced, dense): the distributions that chose the answer's tokens
+        and the one after its last token (where the answer stopped)."""
+        tokens, valid = pad_rows(answers, 0, batch.first_logits.device)
+        logp = [batch.first_logits.float().log_softmax(-1)[:, None]]
+        if any(answers):
+            logits = self._forward(batch.cache, **batch.inputs(tokens, 0)).logits.float()
+            logp.append(logits.log_softmax(-1))
+        batch.reset()
+        width = tokens.shape[1] + 1 if any(answers) else 1
+        ends = torch.tensor([len(a) for a in answers], device=valid.device)
+        return torch.cat(logp, dim=1), torch.arange(width, device=valid.device)[None] <= ends[:, None]
+
+    def null_chosen(self, sample: Sample) -> bool:
+        """Is this sample in the seeded share `labeling.null_share` that gets a dense reference alone?"""
+        share = self.job.labeling.null_share
+        digest = hashlib.sha256(f"null:{sample.sample_id}".encode()).digest()
+        return share > 0 and int.from_bytes(digest[:8], "big") < share * 2**64
+
+    def null_measurements(self, p: Prefilled, stacked_answer: list[int], stacked_logp: torch.Tensor) -> dict:
+        """The noise floor of one sample: its dense row computed alone (no plan: plain SDPA, one row,
+        decoded alone, as a request served dense by itself) against its dense row in the labeler's
+        stacked batch. Every raw measurement, with the stacked dense row as the reference, as a
+        sparse row is measured; plus whether the greedy answers agree and the alone answer's score."""
+        ids = torch.tensor([p.ids], device=self.lm.device)
+        out = self._forward(None, input_ids=ids, logits_to_keep=1)
+        alone = DecodeBatch.stack([cache_of(out)], [out.logits[:, -1]], [len(p.ids)])
+        own = self.greedy(alone, [p.sample.max_new_tokens])[0]
+        logp, valid = self.answer_logprobs(alone, [stacked_answer])
+        both = torch.stack([stacked_logp[:logp.shape[1]], logp[0]])
+        m = divergence_from(both, valid.expand(2, -1), [stacked_answer] * 2, [0, 0])
+        text = self.lm.tokenizer.decode(own, skip_special_tokens=True)
+        return {**{k: float(m[k][1]) for k in DIVERGENCE_COLUMNS}, "nll_rise": float(m["nll"][1] - m["nll"][0]),
+                "same_answer": float(own == stacked_answer),
+                "score": score(p.sample.metric, text, p.sample.outputs) if p.sample.outputs else float("nan")}
+
     def greedy(self, batch: DecodeBatch, max_new: list[int]) -> list[list[int]]:
         """Dense greedy decoding of every row until a stop token or its `max_new` tokens."""
         out: list[list[int]] = [[] for _ in range(batch.rows)]
@@ -237,16 +274,22 @@ class Labeler:
         nll_gold = self.answer_nll(batch, [g for g in gold for _ in range(levels)])
         answers = self.greedy(batch, [p.sample.max_new_tokens for p in pre for _ in range(levels)])
         clock.lap("decode")
-        nll_dense = self.answer_nll(batch, [answers[i * levels] for i in range(len(pre)) for _ in range(levels)])
+        dense_answers = [answers[i * levels] for i in range(len(pre)) for _ in range(levels)]
+        logp, valid = self.answer_logprobs(batch, dense_answers)
+        measured = divergence_from(logp, valid, dense_answers, [i * levels for i in range(len(pre)) for _ in range(levels)])
         clock.lap("teacher")
+        nulls = [self.null_measurements(p, answers[i * levels], logp[i * levels]) if self.null_chosen(p.sample) else {}
+                 for i, p in enumerate(pre)]
+        clock.lap("null")
         shared = {k: v / len(pre) for k, v in clock.seconds.items()}
         records = []
         for i, p in enumerate(pre):
             rows = slice(i * levels, (i + 1) * levels)
-            records += self._records(p, answers[rows], nll_gold[rows], nll_dense[rows], {"prefill": p.seconds, **shared})
+            records += self._records(p, answers[rows], nll_gold[rows], {k: v[rows] for k, v in measured.items()},
+                                     nulls[i], {"prefill": p.seconds, **shared})
         return records
 
-    def _records(self, p: Prefilled, answers, nll_gold, nll_dense, seconds) -> list[dict]:
+    def _records(self, p: Prefilled, answers, nll_gold, measured: dict, null: dict, seconds) -> list[dict]:
         sample, ids, features, c = p.sample, p.ids, p.features, p.plan.counts
         achieved = c.achieved_sparsity()
         records = []
@@ -261,12 +304,45 @@ class Labeler:
                 "kept_blocks_all": float(c.kept_all[r]), "causal_blocks_all": c.causal_all,
                 "score": score(sample.metric, text, sample.outputs) if sample.outputs else float("nan"),
                 "metric": sample.metric,
-                "nll_gold": float(nll_gold[r]), "nll_dense_answer": float(nll_dense[r]),
+                "nll_gold": float(nll_gold[r]), "nll_dense_answer": float(measured["nll"][r]),
+                **{k: float(measured[k][r]) for k in DIVERGENCE_COLUMNS},
+                **{f"null_{k}": float(null.get(k, float("nan"))) for k in NULL_COLUMNS},
                 "answer": text, "answer_tokens": len(answers[r]), "outputs": list(sample.outputs),
                 **{f"f_{k}": v for k, v in features.items()},
                 **{f"seconds_{k}": v for k, v in seconds.items()},
             })
         return records
+
+
+DIVERGENCE_COLUMNS = ("kl_mean", "kl_max", "top1_agree", "agree_prefix", "gap_max", "answer_positions")
+NULL_COLUMNS = (*DIVERGENCE_COLUMNS, "nll_rise", "same_answer", "score")
+
+
+def divergence_from(logp: torch.Tensor, valid: torch.Tensor, answers: list[list[int]], ref: list[int]) -> dict:
+    """Raw measurements of each row r against its reference row ref[r] (the dense row of its sample),
+    along the reference's answer (teacher forced, T+1 positions: each answer token's and the stop's):
+    `nll` (mean NLL of the answer's tokens, NaN for an empty answer), `kl_mean`/`kl_max` (KL(ref || row)
+    over positions, nats), `top1_agree` (share of positions whose argmax equals the reference's),
+    `agree_prefix` (positions before the first disagreement), `gap_max` (largest log-prob deficit of
+    the reference's argmax token below the row's own argmax: 0 when the row would pick it everywhere),
+    `answer_positions`. All from logits the labeler computes anyway: no extra forward. Tensors [R] on the CPU."""
+    idx = torch.tensor(ref, device=logp.device)
+    ref_logp = logp[idx]
+    mask = valid.float()
+    count = mask.sum(1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0) * mask
+    ref_top = ref_logp.argmax(-1)
+    agree = (logp.argmax(-1) == ref_top) | ~valid
+    gap = (logp.max(-1).values - logp.gather(-1, ref_top[..., None])[..., 0]) * mask
+    tokens, tok_valid = pad_rows(answers, 0, logp.device)
+    width = min(tokens.shape[1], logp.shape[1])
+    tok_lp = logp[:, :width].gather(-1, tokens[:, :width, None])[..., 0] * tok_valid[:, :width]
+    n_tok = tok_valid[:, :width].sum(1)
+    return {k: v.detach().cpu() for k, v in {
+        "nll": torch.where(n_tok > 0, -tok_lp.sum(1) / n_tok.clamp_min(1), torch.nan),
+        "kl_mean": kl.sum(1) / count, "kl_max": kl.max(1).values,
+        "top1_agree": (agree.float() * mask).sum(1) / count, "agree_prefix": agree.int().cumprod(1).mul(valid).sum(1).float(),
+        "gap_max": gap.max(1).values, "answer_positions": count}.items()}
 
 
 def free_memory(device: torch.device) -> None:

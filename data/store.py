@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .criteria import apply_criterion, criterion_dict, describe_criterion, missing_outputs  # noqa: F401 (re-exported)
 from .errors import UserError
 
 STORE_VERSION = 1
@@ -316,58 +317,6 @@ def load_labels(root: str | Path, criterion=None) -> tuple[pd.DataFrame, dict]:
     meta = store.meta()
     crit = criterion if criterion is not None else meta["criterion"]
     return apply_criterion(store.table(), crit), meta
-
-
-def criterion_dict(criterion) -> dict:
-    """A criterion as a plain dict with every key (records written before `name` existed are gold)."""
-    crit = dict(criterion) if isinstance(criterion, dict) else asdict(criterion)
-    return {"tau": 0.1, "nll_reference": "gold", "require_score": True, "name": "gold", **crit}
-
-
-def describe_criterion(criterion) -> str:
-    """The criterion in words, for reports and the calibration line."""
-    c = criterion_dict(criterion)
-    if c["name"] == "fidelity":
-        return (f"fidelity (label-free): the sparse greedy answer equals the dense one after the task's "
-                f"normalisation, and the dense answer's NLL rises by at most {c['tau']:g} nats/token")
-    ref = "the reference answer's" if c["nll_reference"] == "gold" else "the dense answer's"
-    score = "the task score is not below dense, and " if c["require_score"] else ""
-    return f"gold (needs reference outputs): {score}{ref} NLL rises by at most {c['tau']:g} nats/token"
-
-
-def _same_answer_as_dense(df: pd.DataFrame) -> pd.Series:
-    from .tasks.scoring import normalise_answer
-    norm = pd.Series([normalise_answer(t, a if isinstance(a, str) else "") for t, a in zip(df["task"], df["answer"])],
-                     index=df.index, dtype=object)
-    dense = norm[df["level"] == 0.0]
-    dense_by_sample = dict(zip(df.loc[dense.index, "sample_id"], dense))
-    return pd.Series([n == dense_by_sample.get(s) for n, s in zip(norm, df["sample_id"])], index=df.index)
-
-
-def apply_criterion(df: pd.DataFrame, criterion) -> pd.DataFrame:
-    """Add `dense_score`, `dense_nll`, `nll_rise` and `safe` from the raw columns (see
-    `data.config.CriterionConfig` for the two criteria)."""
-    crit = criterion_dict(criterion)
-    fidelity = crit["name"] == "fidelity"
-    nll_col = "nll_dense_answer" if fidelity or crit["nll_reference"] == "dense" else "nll_gold"
-    dense = df[df["level"] == 0.0].set_index("sample_id")
-    out = df.copy()
-    out["dense_score"] = out["sample_id"].map(dense["score"])
-    out["dense_nll"] = out["sample_id"].map(dense[nll_col])
-    out["nll_rise"] = out[nll_col] - out["dense_nll"]
-    nll_ok = (out["nll_rise"] <= crit["tau"]) | out["nll_rise"].isna()
-    if fidelity:
-        out["safe"] = nll_ok & _same_answer_as_dense(out)
-        return out
-    score_ok = (out["score"] >= out["dense_score"] - 1e-9) if crit["require_score"] else True
-    out["safe"] = nll_ok & score_ok
-    return out
-
-
-def missing_outputs(df: pd.DataFrame) -> int:
-    """How many requests have no reference outputs (the gold criterion cannot judge them)."""
-    dense = df[df["level"] == 0.0]
-    return int(sum(len(o) == 0 if o is not None else True for o in dense["outputs"]))
 
 
 def sample_labels(df: pd.DataFrame) -> pd.DataFrame:

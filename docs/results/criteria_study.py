@@ -1,0 +1,143 @@
+"""Which criterion measures the model and not decoding noise: the validation table of issue 27.
+
+Input: two label stores of the same plan and model, labeled under different batch shapes (store A
+with the noise floor, `labeling.null_share: 1.0`; store B relabeled with another
+`labeling.batch_samples`), and optionally a checkpoint whose P(safe) is ranked against each
+criterion's labels. Output: `criteria.json` (`rows`: one per criterion and model, `default`) and a
+markdown view beside it.
+
+  python docs/results/criteria_study.py --a STORE_A --b STORE_B --model smollm2-135m \
+      --checkpoint runs/demo/checkpoint --out docs/results/criteria.json
+
+Per criterion: `relabel_flip` (share of requests whose label differs between A and B),
+`dense_null_unsafe` (share of dense-vs-dense pairs judged unsafe; for divergence the threshold
+comes from the other half of the null, cross-fitted, so the number is out of sample),
+`gold_agreement` (label equal to the gold label, on requests whose dense answer scores 1),
+`oracle_saving` (attention compute the labels allow, store A), `auc` (mean ROC AUC of the
+checkpoint's P(safe) per level against these labels), `threshold` (divergence: from A's null).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from controller.dataset import arrays_from_frame  # noqa: E402
+from controller.evaluate import policy_metrics, separability  # noqa: E402
+from data.criteria import MEASURES, apply_criterion, criterion_dict, null_values  # noqa: E402
+from data.store import LabelStore, sample_labels, write_text_atomic  # noqa: E402
+
+GOALS = {"relabel_flip": 0.03, "dense_null_unsafe": 0.01, "gold_agreement": 0.9}
+
+
+def criteria(table, quantiles=(0.99, 0.999, 1.0)) -> dict[str, dict]:
+    out = {"gold": {"name": "gold"}, "fidelity": {"name": "fidelity"}}
+    for measure in MEASURES:
+        for q in quantiles:
+            out[f"divergence:{measure}@{q:g}"] = {"name": "divergence", "measure": measure, "null_quantile": q}
+    return out
+
+
+def cross_fit_null_unsafe(table, crit: dict) -> float:
+    """Share of null pairs outside the threshold set on the other half of the null."""
+    values = null_values(table, crit["measure"])
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(values))
+    halves = values[order[: len(values) // 2]], values[order[len(values) // 2:]]
+    sign, q = MEASURES[crit["measure"]], crit["null_quantile"]
+    bad = []
+    for fit, test in (halves, halves[::-1]):
+        t = np.quantile(fit, q if sign > 0 else 1 - q)
+        bad.append(np.mean(test > t) if sign > 0 else np.mean(test < t))
+    return float(np.mean(bad))
+
+
+def null_unsafe(table, crit: dict) -> float:
+    dense = table[table["level"] == 0.0].set_index("sample_id")
+    has = dense["null_same_answer"].notna()
+    d = dense[has]
+    if crit["name"] == "fidelity":
+        return float(((d["null_same_answer"] < 1) | (d["null_nll_rise"] > crit["tau"])).mean())
+    if crit["name"] == "gold":
+        g = d[d["score"].notna()]
+        return float((g["null_score"] < g["score"] - 1e-9).mean())
+    return cross_fit_null_unsafe(table, crit)
+
+
+def labels(table, crit: dict):
+    judged = apply_criterion(table, crit)
+    return judged, sample_labels(judged).set_index("sample_id")["label"]
+
+
+def row_for(name: str, crit: dict, a, b, net, model: str) -> dict:
+    crit = criterion_dict(crit)
+    if crit["name"] == "divergence":
+        crit["threshold"] = float(np.quantile(null_values(a, crit["measure"]),
+                                              crit["null_quantile"] if MEASURES[crit["measure"]] > 0 else 1 - crit["null_quantile"]))
+    judged_a, la = labels(a, crit)
+    _, lb = labels(b, crit)
+    _, gold = labels(a, {"name": "gold"})
+    common = la.index.intersection(lb.index)
+    dense = a[a["level"] == 0.0].set_index("sample_id")["score"]
+    solved = dense[dense == 1].index
+    arrays = arrays_from_frame(judged_a)
+    row = {"criterion": name, "model": model, "requests": int(len(la)), "relabel_pairs": int(len(common)),
+           "relabel_flip": float((la[common] != lb[common]).mean()), "dense_null_unsafe": null_unsafe(a, crit),
+           "gold_agreement": float((la[solved] == gold[solved]).mean()) if len(solved) else None,
+           "gold_agreement_requests": int(len(solved)),
+           "oracle_saving": policy_metrics(arrays, arrays.label_index)["compute_saved"],
+           "threshold": crit.get("threshold"), "mean_label": float(la.mean())}
+    if net is not None:
+        from controller.policies import LearnedPolicy
+        aucs = [v for v in separability(LearnedPolicy(net), arrays).values() if v is not None]
+        row["auc"] = float(np.mean(aucs)) if aucs else None
+    row["meets_goals"] = all(row[k] is not None and (row[k] <= g if k != "gold_agreement" else row[k] >= g)
+                             for k, g in GOALS.items())
+    return row
+
+
+def markdown(doc: dict) -> str:
+    head = "| criterion | model | relabel_flip | dense_null_unsafe | gold_agreement | oracle_saving | auc | threshold |"
+    lines = ["# Criteria: do labels measure the model or decoding noise?", "", doc["how"], "",
+             f"Default for `calibrate.py`: **{doc['default']}**. Goals: relabel_flip <= 0.03, "
+             "dense_null_unsafe <= 0.01, gold_agreement >= 0.9.", "", head, "|---" * 8 + "|"]
+    fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
+    for r in doc["rows"]:
+        lines.append(f"| {r['criterion']} | {r['model']} | {fmt(r['relabel_flip'])} | {fmt(r['dense_null_unsafe'])} | "
+                     f"{fmt(r['gold_agreement'])} | {fmt(r['oracle_saving'])} | {fmt(r.get('auc'))} | {fmt(r['threshold'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--a", required=True)
+    p.add_argument("--b", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--checkpoint")
+    p.add_argument("--how", default="", help="card, command and versions, for the markdown view")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    a, b = LabelStore(args.a).table(), LabelStore(args.b).table()
+    net = None
+    if args.checkpoint:
+        from controller.export import load_checkpoint
+        net = load_checkpoint(args.checkpoint).net
+    rows = [row_for(name, crit, a, b, net, args.model) for name, crit in criteria(a).items()]
+    winners = [r for r in rows if r["meets_goals"] and r["criterion"].startswith("divergence")]
+    best = max(winners, key=lambda r: r["oracle_saving"]) if winners else None
+    doc = {"default": best["criterion"] if best else "fidelity", "goals": GOALS, "rows": rows, "how": args.how,
+           "stores": {"a": LabelStore(args.a).meta().get("device_name"), "b": LabelStore(args.b).meta().get("device_name")}}
+    out = Path(args.out)
+    write_text_atomic(out, json.dumps(doc, indent=1))
+    write_text_atomic(out.with_suffix(".md"), markdown(doc))
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
