@@ -1,5 +1,5 @@
 """Calibrate a trained controller on your own traffic: label your prompts with the checkpoint's
-model (no answers needed under the `fidelity` criterion), re-run Learn-then-Test on them, fit a
+model (no answers needed under the default `divergence` criterion), re-run Learn-then-Test on them, fit a
 shift guard on them, and write a new checkpoint that says what it certifies. Prints that in one
 line, then the new checkpoint folder as the last line.
 
@@ -28,8 +28,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for the recalibrated checkpoint (new or empty)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing checkpoint at --out (only a checkpoint folder this project wrote)")
-    p.add_argument("--criterion", default="fidelity", choices=["fidelity", "gold"],
-                   help="fidelity: label-free (default); gold: needs `outputs` on every prompt")
+    p.add_argument("--criterion", default="divergence", choices=["divergence", "fidelity", "gold"],
+                   help="divergence (default, label-free): the sparse model's next-token distributions along the dense "
+                        "answer stay within dense serving noise, measured on your prompts; fidelity (label-free): the "
+                        "greedy answer is unchanged; gold: needs `outputs` on every prompt")
     p.add_argument("--alpha", type=float, help="target rate of unsafe decisions (default: the checkpoint's)")
     p.add_argument("--delta", type=float, help="allowed probability that the certificate is wrong (default: the checkpoint's)")
     p.add_argument("--max-requests", type=int, help="label at most this many prompts (a seeded choice)")

@@ -31,8 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--labels", help="a label store (its test split is evaluated)")
     src.add_argument("--ruler", help="a RULER JSONL file or a folder of them (searched recursively)")
     src.add_argument("--prompts", help="prompts without answers: JSONL file or folder, or a folder of .txt files")
-    p.add_argument("--criterion", choices=["gold", "fidelity"],
-                   help="criterion that judges violations (default: the checkpoint's; --prompts needs fidelity)")
+    p.add_argument("--criterion", choices=["gold", "fidelity", "divergence"],
+                   help="criterion that judges violations (default: the checkpoint's; --prompts needs a label-free one: "
+                        "the checkpoint's if it is label-free, else fidelity)")
     p.add_argument("--out", required=True, help="report folder (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report at --out (only a report this project wrote)")
     return p.parse_args(argv)
@@ -46,7 +47,11 @@ def main(argv=None) -> int:
         check_switches()
         check_report_paths(args.out, args.checkpoint, args.overwrite, labels=args.labels, ruler=args.ruler,
                            prompts=args.prompts)
-        criterion = "fidelity" if args.prompts and args.criterion is None else args.criterion
+        criterion = args.criterion
+        if args.prompts and criterion is None:
+            from controller.export import load_checkpoint
+            own = load_checkpoint(args.checkpoint).record["criterion"].get("name", "gold")
+            criterion = own if own in ("fidelity", "divergence") else "fidelity"
         out = evaluate_checkpoint(args.checkpoint, args.out, labels=args.labels, ruler=args.ruler,
                                   prompts=args.prompts, criterion=criterion)
     except UserError as e:

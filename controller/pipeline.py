@@ -224,7 +224,8 @@ def train_on_arrays(job: ControllerJobConfig, arrays: LabelArrays, meta: dict, l
 
 
 def label_requests(ckpt: ControllerCheckpoint, data: DataConfig, out: Path, criterion: dict, devices: int = 1,
-                   batch_samples: int = 8, progress: bool = False, model: str | None = None) -> str:
+                   batch_samples: int = 8, progress: bool = False, model: str | None = None,
+                   null_share: float = 0.0) -> str:
     """Label requests with the checkpoint's model (or `model`, which must have the same weights),
     sparse settings and grid into `out` (resumable). A model whose fingerprint differs from the
     checkpoint's is refused before anything is written."""
@@ -233,7 +234,7 @@ def label_requests(ckpt: ControllerCheckpoint, data: DataConfig, out: Path, crit
     job = LabelJobConfig(model=ModelConfig(name=model or rec["model"]["name"]), sparse=SparseConfig(**rec["sparse"]),
                          data=data, criterion=CriterionConfig(**criterion),
                          labeling=LabelingConfig(grid=tuple(rec["grid"]), out=str(out), progress=progress,
-                                                 devices=devices, batch_samples=batch_samples))
+                                                 devices=devices, batch_samples=batch_samples, null_share=null_share))
     lm = load_for_labeling(job)
     if not same_weights(lm.fingerprint, ckpt.fingerprint):
         raise UserError(f"model {job.model.name} ({lm.fingerprint['id']}) is not the model the controller was trained "

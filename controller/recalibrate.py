@@ -4,7 +4,7 @@ Owns `min_requests` (the fewest requests with which Learn-then-Test can certify 
 alpha, delta), `recalibrate` (Learn-then-Test of a checkpoint's policy on labeled requests, a new
 shift guard fitted on them, the new record) and `recalibrate_checkpoint` (what `calibrate.py` runs:
 check the inputs, label the prompts with the checkpoint's model, sparse settings and grid under a
-criterion -- `fidelity` needs no answers -- recalibrate, and export a new checkpoint whose record
+criterion -- `divergence` (the default) and `fidelity` need no answers -- recalibrate, and export a new checkpoint whose record
 names its calibration data: sha256 of the files, count, criterion, token range). The net is not
 retrained: only the threshold and the guard change. Imports `data` and `controller` modules below it.
 """
@@ -21,7 +21,7 @@ import numpy as np
 from data.config import DataConfig
 from data.errors import UserError, check_output_folder
 from data.outputs import check_disjoint, check_not_here, check_replaceable, check_store_target
-from data.store import criterion_dict
+from data.criteria import LABEL_FREE_DEFAULT, criterion_dict, null_share_for, resolved
 from data.tasks import read_prompts
 
 from .calibrate import Calibration, calibrate, ltt_p_values, threshold_text
@@ -148,7 +148,7 @@ def _prompt_count(prompts: str, criterion: dict, max_requests: int | None) -> in
     samples = read_prompts(prompts)
     if criterion["name"] == "gold" and any(not s.outputs for s in samples):
         raise UserError(f"{prompts}: some prompts have no `outputs`, which the gold criterion needs; "
-                        "use --criterion fidelity (label-free)")
+                        "use --criterion divergence (label-free)")
     return len(samples) if max_requests is None else min(len(samples), max_requests)
 
 
@@ -176,7 +176,19 @@ def calibration_report(r: Recalibrated, checkpoint: str, prompts: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: str = "fidelity",
+def calibration_criterion(ckpt: ControllerCheckpoint, name: str) -> dict:
+    """The criterion calibrate.py labels under: `name`, the checkpoint's tau; a divergence criterion
+    keeps the checkpoint's measure if it has one, else the validated default, and always takes its
+    threshold from the new prompts' own noise floor."""
+    rec = criterion_dict(ckpt.record["criterion"])
+    if name != "divergence":
+        return {**rec, "name": name}
+    if rec["name"] == "divergence":
+        return {**rec, "threshold": None}
+    return {**rec, **LABEL_FREE_DEFAULT}
+
+
+def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: str = "divergence",
                            alpha: float | None = None, delta: float | None = None, max_requests: int | None = None,
                            labels: str | None = None, devices: int = 1, batch_samples: int = 8,
                            guard_p: float | None = None, progress: bool = True,
@@ -191,7 +203,7 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
     check_not_here(out_path, f"--out {out}")
     store = labels or str(out_path.with_name(out_path.name + ".labels"))
     check_write_paths(out_path, Path(store), ckpt_path, prompts, ckpt.record, overwrite)
-    crit = {**criterion_dict(ckpt.record["criterion"]), "name": criterion}
+    crit = calibration_criterion(ckpt, criterion)
     alpha = ckpt.record["alpha"] if alpha is None else alpha
     delta = ckpt.record["delta"] if delta is None else delta
     if not (0 < alpha < 1 and 0 < delta < 1):
@@ -206,10 +218,13 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
                         f"needs at least {need}{each} (with zero violations); give more prompts, a larger alpha/delta"
                         + (" or --policy controller" if count > 1 else ""))
     root = label_requests(ckpt, DataConfig(tasks=(), prompts=(prompts,), max_prompts=max_requests), Path(store), crit,
-                          devices=devices, batch_samples=batch_samples, progress=progress, model=model)
+                          devices=devices, batch_samples=batch_samples, progress=progress, model=model,
+                          null_share=null_share_for(n) if crit["name"] == "divergence" else 0.0)
     if not root:
         return None
+    from data.store import LabelStore
     from .dataset import store_hash
+    crit = resolved(LabelStore(root).table(), crit)   # divergence: the threshold from these prompts' noise floor
     cal = arrays_from_store(root, crit)[0]
     source = {"source": f"prompts {prompts}", "files": file_digests(prompts), "label_store": root,
               "label_store_from_checkpoint": path_from(root, out_path), "label_store_sha256": store_hash(root)}

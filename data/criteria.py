@@ -12,7 +12,8 @@
   measurement between the dense row computed alone and the dense row in the labeler's batch (the
   store's `null_*` columns, `labeling.null_share`), unless `threshold` fixes it. The threshold used
   is data: it is returned with the labels and recorded in checkpoints.
-Owns `criterion_dict`, `describe_criterion`, `apply_criterion`, `null_threshold`, `missing_outputs`.
+Owns `criterion_dict`, `describe_criterion`, `apply_criterion`, `null_threshold`, `resolved`,
+`null_share_for`, `missing_outputs`.
 Imports only `data.errors` and `data.tasks.scoring`; never `controller`.
 """
 from __future__ import annotations
@@ -27,7 +28,24 @@ from .errors import UserError
 # measure -> +1 when larger is worse (safe iff value <= threshold), -1 when smaller is worse
 MEASURES = {"kl_mean": 1, "kl_max": 1, "gap_max": 1, "top1_agree": -1, "agree_prefix": -1}
 DEFAULTS = {"tau": 0.1, "nll_reference": "gold", "require_score": True, "name": "gold",
-            "measure": "kl_mean", "threshold": None, "null_quantile": 0.99}
+            "measure": "kl_max", "threshold": None, "null_quantile": 0.99}
+# calibrate.py's default: the label-free criterion that won the validation (docs/results/criteria.md)
+LABEL_FREE_DEFAULT = {"name": "divergence", "measure": "kl_max", "null_quantile": 0.99, "threshold": None}
+NULL_REQUESTS = 40   # dense-vs-dense pairs a calibration labels for its threshold (at least a quarter of the prompts)
+
+
+def null_share_for(requests: int) -> float:
+    """The share of `requests` labeled with a dense reference alone: NULL_REQUESTS of them, at least a quarter."""
+    return min(1.0, max(0.25, NULL_REQUESTS / max(requests, 1)))
+
+
+def resolved(df: pd.DataFrame, criterion) -> dict:
+    """The criterion with a divergence threshold fixed from these rows' noise floor (so that a
+    checkpoint records the number it was calibrated under, and other traffic is judged by it)."""
+    crit = criterion_dict(criterion)
+    if crit["name"] == "divergence" and crit["threshold"] is None:
+        crit["threshold"] = null_threshold(df, crit["measure"], crit["null_quantile"])
+    return crit
 
 
 def criterion_dict(criterion) -> dict:

@@ -20,6 +20,7 @@ from controller.policies import Policy
 from controller.recalibrate import min_requests
 from data.errors import UserError
 from data.features import FEATURE_NAMES
+from data.criteria import null_threshold
 from data.store import LabelStore, apply_criterion
 from data.tasks import TaskSpec, build_task, generate_sample, read_prompts
 from data.tasks.scoring import normalise_answer
@@ -183,12 +184,15 @@ def test_prompts_without_outputs_label_calibrate_checkpoint(tiny_lm, tiny_traine
     write_prompts(tiny_lm.tokenizer, prompts, 24)
     assert calibrate_cli.main(["--checkpoint", str(ckpt), "--prompts", str(prompts), "--out", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == str(out) and lines[-2].startswith("certified: ") and "criterion fidelity" in lines[-2]
+    assert lines[-1] == str(out) and lines[-2].startswith("certified: ") and "criterion divergence" in lines[-2]
     store = LabelStore(str(out) + ".labels").table()
     assert store["sample_id"].nunique() == 24 and store["nll_gold"].isna().all() and store["score"].isna().all()
     new, old = load_checkpoint(out), load_checkpoint(ckpt)
     data = new.record["calibration_data"]
-    assert data["requests"] == 24 and data["criterion"]["name"] == "fidelity" == new.record["criterion"]["name"]
+    assert data["requests"] == 24 and data["criterion"]["name"] == "divergence" == new.record["criterion"]["name"]
+    # the default criterion's threshold comes from these prompts' own noise floor (24 prompts: every one has it)
+    assert store.groupby("sample_id")["null_kl_max"].first().notna().all()
+    assert new.record["criterion"]["threshold"] == null_threshold(store, "kl_max", 0.99)
     assert data["files"][0]["sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
     assert data["tokens"] == [int(store["n_tokens"].min()), int(store["n_tokens"].max())]
     assert [new.guard.min_tokens, new.guard.max_tokens] == data["tokens"]
@@ -228,7 +232,7 @@ def test_prompts_without_outputs_label_calibrate_checkpoint(tiny_lm, tiny_traine
     report = tmp_path / "eval"
     assert eval_cli.main(["--checkpoint", str(out), "--prompts", str(prompts), "--out", str(report)]) == 0
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["criterion"]["name"] == "fidelity" and "fidelity" in (report / "report.md").read_text()
+    assert metrics["criterion"]["name"] == "divergence" and "divergence" in (report / "report.md").read_text()
     assert metrics["policies"]["controller"]["n"] == 24 and 0 <= metrics["shift"]["flagged_share"] <= 1
     assert "covered by the guarantee" in (report / "report.md").read_text()
 
