@@ -86,8 +86,9 @@ def null_threshold(df: pd.DataFrame, measure: str, quantile: float) -> float:
         raise UserError(f"criterion.measure must be one of {sorted(MEASURES)}, got {measure!r}")
     values = null_values(df, measure)
     if len(values) < 20:
-        raise UserError(f"the divergence criterion needs the noise floor of at least 20 requests (labeling.null_share), "
-                        f"these labels have {len(values)}; relabel with labeling.null_share > 0 or set criterion.threshold")
+        raise UserError(f"the divergence criterion needs the noise floor of at least 20 requests, these labels have "
+                        f"{len(values)}; label them anew with it (calibrate.py: a new --labels folder; train.py: "
+                        "labeling.null_share > 0), set criterion.threshold, or use --criterion fidelity")
     q = quantile if MEASURES[measure] > 0 else 1 - quantile
     return float(np.quantile(values, q, method="higher" if MEASURES[measure] > 0 else "lower"))
 
