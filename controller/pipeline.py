@@ -234,7 +234,8 @@ def label_requests(ckpt: ControllerCheckpoint, data: DataConfig, out: Path, crit
     job = LabelJobConfig(model=ModelConfig(name=model or rec["model"]["name"]), sparse=SparseConfig(**rec["sparse"]),
                          data=data, criterion=CriterionConfig(**criterion),
                          labeling=LabelingConfig(grid=tuple(rec["grid"]), out=str(out), progress=progress,
-                                                 devices=devices, batch_samples=batch_samples, null_share=null_share))
+                                                 devices=devices, batch_samples=batch_samples, null_share=null_share,
+                                                 null_answers=False))   # the divergence floor needs no alone decode
     lm = load_for_labeling(job)
     if not same_weights(lm.fingerprint, ckpt.fingerprint):
         raise UserError(f"model {job.model.name} ({lm.fingerprint['id']}) is not the model the controller was trained "

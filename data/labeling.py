@@ -180,17 +180,21 @@ class Labeler:
         """The noise floor of one sample: its dense row computed alone (no plan: plain SDPA, one row,
         decoded alone, as a request served dense by itself) against its dense row in the labeler's
         stacked batch. Every raw measurement, with the stacked dense row as the reference, as a
-        sparse row is measured; plus whether the greedy answers agree and the alone answer's score."""
+        sparse row is measured; with `labeling.null_answers`, also whether the alone greedy answer
+        equals the batch's and its score (the fidelity and gold nulls: an unbatched decode, most of
+        the floor's cost; the divergence criterion needs only the teacher-forced measurements)."""
         ids = torch.tensor([p.ids], device=self.lm.device)
         out = self._forward(None, input_ids=ids, logits_to_keep=1)
         alone = DecodeBatch.stack([cache_of(out)], [out.logits[:, -1]], [len(p.ids)])
-        own = self.greedy(alone, [p.sample.max_new_tokens])[0]
+        own = self.greedy(alone, [p.sample.max_new_tokens])[0] if self.job.labeling.null_answers else None
         logp, valid = self.answer_logprobs(alone, [stacked_answer])
         both = torch.stack([stacked_logp[:logp.shape[1]], logp[0]])
         m = divergence_from(both, valid.expand(2, -1), [stacked_answer] * 2, [0, 0])
+        measured = {**{k: float(m[k][1]) for k in DIVERGENCE_COLUMNS}, "nll_rise": float(m["nll"][1] - m["nll"][0])}
+        if own is None:
+            return measured
         text = self.lm.tokenizer.decode(own, skip_special_tokens=True)
-        return {**{k: float(m[k][1]) for k in DIVERGENCE_COLUMNS}, "nll_rise": float(m["nll"][1] - m["nll"][0]),
-                "same_answer": float(own == stacked_answer),
+        return {**measured, "same_answer": float(own == stacked_answer),
                 "score": score(p.sample.metric, text, p.sample.outputs) if p.sample.outputs else float("nan")}
 
     def greedy(self, batch: DecodeBatch, max_new: list[int]) -> list[list[int]]:

@@ -99,3 +99,16 @@ def test_raw_measurements_offline_equal_the_hook_path(tiny_lm, tiny_trained):
             np.testing.assert_allclose(float(m[k][1]), row[k], rtol=1e-3, atol=1e-6, err_msg=k)
         np.testing.assert_allclose(float(m["nll"][1]), row["nll_dense_answer"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(float(m["nll"][0]), table.loc[(sample.sample_id, 0.0), "nll_dense_answer"], rtol=1e-4)
+
+
+def test_the_floor_without_the_alone_decode_measures_the_same(tiny_lm, tmp_path):
+    """`labeling.null_answers: false` (calibrate.py's setting) skips the alone greedy decode: the
+    teacher-forced floor is the same, only the fidelity/gold nulls are left out (NaN)."""
+    import pandas as pd
+    base = ["labeling.null_share=1.0", "data.samples_per_length=2"]
+    full = run_labeling(_job(tmp_path, "full", base), tiny_lm).table()
+    lean = run_labeling(_job(tmp_path, "lean", [*base, "labeling.null_answers=false"]), tiny_lm).table()
+    cols = [f"null_{k}" for k in DIVERGENCE_COLUMNS] + ["null_nll_rise"]
+    pd.testing.assert_frame_equal(lean[cols], full[cols])
+    assert lean["null_same_answer"].isna().all() and lean["null_score"].isna().all()
+    assert full["null_same_answer"].notna().all()
