@@ -89,8 +89,15 @@ def null_threshold(df: pd.DataFrame, measure: str, quantile: float) -> float:
         raise UserError(f"the divergence criterion needs the noise floor of at least 20 requests, these labels have "
                         f"{len(values)}; label them anew with it (calibrate.py: a new --labels folder; train.py: "
                         "labeling.null_share > 0), set criterion.threshold, or use --criterion fidelity")
-    q = quantile if MEASURES[measure] > 0 else 1 - quantile
-    return float(np.quantile(values, q, method="higher" if MEASURES[measure] > 0 else "lower"))
+    return floor_quantile(values, measure, quantile)
+
+
+def floor_quantile(values: np.ndarray, measure: str, quantile: float) -> float:
+    """The bound a safe row must keep: the `quantile` of the noise-floor values (their lower
+    1 - quantile for a measure where smaller is worse), never between two observed values."""
+    if MEASURES[measure] > 0:
+        return float(np.quantile(values, quantile, method="higher"))
+    return float(np.quantile(values, 1 - quantile, method="lower"))
 
 
 def _same_answer_as_dense(df: pd.DataFrame) -> pd.Series:

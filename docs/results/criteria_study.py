@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from controller.dataset import arrays_from_frame  # noqa: E402
 from controller.evaluate import policy_metrics, separability  # noqa: E402
-from data.criteria import MEASURES, apply_criterion, criterion_dict, null_values  # noqa: E402
+from data.criteria import MEASURES, apply_criterion, criterion_dict, floor_quantile, null_threshold, null_values  # noqa: E402
 from data.store import LabelStore, sample_labels, write_text_atomic  # noqa: E402
 
 GOALS = {"relabel_flip": 0.03, "dense_null_unsafe": 0.01, "gold_agreement": 0.9}
@@ -49,10 +49,10 @@ def cross_fit_null_unsafe(table, crit: dict) -> float:
     rng = np.random.default_rng(0)
     order = rng.permutation(len(values))
     halves = values[order[: len(values) // 2]], values[order[len(values) // 2:]]
-    sign, q = MEASURES[crit["measure"]], crit["null_quantile"]
+    sign = MEASURES[crit["measure"]]
     bad = []
     for fit, test in (halves, halves[::-1]):
-        t = np.quantile(fit, q if sign > 0 else 1 - q)
+        t = floor_quantile(fit, crit["measure"], crit["null_quantile"])
         bad.append(np.mean(test > t) if sign > 0 else np.mean(test < t))
     return float(np.mean(bad))
 
@@ -77,8 +77,7 @@ def labels(table, crit: dict):
 def row_for(name: str, crit: dict, a, b, net, model: str) -> dict:
     crit = criterion_dict(crit)
     if crit["name"] == "divergence":
-        crit["threshold"] = float(np.quantile(null_values(a, crit["measure"]),
-                                              crit["null_quantile"] if MEASURES[crit["measure"]] > 0 else 1 - crit["null_quantile"]))
+        crit["threshold"] = null_threshold(a, crit["measure"], crit["null_quantile"])   # as calibrate.py sets it
     judged_a, la = labels(a, crit)
     _, lb = labels(b, crit)
     _, gold = labels(a, {"name": "gold"})
