@@ -110,7 +110,7 @@ def _backfill(root: str, device: str, dtype: str | None, log, text_only: bool) -
     table = store.table()
     first = table[table["level"] == 0.0].set_index("sample_id")
     dtype = dtype or meta["identity"]["dtype"].removeprefix("torch.")
-    lm = load_model(meta["model_name"], dtype, device)
+    lm = load_model(meta["model_name"], dtype, device, meta["identity"]["model"].get("rope"))
     if not same_weights(lm.fingerprint, meta["identity"]["model"]):
         raise UserError(f"model {meta['model_name']} here is not the store's model; backfill where it is available")
     enable_sparse_attention(lm.model)

@@ -20,6 +20,7 @@ import yaml
 from sparse_kernels import BACKEND_CHOICES, METHODS, SelectionSpec, probe_layers_problem
 
 from .errors import UserError
+from .rope import RopeScaling
 from .tasks import TaskSpec, build_task
 from .tasks.forms import FORM_SETS
 
@@ -40,6 +41,7 @@ class ModelConfig:
     name: str = "smollm2-135m"
     dtype: str = "auto"    # auto = bfloat16 on CUDA, float32 on CPU
     device: str = "auto"   # auto, cpu or cuda
+    rope_scaling: RopeScaling | None = None   # e.g. {type: yarn, factor: 8}; part of the fingerprint
 
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):

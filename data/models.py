@@ -17,9 +17,10 @@ import torch
 
 from .embedded import EMBEDDED_ALIASES, embedded_gguf
 from .errors import UserError
+from .rope import LONG_ALIASES, apply_rope_scaling, resolve_alias, rope_identity
 
 TINY_NAME = "tiny-random-llama"
-ACCEPTED = (f"one of {sorted(EMBEDDED_ALIASES)}, '{TINY_NAME}' (tests only), a local model directory, "
+ACCEPTED = (f"one of {sorted(EMBEDDED_ALIASES) + sorted(LONG_ALIASES)}, '{TINY_NAME}' (tests only), a local model directory, "
             "a path to a .gguf file, or a HuggingFace id available offline")
 
 
@@ -95,6 +96,8 @@ def same_weights(a: dict, b: dict) -> bool:
     ids existed match by id only."""
     if not isinstance(a, dict) or not isinstance(b, dict):
         return False
+    if a.get("rope") != b.get("rope"):   # a stretched window is another model (ids differ too)
+        return False
     if a.get("id") is not None and a.get("id") == b.get("id"):
         return True
     return a.get("weights_id") is not None and a.get("weights_id") == b.get("weights_id")
@@ -104,7 +107,8 @@ def fingerprint(model, weights_sha256: str) -> dict:
     """What identifies a model's weights for label stores and checkpoints (JSON-serialisable).
 
     `id` hashes the architecture and the file (or state dict) checksum, so it is independent of how
-    the model was named (alias, path, directory); `weights_id` (`weights_digest`, not part of `id`,
+    the model was named (alias, path, directory), and the RoPE scaling it runs with (`rope`, only
+    when scaled: `data.rope`); `weights_id` (`weights_digest`, not part of `id`,
     so ids written before it existed stay valid) also ignores how the weights were stored."""
     cfg = model.config
     fp = {
@@ -118,6 +122,9 @@ def fingerprint(model, weights_sha256: str) -> dict:
         "vocab_size": cfg.vocab_size,
         "weights_sha256": weights_sha256,
     }
+    rope = rope_identity(model)
+    if rope is not None:   # only when scaled: native fingerprints (and every id written before) stay as they were
+        fp["rope"] = rope
     fp["id"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
     fp["weights_id"] = weights_digest(model)
     return fp
@@ -182,10 +189,24 @@ def model_fingerprint(model: torch.nn.Module) -> tuple[dict, bool]:
     return fingerprint(model, state_dict_sha256(model)), False
 
 
-def load_model(name: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
-    """Load a frozen causal LM in eval mode with gradients off. Raises UserError on a bad name."""
+def load_model(name: str, dtype: str = "auto", device: str = "auto", rope_scaling=None) -> LoadedModel:
+    """Load a frozen causal LM in eval mode with gradients off; `rope_scaling` (a `RopeScaling`, or
+    a long alias such as `smollm2-135m-64k`) stretches its window. Raises UserError on a bad name."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    alias = name
+    name, scaling = resolve_alias(name, rope_scaling)
+    model, tok, fp = _load_weights(name, dt)
+    if scaling is not None:
+        apply_rope_scaling(model, scaling)
+        fp = fingerprint(model, fp["weights_sha256"])   # the same file, now with `rope`: another id
+    model.to(dev).eval().requires_grad_(False)
+    _LOADED_FINGERPRINTS[model] = fp
+    return LoadedModel(model=model, tokenizer=tok, fingerprint=fp, name=alias)
+
+
+def _load_weights(name: str, dt: torch.dtype):
+    """(model, tokenizer, fingerprint) of a model name (not a long alias)."""
     if name in EMBEDDED_ALIASES:
         model, tok, fp = _load_gguf(embedded_gguf(name), dt)
     elif name == TINY_NAME:
@@ -202,6 +223,4 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto") -> LoadedMo
         model, tok, fp = _load_hub(name, dt)
     else:
         raise UserError(f"unknown model {name!r}; accepted: {ACCEPTED}")
-    model.to(dev).eval().requires_grad_(False)
-    _LOADED_FINGERPRINTS[model] = fp
-    return LoadedModel(model=model, tokenizer=tok, fingerprint=fp, name=name)
+    return model, tok, fp

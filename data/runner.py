@@ -201,7 +201,7 @@ def target_device(job: LabelJobConfig) -> torch.device:
 def load_for_labeling(job: LabelJobConfig) -> LoadedModel:
     """Load on the CPU in the accelerator's dtype; Lightning moves it to each rank's device."""
     dtype = resolve_dtype(job.model.dtype, target_device(job))
-    return load_model(job.model.name, str(dtype).removeprefix("torch."), "cpu")
+    return load_model(job.model.name, str(dtype).removeprefix("torch."), "cpu", job.model.rope_scaling)
 
 
 def check_devices(job: LabelJobConfig) -> None:
