@@ -6,8 +6,8 @@ with the noise floor, `labeling.null_share: 1.0`; store B relabeled with another
 criterion's labels. Output: `criteria.json` (`rows`: one per criterion and model, `default`) and a
 markdown view beside it.
 
-  python docs/results/criteria_study.py --a STORE_A --b STORE_B --model smollm2-135m \
-      --checkpoint runs/demo/checkpoint --out docs/results/criteria.json
+  python docs/results/criteria_study.py --pair smollm2-135m A B runs/demo/checkpoint \
+      --pair gemma3-270m A2 B2 checkpoints/gemma3-270m/checkpoint --out docs/results/criteria.json
 
 Per criterion: `relabel_flip` (share of requests whose label differs between A and B),
 `dense_null_unsafe` (share of dense-vs-dense pairs judged unsafe; for divergence the threshold
@@ -89,6 +89,10 @@ def row_for(name: str, crit: dict, a, b, net, model: str) -> dict:
            "relabel_flip": float((la[common] != lb[common]).mean()), "dense_null_unsafe": null_unsafe(a, crit),
            "gold_agreement": float((la[solved] == gold[solved]).mean()) if len(solved) else None,
            "gold_agreement_requests": int(len(solved)),
+           # where it disagrees with gold on solved requests: below gold (stricter: saves less) or above
+           # (more lenient: allows a level whose answer gold scores wrong)
+           "below_gold": float((la[solved] < gold[solved]).mean()) if len(solved) else None,
+           "above_gold": float((la[solved] > gold[solved]).mean()) if len(solved) else None,
            "oracle_saving": policy_metrics(arrays, arrays.label_index)["compute_saved"],
            "threshold": crit.get("threshold"), "mean_label": float(la.mean())}
     if net is not None:
@@ -101,39 +105,55 @@ def row_for(name: str, crit: dict, a, b, net, model: str) -> dict:
 
 
 def markdown(doc: dict) -> str:
-    head = "| criterion | model | relabel_flip | dense_null_unsafe | gold_agreement | oracle_saving | auc | threshold |"
+    head = ("| criterion | model | relabel_flip | dense_null_unsafe | gold_agreement | below / above gold | "
+            "oracle_saving | auc | threshold |")
     lines = ["# Criteria: do labels measure the model or decoding noise?", "", doc["how"], "",
-             f"Default for `calibrate.py`: **{doc['default']}** (the label-free criterion meeting most goals, then "
+             f"Default for `calibrate.py`: **{doc['default']}** (the label-free criterion meeting most goals over both models, then "
              f"agreeing most with gold, then saving most; goals it misses: {', '.join(doc['default_goals_missed']) or 'none'}). Goals: relabel_flip "
-             "<= 0.03, dense_null_unsafe <= 0.01, gold_agreement >= 0.9.", "", head, "|---" * 8 + "|"]
+             "<= 0.03, dense_null_unsafe <= 0.01, gold_agreement >= 0.9. Below / above gold: of the requests whose dense "
+             "answer scores 1, the share labeled below gold's level (stricter) and above it (more lenient).", "",
+             head, "|---" * 9 + "|"]
     fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
     for r in doc["rows"]:
         lines.append(f"| {r['criterion']} | {r['model']} | {fmt(r['relabel_flip'])} | {fmt(r['dense_null_unsafe'])} | "
-                     f"{fmt(r['gold_agreement'])} | {fmt(r['oracle_saving'])} | {fmt(r.get('auc'))} | {fmt(r['threshold'])} |")
+                     f"{fmt(r['gold_agreement'])} | {fmt(r.get('below_gold'))} / {fmt(r.get('above_gold'))} | {fmt(r['oracle_saving'])} | {fmt(r.get('auc'))} | {fmt(r['threshold'])} |")
     return "\n".join(lines) + "\n"
+
+
+def pick_default(rows: list[dict]) -> dict:
+    """The label-free criterion meeting most goals over every model, then agreeing most with gold,
+    then saving most (means over models)."""
+    by_name: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["criterion"] != "gold":
+            by_name.setdefault(r["criterion"], []).append(r)
+    key = lambda rs: (sum(r["goals_met"] for r in rs), float(np.mean([r["gold_agreement"] or 0.0 for r in rs])),  # noqa: E731
+                      float(np.mean([r["oracle_saving"] for r in rs])))
+    name = max(by_name, key=lambda n: key(by_name[n]))
+    missed = sorted({k for r in by_name[name] for k in GOALS if k not in r["met"]}, key=list(GOALS).index)
+    return {"default": name, "default_goals_missed": missed}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--a", required=True)
-    p.add_argument("--b", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--checkpoint")
-    p.add_argument("--how", default="", help="card, command and versions, for the markdown view")
+    p.add_argument("--pair", nargs="+", action="append", required=True, metavar="MODEL A B [CHECKPOINT]",
+                   help="a model's two stores of one plan (and a checkpoint for the AUC); repeat per model")
+    p.add_argument("--how", default="", help="cards, commands and versions, for the markdown view")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    a, b = LabelStore(args.a).table(), LabelStore(args.b).table()
-    net = None
-    if args.checkpoint:
-        from controller.export import load_checkpoint
-        net = load_checkpoint(args.checkpoint).net
-    rows = [row_for(name, crit, a, b, net, args.model) for name, crit in criteria(a).items()]
-    label_free = [r for r in rows if r["criterion"] != "gold"]
-    # most goals met, then closest to task truth (gold agreement), then most saving
-    best = max(label_free, key=lambda r: (r["goals_met"], r["gold_agreement"] or 0.0, r["oracle_saving"]))
-    doc = {"default": best["criterion"], "default_goals_missed": [k for k in GOALS if k not in best["met"]],
-           "goals": GOALS, "rows": rows, "how": args.how,
-           "stores": {"a": LabelStore(args.a).meta().get("device_name"), "b": LabelStore(args.b).meta().get("device_name")}}
+    rows, stores = [], {}
+    for pair in args.pair:
+        if len(pair) not in (3, 4):
+            p.error("--pair takes MODEL A B [CHECKPOINT]")
+        model, a_root, b_root = pair[:3]
+        a, b = LabelStore(a_root).table(), LabelStore(b_root).table()
+        net = None
+        if len(pair) == 4:
+            from controller.export import load_checkpoint
+            net = load_checkpoint(pair[3]).net
+        rows += [row_for(name, crit, a, b, net, model) for name, crit in criteria(a).items()]
+        stores[model] = {"a": LabelStore(a_root).meta().get("device_name"), "b": LabelStore(b_root).meta().get("device_name")}
+    doc = {**pick_default(rows), "goals": GOALS, "rows": rows, "how": args.how, "stores": stores}
     out = Path(args.out)
     write_text_atomic(out, json.dumps(doc, indent=1))
     write_text_atomic(out.with_suffix(".md"), markdown(doc))
