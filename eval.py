@@ -11,6 +11,8 @@ same for prompts without answers (judged by the label-free `fidelity` criterion)
 fitted on the checkpoint's training store and calibrated on the requests the checkpoint was
 calibrated on. The report says which criterion judged the violations, what share of the requests
 the shift guard flagged, and whether the traffic looks exchangeable with the calibration requests.
+Where a benchmark of the checkpoint's model exists (--timings, or the newest under sparse_kernels/bench),
+the report leads with wall-clock prefill time saved at each policy's decisions, per length.
 An existing --out is refused unless --overwrite is given, and even then only a report this project
 wrote is replaced (a folder holding only the labels of an interrupted run is resumed); --out may not
 be, contain or lie inside the checkpoint, its label stores or the evaluated inputs.
@@ -34,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--criterion", choices=["gold", "fidelity", "divergence"],
                    help="criterion that judges violations (default: the checkpoint's; --prompts needs a label-free one: "
                         "the checkpoint's if it is label-free, else fidelity)")
+    p.add_argument("--timings", help="a benchmark JSON (sparse_kernels/bench/*.json) that prices decisions in wall-clock "
+                                      "time (default: the newest one recorded for the checkpoint's model, if any)")
     p.add_argument("--out", required=True, help="report folder (new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report at --out (only a report this project wrote)")
     return p.parse_args(argv)
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
             own = load_checkpoint(args.checkpoint).record["criterion"].get("name", "gold")
             criterion = own if own in ("fidelity", "divergence") else "fidelity"
         out = evaluate_checkpoint(args.checkpoint, args.out, labels=args.labels, ruler=args.ruler,
-                                  prompts=args.prompts, criterion=criterion)
+                                  prompts=args.prompts, criterion=criterion, timings=args.timings)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

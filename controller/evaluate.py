@@ -6,7 +6,8 @@ overall, per task and per length bucket), `alpha_sweep` (recalibrate at each alp
 violation / compute-saved trade-off) and `reliability` (calibration of P(safe)).
 compute_saved = 1 - sum over requests of the attention blocks computed at the chosen level (all
 layers, dense ones included) / the same sum for dense causal attention: kept-block FLOPs, which
-weights long requests by their quadratic cost. Imports `controller` modules below it.
+weights long requests by their quadratic cost. time_saved (given a benchmark's TimeTable): the same
+sum in measured prefill milliseconds (controller.timing). Imports `controller` modules below it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from .calibrate import Calibration, calibrate, violations
 from .dataset import LabelArrays
 from .policies import LearnedPolicy, Policy, decide, oracle_decisions
+from .timing import TimeTable
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -29,7 +31,8 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return lo, hi
 
 
-def policy_metrics(arrays: LabelArrays, chosen: np.ndarray) -> dict:
+def policy_metrics(arrays: LabelArrays, chosen: np.ndarray, times: TimeTable | None = None) -> dict:
+    """Violations, compute saved and, given a benchmark's `times`, wall-clock `time_saved`."""
     rows = np.arange(len(arrays))
     bad = violations(arrays, chosen)
     dense_score = arrays.score[:, 0].sum()
@@ -43,6 +46,7 @@ def policy_metrics(arrays: LabelArrays, chosen: np.ndarray) -> dict:
         "mean_achieved_sparsity": float(arrays.achieved[rows, chosen].mean()) if len(arrays) else math.nan,
         "accuracy_vs_dense": float(arrays.score[rows, chosen].sum() / dense_score) if dense_score > 0 else None,
         "dense_requests": float((chosen == 0).mean()) if len(arrays) else math.nan,
+        **({"time_saved": times.saved(arrays.levels[chosen], arrays.n_tokens)} if times is not None else {}),
     }
 
 
@@ -51,10 +55,10 @@ def length_bucket(n_tokens: np.ndarray) -> np.ndarray:
     return np.array([f"<={2 ** math.ceil(math.log2(max(n, 2)))}" for n in n_tokens])
 
 
-def breakdowns(arrays: LabelArrays, chosen: np.ndarray) -> dict:
+def breakdowns(arrays: LabelArrays, chosen: np.ndarray, times: TimeTable | None = None) -> dict:
     out = {}
     for name, keys in (("per_task", arrays.tasks), ("per_length", length_bucket(arrays.n_tokens))):
-        out[name] = {str(k): policy_metrics(arrays.subset(keys == k), chosen[keys == k])
+        out[name] = {str(k): policy_metrics(arrays.subset(keys == k), chosen[keys == k], times)
                      for k in sorted(set(keys), key=lambda s: (len(s), s))}
     return out
 
@@ -66,15 +70,16 @@ def decisions(policy: Policy | None, cal: Calibration | None, arrays: LabelArray
     return cal.decide(policy.scores(arrays.features), arrays.n_tokens)
 
 
-def evaluate_all(policies: list[Policy], cals: dict[str, Calibration], arrays: LabelArrays) -> dict:
+def evaluate_all(policies: list[Policy], cals: dict[str, Calibration], arrays: LabelArrays,
+                 times: TimeTable | None = None) -> dict:
     """{policy name: metrics + calibration + breakdowns}, the oracle last."""
     out = {}
     for policy in [*policies, None]:
         name = "oracle" if policy is None else policy.name
         chosen = decisions(policy, cals.get(name), arrays)
-        m = policy_metrics(arrays, chosen)
+        m = policy_metrics(arrays, chosen, times)
         m["calibration"] = cals[name].to_json() if name in cals else None
-        out[name] = {**m, **breakdowns(arrays, chosen)}
+        out[name] = {**m, **breakdowns(arrays, chosen, times)}
     return out
 
 

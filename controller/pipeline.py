@@ -27,6 +27,7 @@ from data.store import criterion_dict, describe_criterion
 from .calibrate import calibrate
 from .config import ControllerJobConfig
 from .dataset import LabelArrays, arrays_from_store, requests_summary, split_groups, store_hash
+from .timing import TimeTable, find_timings
 from .evaluate import alpha_sweep, best_in_hindsight, evaluate_all, reliability, separability
 from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
 from .guard import Monitored, ShiftGuard, monitor_stream, exchangeability_words, two_sample_test
@@ -299,12 +300,26 @@ def shift_report(ckpt: ControllerCheckpoint, test: LabelArrays) -> dict:
             "monitor": mon, "covered": guard.describe(), "words": exchangeability_words(two, float(flagged.mean())) + stream}
 
 
+def time_table(timings: str | None, model_fp: dict) -> TimeTable | None:
+    """The benchmark timings that price decisions in milliseconds: `timings` (a bench JSON), else
+    the newest one recorded for this model's weights; None when there is none."""
+    path = timings or find_timings(model_fp)
+    if path is None:
+        return None
+    try:
+        return TimeTable.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--timings {path}: not a benchmark JSON with end_to_end dense and forced rows ({e}); "
+                        "write one with python -m controller.benchmark") from None
+
+
 def evaluate_checkpoint(checkpoint: str, out: str, labels: str | None = None, ruler: str | None = None,
-                        prompts: str | None = None, criterion: str | None = None) -> Path:
+                        prompts: str | None = None, criterion: str | None = None, timings: str | None = None) -> Path:
     """Every policy, calibrated on the checkpoint's calibration requests, evaluated on `labels`' test
     split or on every request of `ruler` / `prompts` (labeled here with the checkpoint's settings);
-    violations judged by `criterion` (default: the checkpoint's)."""
+    violations judged by `criterion` (default: the checkpoint's); time saved priced by `timings`."""
     ckpt = load_checkpoint(checkpoint)
+    times = time_table(timings, ckpt.record["model"]["fingerprint"])
     rec, out_dir = ckpt.record, Path(out)
     crit = criterion_dict(rec["criterion"])
     if criterion is not None:
@@ -320,7 +335,9 @@ def evaluate_checkpoint(checkpoint: str, out: str, labels: str | None = None, ru
     metrics = {"alpha": alpha, "delta": delta, "n": len(test), "deployed_policy": rec.get("policy", "controller"), "n_calibration": len(cal), "evaluated_on": where,
                "criterion": crit, "criterion_text": describe_criterion(crit),
                "checkpoint_criterion_text": describe_criterion(rec["criterion"]), "calibrated_on": cal_source,
-               "shift": shift_report(ckpt, test), "policies": evaluate_all(policies, cals, test),
+               "shift": shift_report(ckpt, test), "policies": evaluate_all(policies, cals, test, times),
+               "timings": None if times is None else {"device": times.device, "source": times.source,
+                                                      "lengths": times.lengths.tolist(), "levels": list(times.levels)},
                "alpha_sweep": alpha_sweep(policies, cal, test, [*rec.get("sweep", []), alpha], delta, edges),
                "reliability": reliability(LearnedPolicy(ckpt.net), test),
                "provenance": {"checkpoint": str(checkpoint), "model": rec["model"], "label_store": rec["label_store"],

@@ -157,9 +157,9 @@ class CriterionConfig:
     nll_reference: str = "gold"     # gold: the task's reference answer; dense: the dense model's answer
     require_score: bool = True
     name: str = "gold"              # gold, fidelity or divergence
-    measure: str = "kl_max"         # divergence: kl_mean, kl_max, gap_max, top1_agree or agree_prefix
+    measure: str = "kl_mean"        # divergence: kl_mean, kl_max, gap_max, top1_agree or agree_prefix
     threshold: float | None = None  # divergence: None = from the labels' noise floor
-    null_quantile: float = 0.99     # divergence: the noise floor's quantile that bounds a safe row
+    null_quantile: float = 0.999    # divergence: the noise floor's quantile that bounds a safe row
 
     def __post_init__(self):
         from .criteria import MEASURES

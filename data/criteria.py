@@ -28,9 +28,9 @@ from .errors import UserError
 # measure -> +1 when larger is worse (safe iff value <= threshold), -1 when smaller is worse
 MEASURES = {"kl_mean": 1, "kl_max": 1, "gap_max": 1, "top1_agree": -1, "agree_prefix": -1}
 DEFAULTS = {"tau": 0.1, "nll_reference": "gold", "require_score": True, "name": "gold",
-            "measure": "kl_max", "threshold": None, "null_quantile": 0.99}
+            "measure": "kl_mean", "threshold": None, "null_quantile": 0.999}
 # calibrate.py's default: the label-free criterion that won the validation (docs/results/criteria.md)
-LABEL_FREE_DEFAULT = {"name": "divergence", "measure": "kl_max", "null_quantile": 0.99, "threshold": None}
+LABEL_FREE_DEFAULT = {"name": "divergence", "measure": "kl_mean", "null_quantile": 0.999, "threshold": None}
 NULL_REQUESTS = 40   # dense-vs-dense pairs a calibration labels for its threshold (at least a quarter of the prompts)
 
 

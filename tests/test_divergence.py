@@ -112,3 +112,20 @@ def test_the_floor_without_the_alone_decode_measures_the_same(tiny_lm, tmp_path)
     pd.testing.assert_frame_equal(lean[cols], full[cols])
     assert lean["null_same_answer"].isna().all() and lean["null_score"].isna().all()
     assert full["null_same_answer"].notna().all()
+
+
+def test_calibrate_default_is_the_criterion_the_validation_table_picked():
+    """docs/results/criteria.json names the default; the code's default (calibrate.py, and a config
+    that says `name: divergence` and nothing else) is that criterion."""
+    import json
+    from pathlib import Path
+    from data.criteria import LABEL_FREE_DEFAULT, criterion_dict
+    doc = json.loads((Path(__file__).resolve().parents[1] / "docs/results/criteria.json").read_text())
+    name, rest = doc["default"].split(":")
+    measure, quantile = rest.split("@")
+    assert (name, measure, float(quantile)) == (LABEL_FREE_DEFAULT["name"], LABEL_FREE_DEFAULT["measure"],
+                                                LABEL_FREE_DEFAULT["null_quantile"])
+    plain = criterion_dict(CriterionConfig(name="divergence"))
+    assert (plain["measure"], plain["null_quantile"]) == (measure, float(quantile))
+    models = {r["model"] for r in doc["rows"]}
+    assert {"smollm2-135m", "gemma3-270m"} <= models

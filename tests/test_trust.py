@@ -20,7 +20,7 @@ from controller.policies import Policy
 from controller.recalibrate import min_requests
 from data.errors import UserError
 from data.features import FEATURE_NAMES
-from data.criteria import null_threshold
+from data.criteria import LABEL_FREE_DEFAULT, null_threshold
 from data.store import LabelStore, apply_criterion
 from data.tasks import TaskSpec, build_task, generate_sample, read_prompts
 from data.tasks.scoring import normalise_answer
@@ -191,8 +191,9 @@ def test_prompts_without_outputs_label_calibrate_checkpoint(tiny_lm, tiny_traine
     data = new.record["calibration_data"]
     assert data["requests"] == 24 and data["criterion"]["name"] == "divergence" == new.record["criterion"]["name"]
     # the default criterion's threshold comes from these prompts' own noise floor (24 prompts: every one has it)
-    assert store.groupby("sample_id")["null_kl_max"].first().notna().all()
-    assert new.record["criterion"]["threshold"] == null_threshold(store, "kl_max", 0.99)
+    measure, q = LABEL_FREE_DEFAULT["measure"], LABEL_FREE_DEFAULT["null_quantile"]
+    assert store.groupby("sample_id")[f"null_{measure}"].first().notna().all()
+    assert new.record["criterion"]["threshold"] == null_threshold(store, measure, q)
     assert data["files"][0]["sha256"] == hashlib.sha256(prompts.read_bytes()).hexdigest()
     assert data["tokens"] == [int(store["n_tokens"].min()), int(store["n_tokens"].max())]
     assert [new.guard.min_tokens, new.guard.max_tokens] == data["tokens"]

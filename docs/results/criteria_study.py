@@ -33,6 +33,9 @@ from data.criteria import MEASURES, apply_criterion, criterion_dict, floor_quant
 from data.store import LabelStore, sample_labels, write_text_atomic  # noqa: E402
 
 GOALS = {"relabel_flip": 0.03, "dense_null_unsafe": 0.01, "gold_agreement": 0.9}
+# a default may not be more lenient than the task's own truth: on requests whose dense answer scores 1,
+# at most this share may be labeled above the gold level (a level whose answer gold scores wrong)
+ABOVE_GOLD_MAX = 0.05
 
 
 def criteria(table, quantiles=(0.99, 0.999, 1.0)) -> dict[str, dict]:
@@ -57,10 +60,13 @@ def cross_fit_null_unsafe(table, crit: dict) -> float:
     return float(np.mean(bad))
 
 
-def null_unsafe(table, crit: dict) -> float:
+def null_unsafe(table, crit: dict) -> float | None:
+    """None where the store's floor has no alone answers (`labeling.null_answers: false`)."""
     dense = table[table["level"] == 0.0].set_index("sample_id")
     has = dense["null_same_answer"].notna()
     d = dense[has]
+    if crit["name"] in ("fidelity", "gold") and not len(d):
+        return None
     if crit["name"] == "fidelity":
         return float(((d["null_same_answer"] < 1) | (d["null_nll_rise"] > crit["tau"])).mean())
     if crit["name"] == "gold":
@@ -94,7 +100,10 @@ def row_for(name: str, crit: dict, a, b, net, model: str) -> dict:
            "below_gold": float((la[solved] < gold[solved]).mean()) if len(solved) else None,
            "above_gold": float((la[solved] > gold[solved]).mean()) if len(solved) else None,
            "oracle_saving": policy_metrics(arrays, arrays.label_index)["compute_saved"],
-           "threshold": crit.get("threshold"), "mean_label": float(la.mean())}
+           "threshold": crit.get("threshold"), "mean_label": float(la.mean()),
+           # dense-vs-dense pairs: cross-fitted on halves of m, a threshold at the top of one half is
+           # exceeded by about 1/(m/2 + 1) of the other half, the finest dense_null_unsafe it can show
+           "null_pairs": int(len(null_values(a, crit.get("measure", "kl_max"))))}
     if net is not None:
         from controller.policies import LearnedPolicy
         aucs = [v for v in separability(LearnedPolicy(net), arrays).values() if v is not None]
@@ -108,8 +117,8 @@ def markdown(doc: dict) -> str:
     head = ("| criterion | model | relabel_flip | dense_null_unsafe | gold_agreement | below / above gold | "
             "oracle_saving | auc | threshold |")
     lines = ["# Criteria: do labels measure the model or decoding noise?", "", doc["how"], "",
-             f"Default for `calibrate.py`: **{doc['default']}** (the label-free criterion meeting most goals over both models, then "
-             f"agreeing most with gold, then saving most; goals it misses: {', '.join(doc['default_goals_missed']) or 'none'}). Goals: relabel_flip "
+             f"Default for `calibrate.py`: **{doc['default']}** (among the label-free criteria never above gold on more than "
+             f"{ABOVE_GOLD_MAX:.0%} of solved requests, the one meeting most goals over both models, then agreeing most with gold, then saving most; goals it misses: {', '.join(doc['default_goals_missed']) or 'none'}). Goals: relabel_flip "
              "<= 0.03, dense_null_unsafe <= 0.01, gold_agreement >= 0.9. Below / above gold: of the requests whose dense "
              "answer scores 1, the share labeled below gold's level (stricter) and above it (more lenient).", "",
              head, "|---" * 9 + "|"]
@@ -121,12 +130,15 @@ def markdown(doc: dict) -> str:
 
 
 def pick_default(rows: list[dict]) -> dict:
-    """The label-free criterion meeting most goals over every model, then agreeing most with gold,
-    then saving most (means over models)."""
+    """Among the label-free criteria never more lenient than gold (above_gold <= ABOVE_GOLD_MAX on
+    every model), the one meeting most goals over every model, then agreeing most with gold, then
+    saving most (means over models)."""
     by_name: dict[str, list[dict]] = {}
     for r in rows:
         if r["criterion"] != "gold":
             by_name.setdefault(r["criterion"], []).append(r)
+    safe = {n: rs for n, rs in by_name.items() if all((r["above_gold"] or 0.0) <= ABOVE_GOLD_MAX for r in rs)}
+    by_name = safe or by_name
     key = lambda rs: (sum(r["goals_met"] for r in rs), float(np.mean([r["gold_agreement"] or 0.0 for r in rs])),  # noqa: E731
                       float(np.mean([r["oracle_saving"] for r in rs])))
     name = max(by_name, key=lambda n: key(by_name[n]))
