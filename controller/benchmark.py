@@ -14,7 +14,9 @@ which `attach` reads for this model on this card. Modes:
   probe part) and `ms_with_probes_fused` (the same through the Triton probe). `decision_fallback`:
   None when the net decided, as it does past the stream's warm-up;
 - `hook_dense`: the hook's own path for a request it runs dense; `decided`: the controller's own
-  decision; these two alternate call by call with dense.
+  decision; these two alternate call by call with dense;
+- `decided_heldout` (with --heldout STORE): the controller's own decisions on real held-out requests
+  of a label store, against the best dense path, with their unsafe rate (`controller.bench_heldout`).
 The JSON also records the command line. The kernel part is `sparse_kernels.bench`. Imports every
 layer below it; nothing imports it.
 """
@@ -252,11 +254,12 @@ def _hooked_rows(lm, handle, ids) -> list[dict]:
 
 
 def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, device: str = "cuda",
-                     dtype: str = "bfloat16", progress=None) -> tuple[list[dict], dict]:
+                     dtype: str = "bfloat16", progress=None, heldout: tuple | None = None) -> tuple[list[dict], dict]:
     """End-to-end prefill rows (keys N, mode, level, ms, ms_dense, speedup, peak_mib) and the
     break-even table this run measured (from the forced rows, decision included). `progress(rows)`,
     if given, receives the rows so far after each length (the command saves them: a run cut short
-    keeps what it measured)."""
+    keeps what it measured). `heldout` = (label store, target lengths, requests per length) adds the
+    `decided_heldout` rows (`controller.bench_heldout`)."""
     from controller.export import load_checkpoint
     from controller.hook import attach
     from data.models import load_model, model_fingerprint
@@ -265,6 +268,9 @@ def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, devi
     vocab = lm.model.config.vocab_size
     prompts = {n: _prompt(lm.tokenizer, n, vocab, device) for n in lengths}
     ckpt = load_checkpoint(checkpoint)
+    if heldout is not None:   # before any timing: a bad store fails fast
+        from controller.bench_heldout import heldout_requests
+        held = heldout_requests(heldout[0], ckpt, checkpoint, heldout[1], heldout[2], lm.tokenizer)
     levels = sorted({float(x) for x in ckpt.levels if x > 0} | set(REQUIRED_FORCED))
     rows, window = [], []
     for ids in prompts.values():
@@ -280,6 +286,9 @@ def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, devi
     with attach(lm, ckpt, break_even=table) as handle:
         for ids in prompts.values():
             rows += _hooked_rows(lm, handle, ids)
+        if heldout is not None:
+            from controller.bench_heldout import decided_heldout_rows
+            rows += decided_heldout_rows(lm, handle, ckpt, *held, rows, _measure_alternating)
     fp = model_fingerprint(lm.model)[0]
     record = {"model": model_name, "model_id": fp["id"], "weights_id": fp["weights_id"], **table.to_json(), "window": window,
               "rule": "a level is worth running from the shortest length from which, decision included, it "
@@ -328,6 +337,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end rows (needs --checkpoint)")
     p.add_argument("--e2e-lengths", default=None, help="comma-separated end-to-end lengths (default 2K..128K)")
     p.add_argument("--probe-cost", action="store_true", help="only the probe statistics' cost per layer at 8K and 32K")
+    p.add_argument("--heldout", help="a label store: also time the controller's own decisions on its held-out requests")
+    p.add_argument("--heldout-lengths", default="16000,32000,48000,64000", help="target lengths of --heldout requests")
+    p.add_argument("--heldout-per-length", type=int, default=8, help="--heldout requests per length")
     args = p.parse_args(argv)
     shapes = _parse_shapes(args.shapes) if args.shapes else None
     if args.shapes and shapes is None:
@@ -370,8 +382,10 @@ def main(argv=None) -> int:
         def partial(rows):   # saved after each length, without a break-even table until the end
             result["end_to_end"] = rows
             save()
+        heldout = None if not args.heldout else (
+            args.heldout, tuple(int(x) for x in args.heldout_lengths.split(",")), args.heldout_per_length)
         result["end_to_end"], result["break_even"] = bench_end_to_end(args.checkpoint, args.model, e2e_lengths,
-                                                                      progress=partial)
+                                                                      progress=partial, heldout=heldout)
         save()
         print(e2e_table(result["end_to_end"]))
     print(kernel_table(result["kernels"]))
