@@ -192,6 +192,7 @@ class LabelingConfig:
     batch_samples: int = 1    # samples decoded together (rows = batch_samples x levels)
     null_share: float = 0.0   # seeded share of samples whose dense reference is also computed alone (the noise floor)
     null_answers: bool = True  # the floor also decodes the alone answer (fidelity/gold nulls; most of its cost)
+    sparse_answers: bool = True  # decode every level's greedy answer (gold, fidelity); false: the dense row's only
 
     def __post_init__(self):
         bad = [g for g in self.grid if not (0.0 <= g < 1.0) or math.isnan(g)]

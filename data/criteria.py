@@ -123,6 +123,11 @@ def _divergence_safe(df: pd.DataFrame, crit: dict) -> pd.Series:
 def apply_criterion(df: pd.DataFrame, criterion) -> pd.DataFrame:
     """Add `dense_score`, `dense_nll`, `nll_rise` and `safe` from the raw columns."""
     crit = criterion_dict(criterion)
+    if crit["name"] in ("gold", "fidelity") and "answer" in df and df["answer"].isna().any():
+        raise UserError(f"the {crit['name']} criterion judges every level's greedy answer, but "
+                        f"{int(df['answer'].isna().sum())} rows were labeled without one "
+                        "(labeling.sparse_answers: false); judge them with --criterion divergence, or relabel "
+                        "with labeling.sparse_answers: true")
     label_free = crit["name"] in ("fidelity", "divergence")
     nll_col = "nll_dense_answer" if label_free or crit["nll_reference"] == "dense" else "nll_gold"
     dense = df[df["level"] == 0.0].set_index("sample_id")

@@ -119,6 +119,16 @@ class DecodeBatch:
         cols = torch.arange(self.width + past + tokens.shape[1], device=tokens.device)
         return {"input_ids": tokens, "position_ids": positions, "attention_mask": (cols >= pad).long()}
 
+    def narrowed(self, rows: list[int]) -> "DecodeBatch":
+        """These rows only, over the same cache object: its layers hold the rows' slices until
+        `reset`, which restores the whole prompt cache (so the full batch is usable again after)."""
+        if self.saved is None:
+            raise RuntimeError("narrowing a batch needs a cache with per-layer tensors (transformers >= 4.56)")
+        idx = torch.tensor(rows, device=self.first_logits.device)
+        for layer, (keys, values, _) in zip(self.cache.layers, self.saved):
+            layer.keys, layer.values = keys.index_select(0, idx), values.index_select(0, idx)
+        return DecodeBatch(self.cache, self.first_logits[idx], self.lengths[idx], self.width, self.saved)
+
     def reset(self) -> None:
         """Back to the prompt-only cache after a decode or teacher-forcing pass."""
         if self.saved is not None:

@@ -276,7 +276,7 @@ class Labeler:
         gold = [self.lm.tokenizer(gold_answer(p.sample), add_special_tokens=False)["input_ids"] if p.sample.outputs
                 else [] for p in pre]   # no reference answer: nll_gold is NaN
         nll_gold = self.answer_nll(batch, [g for g in gold for _ in range(levels)])
-        answers = self.greedy(batch, [p.sample.max_new_tokens for p in pre for _ in range(levels)])
+        answers = self._answers(batch, pre)
         clock.lap("decode")
         dense_answers = [answers[i * levels] for i in range(len(pre)) for _ in range(levels)]
         logp, valid = self.answer_logprobs(batch, dense_answers)
@@ -293,12 +293,22 @@ class Labeler:
                                      nulls[i], {"prefill": p.seconds, **shared})
         return records
 
+    def _answers(self, batch: DecodeBatch, pre: list[Prefilled]) -> list[list[int] | None]:
+        """Every row's greedy answer; with `labeling.sparse_answers: false` the dense rows' only (None
+        for the others): the divergence measurements need nothing else, and decoding 1 row per
+        sample instead of one per level is most of labeling's time at long lengths."""
+        levels = len(self.levels)
+        if self.job.labeling.sparse_answers:
+            return self.greedy(batch, [p.sample.max_new_tokens for p in pre for _ in range(levels)])
+        dense = self.greedy(batch.narrowed([i * levels for i in range(len(pre))]), [p.sample.max_new_tokens for p in pre])
+        return [dense[i] if r == 0 else None for i in range(len(pre)) for r in range(levels)]
+
     def _records(self, p: Prefilled, answers, nll_gold, measured: dict, null: dict, seconds) -> list[dict]:
         sample, ids, features, c = p.sample, p.ids, p.features, p.plan.counts
         achieved = c.achieved_sparsity()
         records = []
         for r, level in enumerate(self.levels.tolist()):
-            text = self.lm.tokenizer.decode(answers[r], skip_special_tokens=True)
+            text = None if answers[r] is None else self.lm.tokenizer.decode(answers[r], skip_special_tokens=True)
             records.append({
                 "sample_id": sample.sample_id, "task": sample.task, "group": sample.group,
                 "source": sample.source, "form": sample.form, "target_length": sample.target_length or len(ids), "n_tokens": len(ids),
@@ -306,12 +316,12 @@ class Labeler:
                 "kept_blocks_sparse": float(c.kept_sparse[r]) if c.kept_sparse is not None else 0.0,
                 "causal_blocks_sparse": c.causal_sparse,
                 "kept_blocks_all": float(c.kept_all[r]), "causal_blocks_all": c.causal_all,
-                "score": score(sample.metric, text, sample.outputs) if sample.outputs else float("nan"),
+                "score": score(sample.metric, text, sample.outputs) if sample.outputs and text is not None else float("nan"),
                 "metric": sample.metric,
                 "nll_gold": float(nll_gold[r]), "nll_dense_answer": float(measured["nll"][r]),
                 **{k: float(measured[k][r]) for k in DIVERGENCE_COLUMNS},
                 **{f"null_{k}": float(null.get(k, float("nan"))) for k in NULL_COLUMNS},
-                "answer": text, "answer_tokens": len(answers[r]), "outputs": list(sample.outputs),
+                "answer": text, "answer_tokens": -1 if answers[r] is None else len(answers[r]), "outputs": list(sample.outputs),
                 **{f"f_{k}": v for k, v in features.items()},
                 **{f"seconds_{k}": v for k, v in seconds.items()},
             })

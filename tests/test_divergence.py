@@ -129,3 +129,25 @@ def test_calibrate_default_is_the_criterion_the_validation_table_picked():
     assert (plain["measure"], plain["null_quantile"]) == (measure, float(quantile))
     models = {r["model"] for r in doc["rows"]}
     assert {"smollm2-135m", "gemma3-270m"} <= models
+
+
+def test_dense_answers_only_measure_the_same_and_refuse_answer_criteria(tiny_lm, tmp_path):
+    """`labeling.sparse_answers: false` decodes the dense row only: every teacher-forced measurement
+    and the dense answer are those of the full decode, sparse rows carry no answer, and the criteria
+    that judge answers refuse the store in one line while divergence judges it."""
+    common = ["labeling.null_share=1.0", "labeling.batch_samples=3"]
+    full = run_labeling(_job(tmp_path, "full", common), tiny_lm).table().set_index(["sample_id", "level"])
+    lean = run_labeling(_job(tmp_path, "lean", [*common, "labeling.sparse_answers=false"]), tiny_lm).table()
+    lean_i = lean.set_index(["sample_id", "level"]).loc[full.index]
+    for col in (*DIVERGENCE_COLUMNS, "nll_dense_answer", "nll_gold", "null_kl_mean"):
+        np.testing.assert_allclose(lean_i[col].to_numpy(float), full[col].to_numpy(float), rtol=1e-4, atol=1e-6)
+    dense = lean_i.xs(0.0, level="level")
+    assert (dense["answer"] == full.xs(0.0, level="level")["answer"]).all() and dense["answer"].notna().all()
+    sparse = lean[lean["level"] > 0]
+    assert sparse["answer"].isna().all() and sparse["score"].isna().all() and (sparse["answer_tokens"] == -1).all()
+    for name in ("gold", "fidelity"):
+        with pytest.raises(UserError, match="sparse_answers: false") as e:
+            apply_criterion(lean, {"name": name})
+        assert "\n" not in str(e.value)
+    judged = apply_criterion(lean, DIVERGENCE)
+    assert judged.loc[judged["level"] == 0, "safe"].all()
