@@ -82,7 +82,7 @@ def _bound(rows: list[dict], n: int, level: float) -> float | None:
 def decided_heldout_rows(lm, handle, ckpt, requests: dict, labels, crit: dict, rows: list[dict], measure) -> list[dict]:
     """One `decided_heldout` row per target length; `measure(modes, n)` times alternating calls."""
     from sparse_kernels import sliding_window_of
-    from .benchmark import _forced_call, _past_warmup
+    from .bench_calls import _forced_call, _past_warmup
     out = []
     for n_target, reqs in requests.items():
         if not reqs:

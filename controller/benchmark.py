@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 import sys
 import time
@@ -34,6 +33,8 @@ import numpy as np
 import torch
 
 from data.errors import ArgumentParser
+
+from .bench_calls import _forced_call, _past_warmup
 
 E2E_LENGTHS = (2048, 8000, 16384, 32768, 65536, 131072)
 REQUIRED_FORCED = (0.8, 0.9, 0.95)
@@ -97,28 +98,6 @@ def _variants(level: float, device: torch.device) -> tuple[str, ...]:
     return tuple(v for v in VARIANTS if v != "forced_probed_fused" or device.type == "cuda")
 
 
-@contextlib.contextmanager
-def _fused_probe(on: bool):
-    """The probe through the Triton kernel (`sparse_kernels.triton_probe`) or plain torch, whatever the default."""
-    previous = os.environ.get("SPARSE_FUSED_PROBE")
-    os.environ["SPARSE_FUSED_PROBE"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["SPARSE_FUSED_PROBE"]
-        else:
-            os.environ["SPARSE_FUSED_PROBE"] = previous
-
-
-def _past_warmup(handle) -> None:
-    """A fresh stream whose requests are all past the warm-up (no probation at the fallback level):
-    the timed decision is the whole one, the controller's net included."""
-    if handle.monitor is not None:
-        handle.monitor.reset()
-        handle.monitor.warmup = 0
-
-
 def _prompt(tokenizer, length: int, vocab: int, device) -> torch.Tensor:
     """A real niah prompt up to 8K (the calibrated traffic); random token ids beyond (timing only)."""
     if length > 8000:
@@ -176,21 +155,6 @@ def _forced_round(lm, ckpt, ids, levels, samples: _Samples) -> None:
             if level in levels:
                 samples.setdefault(("achieved", level), handle.last_decisions[0].achieved_sparsity)
                 samples.setdefault(("fallback", level), handle.last_decisions[0].fallback)   # None: the net decided
-
-
-def _forced_call(handle, call, level: float, graphs: bool, probes: bool, fused: bool):
-    """`call` under a plan at `level` with the handle's sparse settings: no decision; `probes`: the
-    probe statistics computed all the same (through the Triton probe when `fused`)."""
-    from sparse_kernels import SparsePlan, use_plan
-
-    def forced():
-        plan = SparsePlan(levels=torch.full((1,), level, dtype=torch.float64), selection=handle.selection,
-                          dense_layers=handle.dense_layers, backend=handle.backend, cuda_graphs=graphs,
-                          probe_layers=handle.probe_layers if probes else frozenset(), probe_window=handle.probe_window,
-                          on_probe=(lambda layer, stats: None) if probes else None)
-        with _fused_probe(fused), use_plan(plan):
-            return call()
-    return forced
 
 
 def _window_rows(n: int, s: _Samples) -> list[dict]:

@@ -20,9 +20,12 @@ stream of those p-values and tests every 100 requests' features against the cali
 its own worker thread): once the traffic as a whole stops looking exchangeable with the calibration
 requests, every later request runs at the fallback and says so, until `handle.monitor.reset()` or a
 recalibrated checkpoint; the first `guard.warmup` requests of a stream run at the fallback too
-(probation), while the monitor watches them. A row decided at a level whose sparse path is slower
-than dense at this length runs dense and says so. Decode and cached continuations stay dense. Any failure while
-deciding a row makes that row dense and is logged, never raised.
+(probation), while the monitor watches them. With the live certificate on
+(`controller.shadow.certify_live`), a seeded share of the requests is labeled dense in the shadow,
+a monitor alarm only raises that share, and every request runs dense once the anytime-valid lower
+bound of the live violation rate exceeds alpha. A row decided at a level whose sparse path is slower
+than dense at this length runs dense and says so. Decode and cached continuations stay dense. Any
+failure while deciding a row makes that row dense and is logged, never raised.
 Imports `sparse_kernels`, `data` and `controller` modules below it.
 """
 from __future__ import annotations
@@ -77,6 +80,8 @@ class ControllerHandle:
         self.guard = ckpt.guard   # None: a checkpoint without one (every request is decided by the controller)
         # the traffic as a whole: once its p-values stop looking exchangeable, every request runs at the fallback
         self.monitor = self.guard.monitor() if self.guard is not None else None
+        # the live certificate (`controller.shadow.certify_live`): shadow labels, fallback on harm
+        self.live, self.shadow = None, None
         self._previous, self._hooks = None, []   # set by _install, under the attach lock
         # the token-id statistics need only the ids: a worker computes them while the probe layers run
         self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-features")
@@ -120,6 +125,8 @@ class ControllerHandle:
                        self.model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
 
     def _shutdown_workers(self) -> None:
+        if self.shadow is not None:
+            self.shadow.shutdown()
         self._text_worker.shutdown(wait=False, cancel_futures=True)
         self._monitor_worker.shutdown(wait=False, cancel_futures=True)
 
@@ -205,6 +212,8 @@ class ControllerHandle:
 
     def _dense_call(self, rows: int, why: str | list[str], ood: bool = False) -> None:
         whys = why if isinstance(why, list) else [why] * rows
+        for _ in range(rows if self.shadow is not None else 0):
+            self.shadow.offer(None, 0.0)   # served dense: in the live rate, a label that costs nothing
         self._record([Decision(0.0, 1.0, 0.0, w, ood) for w in whys], [None] * rows, seconds=0.0)
 
     def _window_call(self, rows: int, whys: list[str], ood: bool) -> None:
@@ -298,12 +307,21 @@ class ControllerHandle:
         task = self._task_of(r, len(self._active[3]))
         feats = feature_vector(compute_features(ids, pooled, task, text_stats=text_stats))
         info[("features", r)] = feats
+        if self.live is not None and self.live.harmful:   # fallback on harm: measured, not guessed
+            info[r] = (1.0, self.live.reason(), False, None)
+            return 0.0
         if self.guard is not None:
             flagged, p, reasons = self.guard.check(feats[None])
             alarmed, probation = self.monitor.step(float(p[0]))
             window = self.monitor.add_features(feats)
             if window is not None:   # the two-sample test runs on the worker thread, off the request path
                 self._monitor_worker.submit(self.monitor.test_window, window)
+            if alarmed and self.live is not None:   # with shadow labels a change is a warning: label more
+                if not self.live.shift_warned:
+                    log.warning("%s; shadow-labeling %.0f%% of requests from now on", self.monitor.reason(),
+                                100 * self.live.p_shift)
+                    self.live.warn_shift()
+                alarmed = False
             if flagged[0] or alarmed:
                 info[r] = (1.0, reasons[0] or self.monitor.reason(), True, float(p[0]))
                 return self.guard.fallback
@@ -384,6 +402,9 @@ class ControllerHandle:
             decisions.append(Decision(float(levels[r]), prob, float(achieved[r]) if r < len(achieved) else 0.0,
                                       fallback, ood, p_value))
         self._record(decisions, [info.get(("features", r)) for r in range(len(rows))])
+        if self.shadow is not None:   # sampled requests are labeled dense on the shadow worker
+            for r, d in enumerate(decisions):
+                self.shadow.offer(rows[r] if isinstance(rows[r], np.ndarray) else None, d.level)
         return None
 
 

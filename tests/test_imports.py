@@ -81,11 +81,11 @@ def test_there_is_no_import_circle_between_project_modules():
 
 
 def test_the_shipping_path_imports_no_training_code():
-    """The hook, the decision and checkpoint loading: a fresh interpreter that imports them has no
+    """The hook, the decision, checkpoint loading and shadow labels: a fresh interpreter that imports them has no
     Lightning, no training pipeline and no labeling runner in sys.modules."""
     import subprocess
     import sys
-    code = ("import sys, controller.hook, controller.export; "
+    code = ("import sys, controller.hook, controller.export, controller.shadow; "
             "print(' '.join(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning') "
             "or m in ('controller.lit', 'controller.pipeline', 'controller.recalibrate', 'data.runner')))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

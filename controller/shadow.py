@@ -1,0 +1,144 @@
+"""Shadow labels: a served request re-run dense off the request path, judged by the checkpoint's
+label-free criterion, so the live violation rate of the deployed decisions can be bounded
+(`controller.risk.LiveRisk`).
+
+Owns `shadow_measurements` (one request at one level: the dense greedy answer, then that answer
+teacher forced after the dense prompt and after the prompt prefilled sparse at the level, as the
+labeler measures a row, `data.labeling.divergence_from`) and `ShadowLabeler` (a worker thread that
+labels the requests `LiveRisk` samples and reports each label to it). A request decided dense is a
+label of its own (never a violation) and costs nothing. The worker's calls run with the handle
+paused on its thread (no probe, no decision), so serving threads are not affected; they share the
+GPU. Imports `sparse_kernels`, `data` and `controller` modules below it; nothing from training.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from data.criteria import MEASURES
+from data.errors import UserError
+from data.decode import cache_kwarg, cache_of
+from data.labeling import divergence_from
+from sparse_kernels import SparsePlan, use_plan
+
+from .risk import LiveRisk
+
+log = logging.getLogger(__name__)
+
+
+def _stop_ids(model) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+def _greedy(model, ids: torch.Tensor, max_new: int, stops: set[int]) -> list[int]:
+    arg = cache_kwarg(model)
+    out = model(input_ids=ids, use_cache=True)
+    cache, answer = cache_of(out), []
+    token = int(out.logits[0, -1].argmax())
+    while token not in stops and len(answer) < max_new:
+        answer.append(token)
+        out = model(input_ids=torch.tensor([[token]], device=ids.device), use_cache=True, **{arg: cache})
+        cache, token = cache_of(out), int(out.logits[0, -1].argmax())
+    return answer
+
+
+def _answer_logprobs(model, ids: torch.Tensor, answer: list[int], plan: SparsePlan | None) -> torch.Tensor:
+    """[T+1, V] log-probs after the prompt (prefilled under `plan`, or dense) and after each answer
+    token (dense over that cache, as a served request decodes)."""
+    arg = cache_kwarg(model)
+    with use_plan(plan) if plan is not None else torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    logp = [out.logits[0, -1:].float().log_softmax(-1)]
+    if answer:
+        more = model(input_ids=torch.tensor([answer], device=ids.device), use_cache=True, **{arg: cache_of(out)})
+        logp.append(more.logits[0].float().log_softmax(-1))
+    return torch.cat(logp)
+
+
+@torch.no_grad()
+def shadow_measurements(handle, ids: list[int], level: float, max_new: int = 32) -> dict:
+    """The raw measurements of one request at `level` against dense (run with the handle paused)."""
+    model = handle.model
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    with handle.paused():
+        answer = _greedy(model, x, max_new, _stop_ids(model))
+        plan = SparsePlan(levels=torch.tensor([level], dtype=torch.float64), selection=handle.selection,
+                          dense_layers=handle.dense_layers, backend=handle.backend)
+        rows = [_answer_logprobs(model, x, answer, None), _answer_logprobs(model, x, answer, plan)]
+    logp = torch.stack(rows)
+    valid = torch.ones(logp.shape[:2], dtype=torch.bool, device=logp.device)
+    m = divergence_from(logp, valid, [answer, answer], [0, 0])
+    return {k: float(v[1]) for k, v in m.items()}
+
+
+def violated(measured: dict, criterion: dict) -> bool:
+    """Is this row unsafe under a divergence criterion with a recorded threshold?"""
+    value, t = measured[criterion["measure"]], criterion["threshold"]
+    return not (value <= t if MEASURES[criterion["measure"]] > 0 else value >= t)
+
+
+class ShadowLabeler:
+    """Labels the requests `risk` samples, on one worker thread, and reports them to `risk`."""
+
+    def __init__(self, handle, risk: LiveRisk, max_new: int = 32):
+        crit = handle.ckpt.record["criterion"]
+        if crit.get("name") != "divergence" or crit.get("threshold") is None:
+            raise ValueError("shadow labels need a checkpoint calibrated under the divergence criterion "
+                             "(calibrate.py's default), which records its threshold")
+        self.handle, self.risk, self.criterion, self.max_new = handle, risk, dict(crit), max_new
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-shadow")
+        self.pending: list[Future] = []
+        self._count = 0
+
+    def offer(self, ids, level: float) -> bool:
+        """A served request (its prompt ids, or None for one dispatched dense before any decision, and
+        its level); True when it is sampled."""
+        self._count += 1
+        key = (hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest() if ids is not None
+               else f"dense-{self._count}")
+        if not self.risk.sampled(key):
+            return False
+        if level <= 0:
+            self.risk.observe(False)   # dense: safe by definition, no shadow run
+            return True
+        self.pending.append(self._worker.submit(self._label, list(ids), float(level)))
+        return True
+
+    def _label(self, ids: list[int], level: float) -> None:
+        try:
+            self.risk.observe(violated(shadow_measurements(self.handle, ids, level, self.max_new), self.criterion))
+        except Exception as e:  # noqa: BLE001 - a failed shadow run loses one label, never the request
+            log.warning("shadow label failed (%s: %s)", type(e).__name__, e)
+
+    def drain(self) -> None:
+        """Wait for every submitted label (tests, shutdown)."""
+        for f in self.pending:
+            f.result()
+        self.pending.clear()
+
+    def shutdown(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+
+def certify_live(handle, p: float = 0.05, p_shift: float = 0.5, seed: int = 0, max_new: int = 32) -> LiveRisk:
+    """Turn on the live certificate of an attached controller: a seeded share `p` of the requests
+    it serves is labeled dense in the shadow (`p_shift` of them once the shift monitor warns that
+    the traffic changed), the violation rate of its decisions is bounded anytime-validly at the
+    checkpoint's alpha and delta, and once the lower bound exceeds alpha every request runs dense.
+    A shift alone no longer sends traffic dense: it only labels more. Returns the `LiveRisk`."""
+    rec = handle.ckpt.record
+    if not 0 < p <= 1 or not p <= p_shift <= 1:
+        raise UserError(f"certify_live needs 0 < p <= p_shift <= 1, got p={p}, p_shift={p_shift}")
+    risk = LiveRisk(rec["alpha"], rec["delta"], p, seed)
+    try:
+        shadow = ShadowLabeler(handle, risk, max_new)
+    except ValueError as e:
+        raise UserError(f"{e}; recalibrate it with calibrate.py on your prompts") from None
+    risk.p_shift = float(p_shift)
+    handle.live, handle.shadow = risk, shadow
+    return risk
