@@ -58,6 +58,26 @@ def _metrics(policy, calibration, arrays) -> dict:
     return {k: m[k] for k in ("violation_rate", "violation_ci95", "compute_saved", "dense_requests")}
 
 
+def live_zero_shot(policy, guard, levels, calibration, ev, alarm_at, alpha: float, delta: float,
+                   p: float, p_shift: float) -> dict:
+    """Zero shot behind the live certificate (`controller.risk.simulate_live`): the guard's
+    per-request fallback, shadow labels on a share p of the stream (p_shift from the request at
+    which the shift monitor alarmed), dense from the request after the lower bound passes alpha;
+    the stream in the order `monitor_stream` uses (seed 0)."""
+    from controller.evaluate import policy_metrics
+    from controller.guard import Guarded
+    from controller.risk import simulate_live
+    chosen = calibration.decide(Guarded(policy, guard, levels).scores(ev.features), ev.n_tokens)
+    order = np.random.default_rng(0).permutation(len(ev))
+    served, state = simulate_live(chosen[order], ev.label_index[order], alpha, delta, p, 0, p_shift, alarm_at)
+    out = np.empty_like(chosen)
+    out[order] = served
+    m = policy_metrics(ev, out)
+    return {"unsafe": m["violation_rate"], "saving": m["compute_saved"], "p": p, "p_shift": p_shift,
+            "shift_warned_at": alarm_at, "fell_back_at": state["harmful_at"], "shadow_labels": state["shadow_labels"],
+            "lower": state["lower"]}
+
+
 def recalibration_draws(ckpt, policy, fam, n_cal: int, job, crit: dict, repeats: int) -> dict:
     """Recalibrate on `repeats` random draws of `n_cal` of the family's requests, evaluate each on the
     rest: how often the violation rate exceeds alpha (Learn-then-Test allows delta of the draws)."""
@@ -110,6 +130,11 @@ def run_group(job, arrays, meta, labels: str, group: str, n_cal: int, workdir: P
     guard_only = _metrics(Guarded(policy, guard, ckpt.levels), ckpt.calibration, ev)
     zero["two_sample"] = two_sample_test(guard.reference, guard.standardise(ev.features))
     unguarded = _metrics(policy, ckpt.calibration, ev)
+    alarm_at = (monitored.last_monitor or {}).get("alarm_at")
+    live = {f"p{p:g}": {**live_zero_shot(policy, guard, ckpt.levels, ckpt.calibration, ev, alarm_at,
+                                         job.calibration.alpha, job.calibration.delta, p, max(p, 0.5)),
+                        "unguarded_unsafe": unguarded["violation_rate"], "unguarded_saving": unguarded["compute_saved"]}
+            for p in (0.05, 0.2)}
     crit = criterion_dict(job.criterion)
     r = recalibrate(ckpt, cal, job.calibration.alpha, job.calibration.delta, crit, {"source": f"{group} held out"})
     recal = _metrics(Guarded(deployed_policy(ckpt.net, ckpt.levels, r.record), r.guard, ckpt.levels), r.calibration, ev)
@@ -127,7 +152,8 @@ def run_group(job, arrays, meta, labels: str, group: str, n_cal: int, workdir: P
     return {"family": group, "by": by, "tasks": sorted(set(grp.tasks)), "n_train_store": int((~held).sum()), "draws": draws,
             "n_calibration": len(cal), "n_evaluated": len(ev), "oracle_compute_saved": oracle,
             "in_distribution_calibration": ckpt.calibration.to_json(), "zero_shot": zero, "zero_shot_guard_only": guard_only,
-            "zero_shot_unguarded": unguarded, "recalibrated": recal, "mass_coverage_recalibrated": mass}
+            "zero_shot_unguarded": unguarded, "zero_shot_live": live["p0.05"], "zero_shot_live_p02": live["p0.2"],
+            "recalibrated": recal, "mass_coverage_recalibrated": mass}
 
 
 def table(rows: list[dict], alpha: float) -> str:
@@ -148,6 +174,13 @@ def table(rows: list[dict], alpha: float) -> str:
                      f"{pct(u['violation_rate'])} / {pct(u['compute_saved'])} | ({c['policy']}) {pct(c['violation_rate'])} "
                      f"({pct(lo)}-{pct(hi)}) / {pct(c['compute_saved'])} / {pct(c['share_of_oracle'])} | "
                      f"{pct(r['oracle_compute_saved'])} |")
+    if any("zero_shot_live" in r for r in rows):
+        lines += ["", f"| held-out {rows[0]['by']} | zero shot, live certificate p 0.05 (0.5 after a shift warning): "
+                  "violation / saved / shadow labels / fell back at request | the same at p 0.2 |", "|---|---|---|"]
+        for r in rows:
+            cells = [f"{pct(v['unsafe'])} / {pct(v['saving'])} / {v['shadow_labels']} / {v['fell_back_at'] or 'never'}"
+                     for v in (r.get("zero_shot_live"), r.get("zero_shot_live_p02")) if v]
+            lines.append(f"| {r['family']} | " + " | ".join(cells) + " |")
     lines += ["", f"| held-out {rows[0]['by']} | AUC of P(safe) per level (min-max) | mass-coverage baseline, recalibrated: violation / saved |",
               "|---|---|---|"]
     for r in rows:

@@ -6,8 +6,10 @@ Owns `TimeTable` (read from `sparse_kernels/bench/<card>*.json`: the `end_to_end
 prefill time of one request of n tokens decided at `level`: log-log interpolation over the
 measured lengths, the end segments extended beyond them; a level the benchmark did not measure
 takes the measured level just below it (a lower level never runs faster there), level 0 is dense.
-time_saved = 1 - sum of ms at the chosen levels / sum of dense ms, over requests: like compute
-saved, long requests weigh by their cost, but the cost is measured time, overheads included.
+A decided level shorter than its break-even length (the bench file's `break_even.levels`) runs
+dense, as the hook runs it. time_saved = 1 - sum of ms at the served levels / sum of dense ms, over
+requests: like compute saved, long requests weigh by their cost, but the cost is measured time,
+overheads included.
 Imports numpy only (safe to ship: no training code).
 """
 from __future__ import annotations
@@ -29,9 +31,10 @@ class TimeTable:
     dense_ms: np.ndarray                # [len(lengths)]
     levels: tuple[float, ...]           # measured levels, increasing
     level_ms: np.ndarray                # [len(levels), len(lengths)], NaN where not measured
+    worth_from: dict | None = None      # the break-even table: {level: shortest length it runs at}
 
     @classmethod
-    def from_rows(cls, rows: list[dict], device: str, source: str) -> "TimeTable":
+    def from_rows(cls, rows: list[dict], device: str, source: str, worth_from: dict | None = None) -> "TimeTable":
         dense = {int(r["N"]): float(r["ms"]) for r in rows if r.get("mode") == "dense"}
         if len(dense) < 1:
             raise ValueError(f"{source}: no `dense` end_to_end rows to time against")
@@ -42,12 +45,23 @@ class TimeTable:
         for r in forced:   # the decision's cost counts when it was measured (the controller pays it)
             table[levels.index(float(r["level"])), int(np.searchsorted(lengths, int(r["N"])))] = \
                 float(r.get("ms_with_decision") or r["ms"])
-        return cls(device, source, lengths, np.array([dense[n] for n in lengths]), levels, table)
+        worth = None if worth_from is None else {float(k): float(v) for k, v in worth_from.items()}
+        return cls(device, source, lengths, np.array([dense[n] for n in lengths]), levels, table, worth)
 
     @classmethod
     def load(cls, path: str | Path) -> "TimeTable":
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls.from_rows(doc.get("end_to_end", []), str(doc.get("device", "unknown card")), str(path))
+        worth = (doc.get("break_even") or {}).get("levels")
+        return cls.from_rows(doc.get("end_to_end", []), str(doc.get("device", "unknown card")), str(path), worth)
+
+    def served(self, levels, n_tokens) -> np.ndarray:
+        """The levels the hook runs: a decided level below its break-even length runs dense (the
+        hook's veto of levels slower than dense there; no table: as decided)."""
+        levels, n = np.asarray(levels, dtype=float).copy(), np.asarray(n_tokens)
+        if self.worth_from:
+            start = np.array([self.worth_from.get(float(lv), np.inf) if lv > 0 else 0.0 for lv in levels])
+            levels[n < start] = 0.0
+        return levels
 
     def _interp(self, ms: np.ndarray, n: np.ndarray) -> np.ndarray:
         ok = np.isfinite(ms)
@@ -65,8 +79,8 @@ class TimeTable:
         return self._interp(self.dense_ms, np.asarray(n_tokens))
 
     def ms(self, levels, n_tokens) -> np.ndarray:
-        """Prefill ms of each request at its decided level."""
-        levels, n = np.asarray(levels, dtype=float), np.asarray(n_tokens)
+        """Prefill ms of each request at its decided level, as the hook serves it (`served`)."""
+        levels, n = self.served(levels, n_tokens), np.asarray(n_tokens)
         out = self.dense(n)
         for i, level in enumerate(self.levels):
             below_next = levels < (self.levels[i + 1] if i + 1 < len(self.levels) else np.inf)

@@ -72,3 +72,10 @@ def test_eval_reports_time_saved_per_length_from_timings(tiny_trained, tmp_path,
                           "--out", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --timings") and "\n" not in err and not (tmp_path / "r2").exists()
+
+
+def test_levels_below_their_break_even_are_priced_dense_as_the_hook_serves_them():
+    t = TimeTable.from_rows(ROWS, "card", "rows", worth_from={"0.5": 4000, "0.9": 1000})
+    np.testing.assert_allclose(t.served([0.5, 0.5, 0.9, 0.7], [1000, 4000, 1000, 1000]), [0.0, 0.5, 0.9, 0.0])
+    np.testing.assert_allclose(t.ms([0.5, 0.5], [1000, 4000]), [10.0, 72.0])   # at 1000 tokens 0.5 runs dense
+    assert t.saved([0.5], [1000]) == pytest.approx(0.0)
