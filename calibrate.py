@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", help="the model to label with (default: the checkpoint's; must have the same weights)")
     p.add_argument("--policy", default="auto", choices=["auto", "controller", "mass_coverage"],
                    help="policy to certify; auto: both at delta/2, the one saving more on your prompts is deployed")
+    p.add_argument("--mode", choices=["ltt", "crc"],
+                   help="ltt: P(unsafe rate <= alpha) >= 1 - delta; crc: E[unsafe rate] <= alpha (default: the checkpoint's)")
     p.add_argument("--guard-p", type=float, help="shift guard's conformal p-value level (default: the checkpoint's)")
     p.add_argument("--length-strata", default="none",
                    help="'none' (default): one threshold for the mix of lengths in your prompts; token upper bounds "
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
         result = recalibrate_checkpoint(args.checkpoint, args.prompts, args.out, args.criterion, args.alpha,
                                         args.delta, args.max_requests, args.labels, args.devices,
                                         args.batch_samples, args.guard_p, model=args.model, policy=args.policy,
-                                        length_strata=strata, overwrite=args.overwrite)
+                                        length_strata=strata, overwrite=args.overwrite, mode=args.mode)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,14 @@ family-wise error at delta; the last rejected threshold is chosen. If none is re
 falls back to dense for everyone and `passed` is False. With length strata (`edges`: token upper
 bounds), each stratum gets its own threshold from its own calibration requests at delta / strata
 (Bonferroni), so the bound holds in every stratum at once, not only over the calibrated mix of
-lengths; a stratum that cannot be certified runs dense. Imports `controller` modules below it.
+lengths; a stratum that cannot be certified runs dense.
+`mode="crc"` (conformal risk control, Angelopoulos et al., ICLR 2024) instead guarantees the
+expected violation rate: with n exchangeable calibration requests and a loss that only grows as
+the threshold gets more aggressive (a level above a request's label stays above it), the most
+aggressive threshold in order whose (n * empirical risk + 1) / (n + 1) <= alpha, and every one
+before it, gives E[violation rate on a new request] <= alpha. No delta: a statement about the
+average over calibration draws, not one that holds with probability 1 - delta for this draw.
+Imports `controller` modules below it.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ class Calibration:
     tested: int               # thresholds rejected before the first failure (stratified: summed)
     edges: tuple[int, ...] = ()              # token upper bounds of every length stratum but the last; () = one
     parts: tuple["Calibration", ...] = ()    # one per stratum (len(edges) + 1) when edges
+    mode: str = "ltt"                        # ltt: P(rate <= alpha) >= 1 - delta; crc: E[rate] <= alpha
 
     def decide(self, scores: np.ndarray, n_tokens: np.ndarray | None = None) -> np.ndarray:
         """[n] level index per request; a stratified calibration needs each request's token count."""
@@ -69,6 +77,8 @@ class Calibration:
             raise ValueError("calibration: 'parts' must hold one calibration per length stratum (len(edges) + 1), "
                              "with 'edges' increasing")
         plain = {k: v for k, v in d.items() if k not in ("edges", "parts")}
+        if plain.get("mode", "ltt") not in MODES:
+            raise ValueError(f"calibration: mode must be one of {list(MODES)}, got {plain['mode']!r}")
         return cls(**{**plain, "threshold": math.inf if t is None else float(t)}, edges=edges, parts=parts)
 
 
@@ -92,31 +102,52 @@ def ltt_p_values(risks: np.ndarray, n: int, alpha: float) -> np.ndarray:
     return compute_hoeffding_bentkus_p_value(np.asarray(risks, dtype=float), n, alpha, binary=True)[:, 0]
 
 
-def calibrate(policy: Policy, cal: LabelArrays, alpha: float, delta: float, edges=()) -> Calibration:
-    """The calibration of `policy` on `cal`: one threshold, or one per length stratum when `edges`."""
+MODES = ("ltt", "crc")
+
+
+def guarantee_text(mode: str, alpha: float, delta: float) -> str:
+    """What a calibration promises, in words."""
+    if mode == "crc":
+        return f"expected violation rate <= {alpha} (conformal risk control)"
+    return f"violation rate <= {alpha} with probability >= {1 - delta:g} (Learn-then-Test)"
+
+
+def calibrate(policy: Policy, cal: LabelArrays, alpha: float, delta: float, edges=(), mode: str = "ltt") -> Calibration:
+    """The calibration of `policy` on `cal`: one threshold, or one per length stratum when `edges`;
+    `mode` ltt (high probability) or crc (expected rate)."""
     if not (0 < alpha < 1 and 0 < delta < 1):
         raise ValueError(f"alpha and delta must lie in (0, 1), got {alpha}, {delta}")
+    if mode not in MODES:
+        raise ValueError(f"calibration mode must be one of {MODES}, got {mode!r}")
     policy = policy.per_request()   # a stream monitor's warm-up and alarms are not calibrated on
     edges = tuple(int(e) for e in edges)
     if not edges:
-        return _calibrate_one(policy, cal, alpha, delta)
+        return _calibrate_one(policy, cal, alpha, delta, mode)
     stratum = strata_of(cal.n_tokens, edges)
-    parts = tuple(_calibrate_one(policy, cal.subset(np.flatnonzero(stratum == i)), alpha, delta / (len(edges) + 1))
+    # crc: each stratum's expected rate <= alpha, so the mix's too; ltt: delta shared (Bonferroni)
+    parts = tuple(_calibrate_one(policy, cal.subset(np.flatnonzero(stratum == i)), alpha, delta / (len(edges) + 1), mode)
                   for i in range(len(edges) + 1))
     c = Calibration(max(p.threshold for p in parts), any(p.passed for p in parts), alpha, delta, len(cal), 0.0,
-                    sum(p.tested for p in parts), edges, parts)
+                    sum(p.tested for p in parts), edges, parts, mode)
     risk = violations(cal, c.decide(policy.scores(cal.features), cal.n_tokens)).mean() if len(cal) else 0.0
     return dataclasses.replace(c, empirical_risk=float(risk))
 
 
-def _calibrate_one(policy: Policy, cal: LabelArrays, alpha: float, delta: float) -> Calibration:
+def _calibrate_one(policy: Policy, cal: LabelArrays, alpha: float, delta: float, mode: str = "ltt") -> Calibration:
     from mapie.risk_control import control_fwer
     if len(cal) == 0:   # nothing to certify with: dense
-        return Calibration(math.inf, False, alpha, delta, 0, 0.0, 0)
+        return Calibration(math.inf, False, alpha, delta, 0, 0.0, 0, mode=mode)
     scores = policy.scores(cal.features)
     risks = np.array([violations(cal, decide(scores, lam)).mean() for lam in policy.lambdas])
-    rejected = control_fwer(ltt_p_values(risks, len(cal), alpha), delta, "fixed_sequence")
+    if mode == "crc":
+        n = len(cal)
+        ok = (n * risks + 1) / (n + 1) <= alpha
+        passed = int(np.argmin(ok)) if not ok.all() else len(ok)   # thresholds in order until the first failure
+        rejected = np.arange(passed)
+    else:
+        rejected = control_fwer(ltt_p_values(risks, len(cal), alpha), delta, "fixed_sequence")
     if len(rejected) == 0:
-        return Calibration(math.inf, False, alpha, delta, len(cal), 0.0, 0)
+        return Calibration(math.inf, False, alpha, delta, len(cal), 0.0, 0, mode=mode)
     last = int(np.max(rejected))
-    return Calibration(float(policy.lambdas[last]), True, alpha, delta, len(cal), float(risks[last]), len(rejected))
+    return Calibration(float(policy.lambdas[last]), True, alpha, delta, len(cal), float(risks[last]), len(rejected),
+                       mode=mode)

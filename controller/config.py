@@ -94,6 +94,7 @@ class CalibrationConfig:
     # token upper bounds of length strata (every stratum but the last), each calibrated on its own requests at
     # delta / strata, so the bound holds within every stratum; () = one threshold for the calibrated mix of lengths
     length_strata: tuple[int, ...] = ()
+    mode: str = "ltt"   # ltt: P(violation rate <= alpha) >= 1 - delta; crc: E[violation rate] <= alpha (no delta)
 
     def __post_init__(self):
         if math.isnan(self.guard_p) or not 0 <= self.guard_p < 1 or self.guard_k < 1:
@@ -103,6 +104,8 @@ class CalibrationConfig:
             raise UserError(f"calibration.guard_warmup must be a request count in 0..1000000, got {self.guard_warmup}")
         if math.isnan(self.fallback) or not 0 <= self.fallback < 1:
             raise UserError(f"calibration.fallback must be a grid level in [0, 1), got {self.fallback}")
+        if self.mode not in ("ltt", "crc"):
+            raise UserError(f"calibration.mode must be ltt or crc, got {self.mode!r}")
         if self.decision not in ("compute_aware", "threshold"):
             raise UserError(f"calibration.decision must be compute_aware or threshold, got {self.decision!r}")
         for name, v in [("alpha", self.alpha), ("delta", self.delta), *(("sweep", a) for a in self.sweep)]:

@@ -84,11 +84,11 @@ def evaluate_all(policies: list[Policy], cals: dict[str, Calibration], arrays: L
 
 
 def alpha_sweep(policies: list[Policy], cal: LabelArrays, test: LabelArrays, alphas, delta: float,
-                edges=()) -> list[dict]:
+                edges=(), mode: str = "ltt") -> list[dict]:
     rows = []
     for alpha in sorted(set(alphas)):
         for policy in policies:
-            c = calibrate(policy, cal, alpha, delta, edges)
+            c = calibrate(policy, cal, alpha, delta, edges, mode)
             m = policy_metrics(test, c.decide(policy.scores(test.features), test.n_tokens))
             rows.append({"policy": policy.name, "alpha": alpha, "passed": c.passed,
                          "violation_rate": m["violation_rate"], "compute_saved": m["compute_saved"]})

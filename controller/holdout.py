@@ -147,7 +147,7 @@ def run_group(job, arrays, meta, labels: str, group: str, n_cal: int, workdir: P
     mass = None
     if recall_columns(ckpt.levels) is not None:
         mc = MassCoveragePolicy(ckpt.levels)
-        mass = _metrics(mc, calibrate(mc, cal, job.calibration.alpha, job.calibration.delta), ev)   # as recalibrated
+        mass = _metrics(mc, calibrate(mc, cal, job.calibration.alpha, job.calibration.delta, mode=job.calibration.mode), ev)
     draws = recalibration_draws(ckpt, policy, grp, n_cal, job, crit, repeats) if repeats else None
     return {"family": group, "by": by, "tasks": sorted(set(grp.tasks)), "n_train_store": int((~held).sum()), "draws": draws,
             "n_calibration": len(cal), "n_evaluated": len(ev), "oracle_compute_saved": oracle,

@@ -212,7 +212,8 @@ def train_on_arrays(job: ControllerJobConfig, arrays: LabelArrays, meta: dict, l
     net, info = fit_net(job, LabelDataModule(arrays, splits, job.train.batch_size, job.train.seed), str(out))
     policy = controller_policy(net, arrays.levels, job.calibration.decision, hide_task=job.train.task_dropout >= 1.0)
     cal_arrays = arrays.subset(splits["calibration"])
-    cal = calibrate(policy, cal_arrays, job.calibration.alpha, job.calibration.delta, job.calibration.length_strata)
+    cal = calibrate(policy, cal_arrays, job.calibration.alpha, job.calibration.delta, job.calibration.length_strata,
+                    job.calibration.mode)
     if not cal.passed:
         print(f"warning: no threshold passes Learn-then-Test at alpha={cal.alpha}, delta={cal.delta} on "
               f"{cal.n} calibration requests; the controller falls back to dense for every request")
@@ -331,14 +332,15 @@ def evaluate_checkpoint(checkpoint: str, out: str, labels: str | None = None, ru
     alpha, delta = rec["alpha"], rec["delta"]
     deployed = ("controller", "controller_unguarded")   # the checkpoint's own threshold
     edges = ckpt.calibration.edges   # every policy calibrated as the deployed one: one threshold, or one per stratum
-    cals = {p.name: ckpt.calibration if p.name in deployed else calibrate(p, cal, alpha, delta, edges) for p in policies}
-    metrics = {"alpha": alpha, "delta": delta, "n": len(test), "deployed_policy": rec.get("policy", "controller"), "n_calibration": len(cal), "evaluated_on": where,
+    mode = ckpt.calibration.mode
+    cals = {p.name: ckpt.calibration if p.name in deployed else calibrate(p, cal, alpha, delta, edges, mode) for p in policies}
+    metrics = {"alpha": alpha, "delta": delta, "calibration_mode": mode, "n": len(test), "deployed_policy": rec.get("policy", "controller"), "n_calibration": len(cal), "evaluated_on": where,
                "criterion": crit, "criterion_text": describe_criterion(crit),
                "checkpoint_criterion_text": describe_criterion(rec["criterion"]), "calibrated_on": cal_source,
                "shift": shift_report(ckpt, test), "policies": evaluate_all(policies, cals, test, times),
                "timings": None if times is None else {"device": times.device, "source": times.source,
                                                       "lengths": times.lengths.tolist(), "levels": list(times.levels)},
-               "alpha_sweep": alpha_sweep(policies, cal, test, [*rec.get("sweep", []), alpha], delta, edges),
+               "alpha_sweep": alpha_sweep(policies, cal, test, [*rec.get("sweep", []), alpha], delta, edges, mode),
                "reliability": reliability(LearnedPolicy(ckpt.net), test),
                "provenance": {"checkpoint": str(checkpoint), "model": rec["model"], "label_store": rec["label_store"],
                               "calibration_data": {k: v for k, v in rec.get("calibration_data", {}).items()},

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import datetime
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,19 +75,25 @@ def _candidates(ckpt: ControllerCheckpoint, choice: str) -> dict:
 
 
 def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delta: float, criterion: dict,
-                source: dict, guard_p: float | None = None, choice: str = "auto", edges=()) -> Recalibrated:
+                source: dict, guard_p: float | None = None, choice: str = "auto", edges=(),
+                mode: str | None = None) -> Recalibrated:
     """Learn-then-Test of each candidate policy on `cal` at delta / (number of candidates) (a union
     bound: every candidate's certificate holds together with probability >= 1 - delta, so picking
     the one that saves most on `cal` keeps the guarantee), a guard fitted on `cal`, the new record.
-    `edges`: length strata, one threshold per stratum ((): one threshold for the mix of lengths in `cal`)."""
+    `edges`: length strata, one threshold per stratum ((): one threshold for the mix of lengths in `cal`).
+    `mode` crc (None: the checkpoint's): each candidate at alpha / candidates instead, so the expected
+    rate of whichever is picked is at most the sum, alpha."""
     rec = ckpt.record
+    mode = mode or ckpt.calibration.mode
     old = ckpt.guard
     k, p_min, fallback, warmup = (old.k, old.p_min, old.fallback, old.warmup) if old is not None else (5, 0.01, 0.0, 0)
     guard = ShiftGuard.fit(cal.features, cal.n_tokens, ckpt.net.feature_mean.numpy(), ckpt.net.feature_std.numpy(),
                            k, p_min if guard_p is None else guard_p, fallback, ignore_task=ignores_task(rec), warmup=warmup)
     candidates, tried = _candidates(ckpt, choice), {}
     for name, policy in candidates.items():
-        c = calibrate(policy, cal, alpha, delta / len(candidates), edges)
+        k = len(candidates)
+        c = (calibrate(policy, cal, alpha / k, delta, edges, mode) if mode == "crc"
+             else calibrate(policy, cal, alpha, delta / k, edges, mode))
         m = policy_metrics(cal, c.decide(Guarded(policy, guard, ckpt.levels).scores(cal.features), cal.n_tokens))
         tried[name] = (c, m)
     name = max(tried, key=lambda n: (tried[n][1]["compute_saved"], n == "controller"))
@@ -111,13 +118,15 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
 def certified_line(r: Recalibrated) -> str:
     """What was certified, in one line."""
     c, d, s = r.calibration, r.record["calibration_data"], r.summary
+    k, crc = len(s["candidates"]), c.mode == "crc"
+    promise = (f"E[unsafe-decision rate] <= {r.record['alpha']:g} (conformal risk control)" if crc else
+               f"P(unsafe-decision rate <= {c.alpha:g}) >= {1 - r.record['delta']:g}")
     what = (f"on traffic exchangeable with the {d['requests']} calibration requests ({d['tokens'][0]}-{d['tokens'][1]} "
-            f"tokens), P(unsafe-decision rate <= {c.alpha:g}) >= {1 - r.record['delta']:g} under criterion "
-            f"{r.record['criterion']['name']}, deploying {r.record['policy']}"
-            + (f" (the better of {len(s['candidates'])} policies, each tested at delta/{len(s['candidates'])})"
-               if len(s["candidates"]) > 1 else ""))
+            f"tokens), {promise} under criterion {r.record['criterion']['name']}, deploying {r.record['policy']}"
+            + (f" (the better of {k} policies, each tested at {'alpha' if crc else 'delta'}/{k})" if k > 1 else ""))
     if not c.passed:
-        return (f"certified: nothing -- no threshold passed Learn-then-Test {what}; every request runs dense "
+        return (f"certified: nothing -- no threshold passed {'conformal risk control' if crc else 'Learn-then-Test'} "
+                f"{what}; every request runs dense "
                 f"(more calibration requests or a larger alpha would help"
                 + (", or fewer length strata: --length-strata none)" if c.parts else ")"))
     where = (f" within each of {len(c.parts)} length strata, each tested at delta/{len(c.parts)}; thresholds "
@@ -193,7 +202,8 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
                            labels: str | None = None, devices: int = 1, batch_samples: int = 8,
                            guard_p: float | None = None, progress: bool = True,
                            model: str | None = None, policy: str = "auto",
-                           length_strata: tuple[int, ...] | None = None, overwrite: bool = False
+                           length_strata: tuple[int, ...] | None = None, overwrite: bool = False,
+                           mode: str | None = None
                            ) -> tuple[Path, str] | None:
     """calibrate.py: check everything, label the prompts, recalibrate, export. Returns (checkpoint
     folder, certified line), or None on a non-zero rank of a distributed labeling run."""
@@ -211,7 +221,9 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
     if guard_p is not None and not 0 <= guard_p < 1:
         raise UserError(f"--guard-p must lie in [0, 1), got {guard_p}")
     count = len(_candidates(ckpt, policy))
-    n, need = _prompt_count(prompts, crit, max_requests), min_requests(alpha, delta / count)
+    mode = mode or ckpt.calibration.mode
+    n = _prompt_count(prompts, crit, max_requests)
+    need = min_requests(alpha, delta / count) if mode == "ltt" else math.ceil(count / alpha - 1)   # crc: (0 + 1)/(n + 1) <= alpha/k
     if n < need:
         each = f" at delta/{count} for each of {count} candidate policies" if count > 1 else ""
         raise UserError(f"{n} requests are too few to certify alpha={alpha:g} with delta={delta:g}: Learn-then-Test "
@@ -229,7 +241,7 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
     source = {"source": f"prompts {prompts}", "files": file_digests(prompts), "label_store": root,
               "label_store_from_checkpoint": path_from(root, out_path), "label_store_sha256": store_hash(root)}
     edges = ckpt.calibration.edges if length_strata is None else length_strata   # None: the checkpoint's strata
-    r = recalibrate(ckpt, cal, alpha, delta, crit, source, guard_p, policy, edges)
+    r = recalibrate(ckpt, cal, alpha, delta, crit, source, guard_p, policy, edges, mode)
     line = certified_line(r)
     path = export_checkpoint(out_path, ckpt.net, r.record, {"calibration.md": calibration_report(r, checkpoint, prompts)})
     return path, line

@@ -17,7 +17,7 @@ import pandas as pd
 from data.figures import label_vs_length, plot_label_vs_length
 from data.store import atomic_target, write_text_atomic
 
-from .calibrate import threshold_text
+from .calibrate import guarantee_text, threshold_text
 from .dataset import LabelArrays
 
 
@@ -48,7 +48,8 @@ def why_short(metrics: dict) -> str:
             f"sparse layers (length, text statistics, attention probes of the dense layers, task) separate safe "
             f"from unsafe requests only partly (ROC AUC of P(safe) per level: {aucs}). The rest, "
             f"{100 * (ceiling - got):.1f} points, is the price of a guarantee proven on "
-            f"{metrics['n_calibration']} calibration requests (Learn-then-Test, delta = {metrics['delta']}).")
+            f"{metrics['n_calibration']} calibration requests ("
+            f"{guarantee_text(metrics.get('calibration_mode', 'ltt'), metrics['alpha'], metrics['delta'])}).")
 
 
 def _fmt(v, pct=False) -> str:
@@ -194,8 +195,9 @@ def _strata_words(cal: dict | None) -> str:
 def report_markdown(metrics: dict, length_table: pd.DataFrame, header: str) -> str:
     p = metrics["policies"]
     parts = [f"# Controller report\n\n{header}\n",
-             f"Evaluated on {metrics['evaluated_on']} ({metrics['n']} requests). Calibration: Learn-then-Test, "
-             f"alpha = {metrics['alpha']}, delta = {metrics['delta']}, {metrics['n_calibration']} calibration requests"
+             f"Evaluated on {metrics['evaluated_on']} ({metrics['n']} requests). Calibration: "
+             f"{guarantee_text(metrics.get('calibration_mode', 'ltt'), metrics['alpha'], metrics['delta'])}, "
+             f"{metrics['n_calibration']} calibration requests"
              f"{_strata_words(p.get('controller', {}).get('calibration'))}. A violation = the request fails the safety criterion at the level chosen for it. compute saved = 1 - "
              "attention blocks computed (all layers) / dense causal blocks, summed over requests.\n",
              f"Violations are judged by the criterion {metrics['criterion_text']}. The controller's threshold was "
