@@ -1,0 +1,58 @@
+"""Weighted Learn-then-Test: calibration labels reweighed toward live features keep the bound under
+covariate shift where the plain threshold breaks it, and a shift too far is refused in one line."""
+import numpy as np
+import pytest
+
+from controller.calibrate import calibrate, violations
+from controller.weighted import density_ratios, effective_size, weighted_calibrate
+from data.errors import UserError
+
+from test_controller import LEVELS, synthetic
+from test_crc import _ScorePolicy
+
+X = 5   # the feature column that carries the shift
+
+
+def _traffic(seed: int, n: int, shift: float):
+    """P(safe at a level) falls with the covariate x; the policy's scores ignore x (miscalibrated
+    where x is large), so moving x moves the violation rate of a fixed threshold."""
+    rng = np.random.default_rng(seed)
+    arrays = synthetic(n, rng)
+    x = rng.normal(loc=shift, size=n)
+    arrays.features[:, X] = x
+    logit = 2.5 - 4.0 * LEVELS[None, :] - 1.5 * x[:, None]
+    u = rng.uniform(size=n)[:, None]   # one draw per request: safe levels form a prefix
+    arrays.safe[:] = u < 1 / (1 + np.exp(-logit))
+    arrays.safe[:, 0] = True
+    arrays.features[:, 1:1 + len(LEVELS)] = 2.5 - 4.0 * LEVELS[None, :] + rng.normal(scale=0.3, size=(n, len(LEVELS)))
+    return arrays
+
+
+def test_weights_recover_the_live_rate_where_the_plain_threshold_breaks():
+    policy, alpha, delta = _ScorePolicy(), 0.1, 0.1
+    plain_risk, weighted_risk = [], []
+    for seed in range(6):
+        cal, live = _traffic(seed, 1500, 0.0), _traffic(100 + seed, 1500, 0.8)
+        w, info = density_ratios(cal.features, live.features, seed)
+        assert info["auc"] > 0.6 and 50 < info["effective_size"] < len(cal)
+        plain = calibrate(policy, cal, alpha, delta)
+        weighted = weighted_calibrate(policy, cal, w, alpha, delta, min_size=22)
+        for c, out in ((plain, plain_risk), (weighted, weighted_risk)):
+            out.append(violations(live, c.decide(policy.scores(live.features), live.n_tokens)).mean())
+    assert np.mean(plain_risk) > alpha          # the shift breaks the plain certificate...
+    assert max(weighted_risk) <= alpha          # ...the reweighed one holds on the live traffic
+
+
+def test_no_shift_gives_near_uniform_weights_and_too_far_is_refused():
+    cal, same = _traffic(0, 1500, 0.0), _traffic(1, 1500, 0.0)
+    w, info = density_ratios(cal.features, same.features)
+    assert abs(info["auc"] - 0.5) < 0.06 and effective_size(w) > 0.8 * len(w)
+    w, info = density_ratios(cal.features, _traffic(2, 1500, 2.5).features)   # little overlap
+    assert info["effective_size"] < 59 and info["auc"] < 0.98
+    with pytest.raises(UserError, match="effective sample size") as e:
+        weighted_calibrate(_ScorePolicy(), cal, w, 0.05, 0.1, min_size=59)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="separable"):                        # none at all
+        density_ratios(cal.features, _traffic(3, 1500, 8.0).features)
+    with pytest.raises(UserError, match="at least 20"):
+        density_ratios(cal.features[:5], same.features)
