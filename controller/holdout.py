@@ -78,6 +78,24 @@ def live_zero_shot(policy, guard, levels, calibration, ev, alarm_at, alpha: floa
             "lower": state["lower"]}
 
 
+def reweighed(policy, ckpt, train_arrays, ev, alpha: float, delta: float) -> dict:
+    """Recertified without the group's labels: the checkpoint's own calibration requests reweighed
+    toward the group's features (`controller.weighted`), evaluated on the group; or why it refused."""
+    from controller.evaluate import policy_metrics
+    from controller.pipeline import _splits
+    from controller.recalibrate import min_requests
+    from controller.weighted import density_ratios, weighted_calibrate
+    from data.errors import UserError
+    cal = hide_task(train_arrays.subset(_splits(train_arrays, ckpt.record["split"])["calibration"]))
+    try:
+        w, info = density_ratios(cal.features, ev.features)
+        c = weighted_calibrate(policy, cal, w, alpha, delta, min_requests(alpha, delta))
+    except UserError as e:
+        return {"refused": str(e)}
+    m = policy_metrics(ev, c.decide(policy.scores(ev.features)))
+    return {"unsafe": m["violation_rate"], "saving": m["compute_saved"], "passed": c.passed, **info}
+
+
 def recalibration_draws(ckpt, policy, fam, n_cal: int, job, crit: dict, repeats: int) -> dict:
     """Recalibrate on `repeats` random draws of `n_cal` of the family's requests, evaluate each on the
     rest: how often the violation rate exceeds alpha (Learn-then-Test allows delta of the draws)."""
@@ -130,6 +148,8 @@ def run_group(job, arrays, meta, labels: str, group: str, n_cal: int, workdir: P
     guard_only = _metrics(Guarded(policy, guard, ckpt.levels), ckpt.calibration, ev)
     zero["two_sample"] = two_sample_test(guard.reference, guard.standardise(ev.features))
     unguarded = _metrics(policy, ckpt.calibration, ev)
+    weighted = reweighed(policy, ckpt, arrays.subset(np.flatnonzero(~held)), ev, job.calibration.alpha,
+                         job.calibration.delta)
     alarm_at = (monitored.last_monitor or {}).get("alarm_at")
     live = {f"p{p:g}": {**live_zero_shot(policy, guard, ckpt.levels, ckpt.calibration, ev, alarm_at,
                                          job.calibration.alpha, job.calibration.delta, p, max(p, 0.5)),
@@ -153,7 +173,7 @@ def run_group(job, arrays, meta, labels: str, group: str, n_cal: int, workdir: P
             "n_calibration": len(cal), "n_evaluated": len(ev), "oracle_compute_saved": oracle,
             "in_distribution_calibration": ckpt.calibration.to_json(), "zero_shot": zero, "zero_shot_guard_only": guard_only,
             "zero_shot_unguarded": unguarded, "zero_shot_live": live["p0.05"], "zero_shot_live_p02": live["p0.2"],
-            "recalibrated": recal, "mass_coverage_recalibrated": mass}
+            "recalibrated": recal, "reweighed": weighted, "mass_coverage_recalibrated": mass}
 
 
 def table(rows: list[dict], alpha: float) -> str:
@@ -181,6 +201,13 @@ def table(rows: list[dict], alpha: float) -> str:
             cells = [f"{pct(v['unsafe'])} / {pct(v['saving'])} / {v['shadow_labels']} / {v['fell_back_at'] or 'never'}"
                      for v in (r.get("zero_shot_live"), r.get("zero_shot_live_p02")) if v]
             lines.append(f"| {r['family']} | " + " | ".join(cells) + " |")
+    if any("reweighed" in r for r in rows):
+        lines += ["", f"| held-out {rows[0]['by']} | reweighed, no labels of the group: violation / saved / "
+                  "effective size / classifier AUC (or why refused) |", "|---|---|"]
+        for r in rows:
+            v = r["reweighed"]
+            lines.append(f"| {r['family']} | " + (v["refused"] if "refused" in v else
+                         f"{pct(v['unsafe'])} / {pct(v['saving'])} / {v['effective_size']:.0f} of {v['n']} / {v['auc']:.2f}") + " |")
     lines += ["", f"| held-out {rows[0]['by']} | AUC of P(safe) per level (min-max) | mass-coverage baseline, recalibrated: violation / saved |",
               "|---|---|---|"]
     for r in rows:
