@@ -52,7 +52,9 @@ class TimeTable:
     def load(cls, path: str | Path) -> "TimeTable":
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         worth = (doc.get("break_even") or {}).get("levels")
-        return cls.from_rows(doc.get("end_to_end", []), str(doc.get("device", "unknown card")), str(path), worth)
+        root, where = BENCH_DIR.parents[1], Path(path).resolve()
+        shown = str(where.relative_to(root)) if where.is_relative_to(root) else str(path)   # the repo's own: relative
+        return cls.from_rows(doc.get("end_to_end", []), str(doc.get("device", "unknown card")), shown, worth)
 
     def served(self, levels, n_tokens) -> np.ndarray:
         """The levels the hook runs: a decided level below its break-even length runs dense (the
