@@ -6,11 +6,11 @@ Owns `TimeTable` (read from `sparse_kernels/bench/<card>*.json`: the `end_to_end
 prefill time of one request of n tokens decided at `level`: log-log interpolation over the
 measured lengths, the end segments extended beyond them; a level the benchmark did not measure
 takes the measured level just below it (a lower level never runs faster there), level 0 is dense.
-A decided level shorter than its break-even length (the bench file's `break_even.levels`) runs
-dense, as the hook runs it. time_saved = 1 - sum of ms at the served levels / sum of dense ms, over
+A decided level the bench file's break-even table does not allow at that length runs dense, as the
+hook runs it (`sparse_kernels.dispatch.BreakEven.allows`, the hook's own rule). time_saved = 1 - sum of ms at the served levels / sum of dense ms, over
 requests: like compute saved, long requests weigh by their cost, but the cost is measured time,
 overheads included.
-Imports numpy only (safe to ship: no training code).
+Imports numpy and `sparse_kernels.dispatch` (safe to ship: no training code).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "sparse_kernels" / "bench"
+from sparse_kernels.dispatch import BENCH_DIR, BreakEven, recorded_bench
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class TimeTable:
     dense_ms: np.ndarray                # [len(lengths)]
     levels: tuple[float, ...]           # measured levels, increasing
     level_ms: np.ndarray                # [len(levels), len(lengths)], NaN where not measured
-    worth_from: dict | None = None      # the break-even table: {level: shortest length it runs at}
+    break_even: BreakEven | None = None   # the bench file's table: which level runs from which length
 
     @classmethod
     def from_rows(cls, rows: list[dict], device: str, source: str, worth_from: dict | None = None) -> "TimeTable":
@@ -45,14 +45,14 @@ class TimeTable:
         for r in forced:   # the decision's cost counts when it was measured (the controller pays it)
             table[levels.index(float(r["level"])), int(np.searchsorted(lengths, int(r["N"])))] = \
                 float(r.get("ms_with_decision") or r["ms"])
-        worth = None if worth_from is None else {float(k): float(v) for k, v in worth_from.items()}
-        return cls(device, source, lengths, np.array([dense[n] for n in lengths]), levels, table, worth)
+        table_be = None if worth_from is None else BreakEven.from_json({"levels": worth_from, "source": source})
+        return cls(device, source, lengths, np.array([dense[n] for n in lengths]), levels, table, table_be)
 
     @classmethod
     def load(cls, path: str | Path) -> "TimeTable":
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         worth = (doc.get("break_even") or {}).get("levels")
-        root, where = BENCH_DIR.parents[1], Path(path).resolve()
+        root, where = BENCH_DIR.resolve().parents[1], Path(path).resolve()
         shown = str(where.relative_to(root)) if where.is_relative_to(root) else str(path)   # the repo's own: relative
         return cls.from_rows(doc.get("end_to_end", []), str(doc.get("device", "unknown card")), shown, worth)
 
@@ -60,9 +60,8 @@ class TimeTable:
         """The levels the hook runs: a decided level below its break-even length runs dense (the
         hook's veto of levels slower than dense there; no table: as decided)."""
         levels, n = np.asarray(levels, dtype=float).copy(), np.asarray(n_tokens)
-        if self.worth_from:
-            start = np.array([self.worth_from.get(float(lv), np.inf) if lv > 0 else 0.0 for lv in levels])
-            levels[n < start] = 0.0
+        if self.break_even is not None:
+            levels[[not self.break_even.allows(lv, int(t)) for lv, t in zip(levels, n)]] = 0.0
         return levels
 
     def _interp(self, ms: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -102,15 +101,5 @@ class TimeTable:
 def find_timings(model_fp: dict, bench_dir: Path = BENCH_DIR) -> Path | None:
     """The newest bench file whose break-even table names this model's weights (a RoPE-stretched
     variant runs the same kernels at the same lengths, so it shares its base model's timings)."""
-    found = []
-    for path in sorted(bench_dir.glob("*.json")):
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        be = doc.get("break_even") or {}
-        same = (be.get("model_id") and be.get("model_id") == model_fp.get("id")) or \
-            (be.get("weights_id") and be.get("weights_id") == model_fp.get("weights_id"))
-        if same and doc.get("end_to_end"):
-            found.append((str(doc.get("end_to_end_started") or doc.get("started") or ""), path))
-    return max(found)[1] if found else None
+    found = recorded_bench(model_fp, None, bench_dir)
+    return found[0] if found is not None else None

@@ -104,9 +104,11 @@ def _same_model(table: dict, model: str | dict) -> bool:
     return table.get("weights_id") is not None and table.get("weights_id") == fp.get("weights_id")
 
 
-def recorded_break_even(model: str | dict, device_name: str, directory: Path = BENCH_DIR) -> BreakEven | None:
-    """The newest table the benchmark recorded for this model on this card, or None. `model`: a
-    fingerprint (matched by its id or its weights id) or a fingerprint id."""
+def recorded_bench(model: str | dict, device_name: str | None = None,
+                   directory: Path = BENCH_DIR) -> tuple[Path, dict] | None:
+    """(path, contents) of the newest benchmark file whose break-even table names this model (a
+    fingerprint, matched by its id or its weights id, or a fingerprint id), on this card (None: any
+    card); None when there is none."""
     found = []
     for path in sorted(Path(directory).glob("*.json")):
         try:
@@ -114,9 +116,19 @@ def recorded_break_even(model: str | dict, device_name: str, directory: Path = B
         except (OSError, ValueError):
             continue
         table = d.get("break_even") if isinstance(d, dict) else None
-        if isinstance(table, dict) and _same_model(table, model) and d.get("device") == device_name:
-            found.append((str(d.get("started", "")), path.name, table))
+        if isinstance(table, dict) and _same_model(table, model) and device_name in (None, d.get("device")):
+            found.append((str(d.get("started", "")), path.name, path, d))
     if not found:
         return None
-    started, name, table = max(found)
-    return BreakEven.from_json({**table, "source": f"measured on {device_name}, {name} ({started})"})
+    *_, path, d = max(found, key=lambda f: f[:2])
+    return path, d
+
+
+def recorded_break_even(model: str | dict, device_name: str, directory: Path = BENCH_DIR) -> BreakEven | None:
+    """The newest table the benchmark recorded for this model on this card, or None. `model`: a
+    fingerprint (matched by its id or its weights id) or a fingerprint id."""
+    found = recorded_bench(model, device_name, directory)
+    if found is None:
+        return None
+    path, d = found
+    return BreakEven.from_json({**d["break_even"], "source": f"measured on {device_name}, {path.name} ({d.get('started', '')})"})
