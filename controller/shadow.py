@@ -12,6 +12,7 @@ GPU. Imports `sparse_kernels`, `data` and `controller` modules below it; nothing
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,9 +20,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from data.criteria import MEASURES
+from data.criteria import within_bound
 from data.errors import UserError
-from data.decode import cache_kwarg, cache_of
+from data.decode import DecodeBatch, cache_kwarg, cache_of, greedy_tokens, teacher_logprobs
 from data.labeling import divergence_from
 from sparse_kernels import SparsePlan, use_plan
 
@@ -35,51 +36,35 @@ def _stop_ids(model) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
 
-def _greedy(model, ids: torch.Tensor, max_new: int, stops: set[int]) -> list[int]:
-    arg = cache_kwarg(model)
-    out = model(input_ids=ids, use_cache=True)
-    cache, answer = cache_of(out), []
-    token = int(out.logits[0, -1].argmax())
-    while token not in stops and len(answer) < max_new:
-        answer.append(token)
-        out = model(input_ids=torch.tensor([[token]], device=ids.device), use_cache=True, **{arg: cache})
-        cache, token = cache_of(out), int(out.logits[0, -1].argmax())
-    return answer
-
-
-def _answer_logprobs(model, ids: torch.Tensor, answer: list[int], plan: SparsePlan | None) -> torch.Tensor:
-    """[T+1, V] log-probs after the prompt (prefilled under `plan`, or dense) and after each answer
-    token (dense over that cache, as a served request decodes)."""
-    arg = cache_kwarg(model)
-    with use_plan(plan) if plan is not None else torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-    logp = [out.logits[0, -1:].float().log_softmax(-1)]
-    if answer:
-        more = model(input_ids=torch.tensor([answer], device=ids.device), use_cache=True, **{arg: cache_of(out)})
-        logp.append(more.logits[0].float().log_softmax(-1))
-    return torch.cat(logp)
+def _prefilled(model, x: torch.Tensor, plan: SparsePlan | None) -> DecodeBatch:
+    """One request prefilled (under `plan`, or dense) as a batch of one row."""
+    with use_plan(plan) if plan is not None else contextlib.nullcontext():
+        out = model(input_ids=x, use_cache=True, logits_to_keep=1)
+    return DecodeBatch.stack([cache_of(out)], [out.logits[:, -1]], [x.shape[1]])
 
 
 @torch.no_grad()
 def shadow_measurements(handle, ids: list[int], level: float, max_new: int = 32) -> dict:
-    """The raw measurements of one request at `level` against dense (run with the handle paused)."""
+    """The raw measurements of one request at `level` against dense (run with the handle paused):
+    the labeler's own loops (`data.decode`) on a batch of one row, as its noise floor runs them."""
     model = handle.model
+    arg = cache_kwarg(model)
+    forward = lambda cache, **inputs: model(use_cache=True, **{arg: cache}, **inputs)  # noqa: E731
     x = torch.tensor([ids], device=next(model.parameters()).device)
+    plan = SparsePlan(levels=torch.tensor([level], dtype=torch.float64), selection=handle.selection,
+                      dense_layers=handle.dense_layers, backend=handle.backend)
     with handle.paused():
-        answer = _greedy(model, x, max_new, _stop_ids(model))
-        plan = SparsePlan(levels=torch.tensor([level], dtype=torch.float64), selection=handle.selection,
-                          dense_layers=handle.dense_layers, backend=handle.backend)
-        rows = [_answer_logprobs(model, x, answer, None), _answer_logprobs(model, x, answer, plan)]
-    logp = torch.stack(rows)
-    valid = torch.ones(logp.shape[:2], dtype=torch.bool, device=logp.device)
-    m = divergence_from(logp, valid, [answer, answer], [0, 0])
+        dense = _prefilled(model, x, None)
+        answer = greedy_tokens(forward, dense, [max_new], _stop_ids(model))[0]
+        dense_logp, valid = teacher_logprobs(forward, dense, [answer])
+        sparse_logp, _ = teacher_logprobs(forward, _prefilled(model, x, plan), [answer])
+    m = divergence_from(torch.cat([dense_logp, sparse_logp]), valid.expand(2, -1), [answer, answer], [0, 0])
     return {k: float(v[1]) for k, v in m.items()}
 
 
 def violated(measured: dict, criterion: dict) -> bool:
     """Is this row unsafe under a divergence criterion with a recorded threshold?"""
-    value, t = measured[criterion["measure"]], criterion["threshold"]
-    return not (value <= t if MEASURES[criterion["measure"]] > 0 else value >= t)
+    return not within_bound(measured[criterion["measure"]], criterion["measure"], criterion["threshold"])
 
 
 class ShadowLabeler:

@@ -100,6 +100,11 @@ def floor_quantile(values: np.ndarray, measure: str, quantile: float) -> float:
     return float(np.quantile(values, 1 - quantile, method="lower"))
 
 
+def within_bound(value, measure: str, threshold: float):
+    """A row's measurement keeps the criterion's bound (`value` a number or an array)."""
+    return value <= threshold if MEASURES[measure] > 0 else value >= threshold
+
+
 def _same_answer_as_dense(df: pd.DataFrame) -> pd.Series:
     from .tasks.scoring import normalise_answer
     norm = pd.Series([normalise_answer(t, a if isinstance(a, str) else "") for t, a in zip(df["task"], df["answer"])],
@@ -115,9 +120,7 @@ def _divergence_safe(df: pd.DataFrame, crit: dict) -> pd.Series:
         raise UserError(f"these labels have no raw column {measure!r} (stores labeled before the divergence "
                         "measurements); relabel them, or use the gold or fidelity criterion")
     t = crit["threshold"] if crit["threshold"] is not None else null_threshold(df, measure, crit["null_quantile"])
-    value = df[measure].astype(float)
-    ok = value <= t if MEASURES[measure] > 0 else value >= t
-    return ok | (df["level"] == 0.0)
+    return within_bound(df[measure].astype(float), measure, t) | (df["level"] == 0.0)
 
 
 def apply_criterion(df: pd.DataFrame, criterion) -> pd.DataFrame:

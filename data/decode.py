@@ -5,7 +5,9 @@ left-padded to the longest prompt and stacked into one cache, with the padding m
 row's own positions, so that greedy decoding and teacher forcing run K samples per forward.
 Decoding a 135M model is bound by kernel launches, not by arithmetic: K samples per step cost
 about what one costs. With K = 1 nothing is padded and the forward calls equal the unbatched ones.
-Also owns the cache plumbing across transformers versions (`cache_kwarg`, `cache_of`).
+Also owns the two loops run over such a batch, given the model's forward (`greedy_tokens`,
+`teacher_logprobs`: the labeler's and the shadow labeler's), and the cache plumbing across
+transformers versions (`cache_kwarg`, `cache_of`).
 Imports nothing from the project.
 """
 from __future__ import annotations
@@ -146,3 +148,38 @@ def pad_rows(rows: list[list[int]], fill: int, device) -> tuple[torch.Tensor, to
         tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         valid[i, :len(r)] = True
     return tokens.to(device), valid.to(device)
+
+
+def greedy_tokens(forward, batch: DecodeBatch, max_new: list[int], stop_ids: set[int]) -> list[list[int]]:
+    """Dense greedy decoding of every row until a stop token or its `max_new` tokens;
+    `forward(cache, **inputs)` is one step of the model."""
+    out: list[list[int]] = [[] for _ in range(batch.rows)]
+    done = [False] * batch.rows
+    tokens = batch.first_logits.argmax(-1)
+    limit = max(max_new)
+    for step in range(limit):
+        for r, t in enumerate(tokens.tolist()):
+            if not done[r]:
+                done[r] = t in stop_ids or len(out[r]) >= max_new[r]
+                if not done[r]:
+                    out[r].append(t)
+        if all(done) or step == limit - 1:
+            break
+        tokens = forward(batch.cache, **batch.inputs(tokens[:, None], step)).logits[:, -1].argmax(-1)
+    batch.reset()
+    return out
+
+
+def teacher_logprobs(forward, batch: DecodeBatch, answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([R, T+1, V] float log-probs, [R, T+1] validity) of each row after its prompt and after each
+    token of its answer (teacher forced, dense): the distributions that chose the answer's tokens
+    and the one after its last token (where the answer stopped)."""
+    tokens, valid = pad_rows(answers, 0, batch.first_logits.device)
+    logp = [batch.first_logits.float().log_softmax(-1)[:, None]]
+    if any(answers):
+        logits = forward(batch.cache, **batch.inputs(tokens, 0)).logits.float()
+        logp.append(logits.log_softmax(-1))
+    batch.reset()
+    width = tokens.shape[1] + 1 if any(answers) else 1
+    ends = torch.tensor([len(a) for a in answers], device=valid.device)
+    return torch.cat(logp, dim=1), torch.arange(width, device=valid.device)[None] <= ends[:, None]

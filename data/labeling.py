@@ -24,7 +24,7 @@ import torch
 from sparse_kernels import SparsePlan, enable_sparse_attention, resolve_backend, sliding_window_of, use_plan
 
 from .config import DataConfig, LabelJobConfig, data_identity
-from .decode import DecodeBatch, cache_kwarg, cache_of, pad_rows
+from .decode import DecodeBatch, cache_kwarg, cache_of, greedy_tokens, pad_rows, teacher_logprobs
 from .features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features
 from .models import LoadedModel
 from .errors import UserError
@@ -157,18 +157,7 @@ class Labeler:
         return (-(logp * valid).sum(1) / valid.sum(1)).cpu()
 
     def answer_logprobs(self, batch: DecodeBatch, answers: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """([R, T+1, V] float log-probs, [R, T+1] validity) of each row after its prompt and after each
-        token of its answer (teacher forced, dense): the distributions that chose the answer's tokens
-        and the one after its last token (where the answer stopped)."""
-        tokens, valid = pad_rows(answers, 0, batch.first_logits.device)
-        logp = [batch.first_logits.float().log_softmax(-1)[:, None]]
-        if any(answers):
-            logits = self._forward(batch.cache, **batch.inputs(tokens, 0)).logits.float()
-            logp.append(logits.log_softmax(-1))
-        batch.reset()
-        width = tokens.shape[1] + 1 if any(answers) else 1
-        ends = torch.tensor([len(a) for a in answers], device=valid.device)
-        return torch.cat(logp, dim=1), torch.arange(width, device=valid.device)[None] <= ends[:, None]
+        return teacher_logprobs(self._forward, batch, answers)
 
     def null_chosen(self, sample: Sample) -> bool:
         """Is this sample in the seeded share `labeling.null_share` that gets a dense reference alone?"""
@@ -198,22 +187,7 @@ class Labeler:
                 "score": score(p.sample.metric, text, p.sample.outputs) if p.sample.outputs else float("nan")}
 
     def greedy(self, batch: DecodeBatch, max_new: list[int]) -> list[list[int]]:
-        """Dense greedy decoding of every row until a stop token or its `max_new` tokens."""
-        out: list[list[int]] = [[] for _ in range(batch.rows)]
-        done = [False] * batch.rows
-        tokens = batch.first_logits.argmax(-1)
-        limit = max(max_new)
-        for step in range(limit):
-            for r, t in enumerate(tokens.tolist()):
-                if not done[r]:
-                    done[r] = t in self.stop_ids or len(out[r]) >= max_new[r]
-                    if not done[r]:
-                        out[r].append(t)
-            if all(done) or step == limit - 1:
-                break
-            tokens = self._forward(batch.cache, **batch.inputs(tokens[:, None], step)).logits[:, -1].argmax(-1)
-        batch.reset()
-        return out
+        return greedy_tokens(self._forward, batch, max_new, self.stop_ids)
 
     def prefill(self, sample: Sample) -> Prefilled:
         """Sparse prefill of one sample, one row per grid level; features from its probe layers."""
