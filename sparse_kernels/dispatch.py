@@ -65,14 +65,18 @@ class BreakEven:
     def from_rows(cls, rows: list[dict], source: str, margin: float = WIN_MARGIN,
                   window_rows: list[dict] = ()) -> "BreakEven":
         """From end-to-end rows {N, level, ms_with_decision (or ms), ms_dense} of one model and card,
-        and (models with sliding-window layers) rows {N, ms, ms_dense} of the dense window path."""
+        and (models with sliding-window layers) rows {N, ms, ms_dense} of the dense window path. A
+        level wins against the dense path the hook would run without it: the window path from
+        `window_from` on, else unhooked SDPA (so a sparse level never buys less than the window
+        path already gives)."""
+        window = _wins_from([(int(r["N"]), r["ms"] <= margin * r["ms_dense"]) for r in window_rows])
+        window_ms = {int(r["N"]): float(r["ms"]) for r in window_rows if window is not None and int(r["N"]) >= window}
         by_level: dict[float, list[tuple[int, bool]]] = {}
         for r in rows:
-            ms = r.get("ms_with_decision", r["ms"])
-            by_level.setdefault(float(r["level"]), []).append((int(r["N"]), ms <= margin * r["ms_dense"]))
+            ms, dense = r.get("ms_with_decision", r["ms"]), window_ms.get(int(r["N"]), r["ms_dense"])
+            by_level.setdefault(float(r["level"]), []).append((int(r["N"]), ms <= margin * dense))
         levels = [(level, start) for level, points in sorted(by_level.items())
                   if (start := _wins_from(points)) is not None]
-        window = _wins_from([(int(r["N"]), r["ms"] <= margin * r["ms_dense"]) for r in window_rows])
         return cls(tuple(levels), source, window)
 
     def to_json(self) -> dict:

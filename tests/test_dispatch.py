@@ -61,6 +61,23 @@ def test_window_from_is_the_same_rule_for_the_dense_window_path():
     assert not BreakEven(((0.9, 32000),), "old table").runs_window(10**9)
 
 
+def test_a_level_must_beat_the_window_path_where_the_hook_would_run_it():
+    """Issue 28: on a sliding-window model the dense path the hook runs from `window_from` on is the
+    window path, so a level is worth its probes and decision only when it beats that path, not
+    unhooked SDPA (Gemma 3 on one H100, 2026-12-06: level 0.85 with its decision took 0.76x unhooked
+    at 8K but 1.19x the window path, and the hook ran 0.84x of the best dense path there)."""
+    window = [{"N": 2060, "ms": 23.7, "ms_dense": 20.9}, {"N": 8192, "ms": 25.9, "ms_dense": 40.4},
+              {"N": 32000, "ms": 94.5, "ms_dense": 374.6}]
+    rows = [_row(8192, 0.85, 30.8, 40.4), _row(32000, 0.85, 88.0, 374.6),   # beat SDPA, not the window path
+            _row(8192, 0.97, 16.0, 40.4), _row(32000, 0.97, 60.0, 374.6)]   # beat both
+    table = BreakEven.from_rows(rows, "test", window_rows=window)
+    assert table.window_from == 8192 and table.levels == ((0.97, 8192),)
+    assert BreakEven.from_rows(rows, "test").levels == ((0.85, 8192), (0.97, 8192))   # no window measured
+    # below window_from the comparison stays against unhooked SDPA
+    early = BreakEven.from_rows([_row(2060, 0.9, 15.0, 20.9), _row(8192, 0.9, 19.0, 40.4)], "test", window_rows=window)
+    assert early.levels == ((0.9, 2060),)
+
+
 def test_below_break_even_a_window_model_runs_a_dense_plan_without_probes(tiny_trained, tiny_gemma3, monkeypatch):
     """With a measured `window_from`, a request below the break-even runs a plan at level 0 (no
     probe, no decision) so that sliding-window layers take their window path on CUDA; on CPU that
