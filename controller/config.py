@@ -70,11 +70,17 @@ class TrainConfig:
             raise UserError("train needs weight_decay >= 0, compute_weight >= 0, patience >= 1 and seed >= 0")
 
 
+MAX_STRATUM_TOKENS = 2**31 - 1   # far beyond any model's window, inside int32/int64 arithmetic
+
+
 def check_strata(strata, name: str) -> tuple[int, ...]:
     """Length strata as increasing positive token counts, or one line saying what is wrong."""
     values = list(strata)
     if any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in values) or values != sorted(set(values)):
         raise UserError(f"{name} must be increasing positive token counts, got {values}")
+    if values and values[-1] > MAX_STRATUM_TOKENS:   # stored as int64 and compared to lengths: keep it a length
+        raise UserError(f"{name}: {values[-1]} tokens is longer than any context (at most {MAX_STRATUM_TOKENS:,}); "
+                        "give stratum bounds within your prompts' lengths, e.g. 2048,8192")
     return tuple(values)
 
 

@@ -89,7 +89,7 @@ def export_checkpoint(path: str | Path, net: SafetyNet, record: dict, texts: dic
 def _read_record(path: Path) -> dict:
     try:
         record = json.loads((path / RECORD_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:   # RecursionError: nested too deep
         raise UserError(f"checkpoint {path}: {RECORD_FILE} is unreadable ({type(e).__name__}); re-export it") from None
     if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"checkpoint {path} has format {record.get('format') if isinstance(record, dict) else '?'}, "
@@ -141,6 +141,34 @@ def validate_record(record: dict) -> None:
     _check_number(record["delta"], "delta", 0, 1)
     if not isinstance(record["net"], dict) or not isinstance(record["calibration"], dict):
         raise ValueError("net and calibration must be mappings")
+    _check_provenance(record)
+
+
+MAX_BLOCK_SIZE = 4096   # tokens per block; larger would make one block a whole long context
+
+
+def _check_provenance(record: dict) -> None:
+    """The fields that name where a checkpoint came from (read by calibrate.py, eval.py and reports)."""
+    if record["sparse"]["block_size"] > MAX_BLOCK_SIZE:
+        raise ValueError(f"sparse.block_size must be at most {MAX_BLOCK_SIZE}, got {record['sparse']['block_size']}")
+    if not isinstance(record["model"].get("name"), str) or not record["model"]["name"]:
+        raise ValueError("model.name must be the model's name (a string)")
+    store = record["label_store"]
+    if not isinstance(store, dict) or not isinstance(store.get("path"), str):
+        raise ValueError("label_store must be a mapping with a string path")
+    split = record["split"]
+    if not isinstance(split, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in split.values()):
+        raise ValueError("split must be a mapping of numbers (train, val, calibration, seed)")
+    crit = record["criterion"]
+    if not isinstance(crit, dict) or not isinstance(crit.get("name"), str):
+        raise ValueError("criterion must be a mapping with a string name")
+    if not isinstance(record.get("calibration_data") or {}, dict):
+        raise ValueError("calibration_data must be a mapping")
+    sweep = record.get("sweep", [])
+    if not isinstance(sweep, list) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in sweep):
+        raise ValueError("sweep must be a list of numbers")
+    if not isinstance(record["decision"], str):
+        raise ValueError("decision must be a string")
 
 
 def _check_weights(tensors: dict) -> None:
@@ -155,6 +183,18 @@ def _check_weights(tensors: dict) -> None:
         raise ValueError("feature_std must be positive")
 
 
+MAX_HEADER_BYTES = 1 << 20   # a controller's safetensors header is under 1 KB; safetensors itself allows 100 MB
+
+
+def _check_header(weights: Path) -> None:
+    """Refuse a weights file whose JSON header is larger than any controller's (read before parsing)."""
+    import struct
+    with open(weights, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or struct.unpack("<Q", head)[0] > MAX_HEADER_BYTES:
+        raise ValueError(f"{WEIGHTS_FILE} has a header over {MAX_HEADER_BYTES} bytes or none (a controller's is under 1 KB)")
+
+
 def load_checkpoint(path: str | Path) -> ControllerCheckpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -167,6 +207,7 @@ def load_checkpoint(path: str | Path) -> ControllerCheckpoint:
         validate_record(record)
         cfg = record["net"]
         net = SafetyNet(cfg["n_features"], cfg["n_sparse_levels"], cfg["hidden"], cfg["depth"], cfg["dropout"])
+        _check_header(path / WEIGHTS_FILE)
         tensors = load_file(str(path / WEIGHTS_FILE))
         _check_weights(tensors)
         net.load_state_dict(tensors, strict=True)

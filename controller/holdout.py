@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import ArgumentParser
+from data.errors import ArgumentParser, UserError
 
 FAMILIES = {"niah": ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"), "vt": ("vt",),
             "cwe": ("cwe",), "fwe": ("fwe",), "qa": ("qa",)}
@@ -41,6 +41,34 @@ def in_group(arrays, by: str, group: str) -> np.ndarray:
     from data.tasks.forms import form_part
     forms = arrays.forms if arrays.forms is not None else np.full(len(arrays), "")
     return np.array([form_part(f, by) == group for f in forms])
+
+
+def check_groups(arrays, by: str, groups: list[str], n_cal: int) -> None:
+    """UserError, before any training, when the store cannot hold out these groups: no surface forms
+    for a form grouping, or a group too small (more than `n_cal` held out, 50 left to train on)."""
+    if by != "family" and arrays.forms is None:
+        raise UserError(f"--by {by} needs a store labeled with surface forms (data.forms); this one has none: "
+                        "use --by family")
+    for g in groups:
+        held = in_group(arrays, by, g)
+        if held.sum() <= n_cal or (~held).sum() < 50:
+            raise UserError(f"group {by}={g} has {int(held.sum())} requests and leaves {int((~held).sum())}; need more "
+                            f"than --calibration-requests {n_cal} held out and 50 to train on: label more, or lower "
+                            "--calibration-requests")
+
+
+def check_output_file(path: str, what: str) -> None:
+    """UserError unless `path` (and the .md beside it) can be written as files: not folders, the parent
+    a folder we may write."""
+    from data.errors import check_output_folder
+    for target in (Path(path), Path(path).with_suffix(".md")):
+        if target.is_dir():
+            raise UserError(f"{what}: {target} is a folder; give a file path such as results/holdout.json")
+    parent = Path(path).absolute().parent
+    under = next((a for a in (parent, *parent.parents) if a.exists()), None)
+    if under is not None and not under.is_dir():
+        raise UserError(f"{what} lies under a file ({under}); give a file path in a folder")
+    check_output_folder(parent, what)
 
 
 def hide_task(arrays):
@@ -248,9 +276,16 @@ def main(argv=None) -> int:
         print(f"error: unknown {args.by} group(s) {bad}; choose from {list(GROUPINGS[args.by])}", file=sys.stderr)
         return 2
     try:
+        check_output_file(args.out, f"--out {args.out}")
+        if args.repeats < 0 or args.calibration_requests < 1:
+            raise UserError(f"--repeats must be >= 0 and --calibration-requests >= 1 (got {args.repeats} and "
+                            f"{args.calibration_requests})")
         job = load_config(ControllerJobConfig, args.config, ["criterion.name=fidelity", "logging.wandb=disabled",
                                                              *args.overrides])
+        if not job.labels:
+            raise UserError(f"config {args.config} names no label store; add the override labels=PATH (a store made by train.py)")
         arrays, meta = arrays_from_store(job.labels, job.criterion)
+        check_groups(arrays, args.by, groups, args.calibration_requests)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -306,6 +306,9 @@ def load_config(cls, path: str | Path | None, overrides: list[str] = (), only_kn
             raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if data is None:   # an empty file would silently run every default
             raise UserError(f"config file {p} is empty; see configs/ for examples")
+        if not isinstance(data, dict):   # a top-level list or scalar: overrides and sections need a mapping
+            raise UserError(f"config file {p} must be a mapping of sections (model:, data:, ...), not a YAML "
+                            f"{type(data).__name__}; see configs/ for examples")
     data = apply_overrides(data, list(overrides))
     if only_known and isinstance(data, dict):
         data = {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}}

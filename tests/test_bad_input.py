@@ -201,3 +201,26 @@ def test_a_bad_environment_switch_is_refused_up_front(capsys, tmp_path, monkeypa
     assert _files(tmp_path) == before
     with pytest.raises(UserError, match=switch):
         attach(tiny_lm, tiny_trained[2])
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--out", "{tmp}/h.json", "--repeats", "-1"], "--repeats must be >= 0"),
+    (["--out", "{tmp}/h.json", "--calibration-requests", "0"], "--calibration-requests >= 1"),
+    (["--out", "{tmp}", "--by", "family"], "is a folder"),
+    (["--out", "{tmp}/afile/h.json"], "lies under a file"),
+    (["--out", "{tmp}/h.json", "--config", "{tmp}/nolabels.yaml"], "names no label store"),
+    (["--out", "{tmp}/h.json", "--config", "{tmp}/list.yaml"], "must be a mapping of sections"),
+    (["--out", "{tmp}/h.json", "--config", "{tmp}/tiny.yaml", "--calibration-requests", "100000"], "need more than"),
+], ids=["negative repeats", "no calibration requests", "out a folder", "out under a file", "no label store",
+        "config a list", "groups too small"])
+def test_holdout_mistakes_are_one_line_before_any_training(capsys, tmp_path, tiny_trained, argv, words):
+    """issue 30: each of these gave a traceback (some after training a group's controller)."""
+    from controller import holdout
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "nolabels.yaml").write_text("model: {name: smollm2-135m}\n")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "tiny.yaml").write_text(f"labels: {tiny_trained[1].root}\n")
+    code = holdout.main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and words in err and "\n" not in err, err
+    assert not (tmp_path / "h.json").exists() and not (tmp_path / "h.md").exists()

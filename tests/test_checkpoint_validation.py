@@ -33,6 +33,14 @@ RECORD_CASES = [
     ("stratum missing a key", lambda r: r["calibration"].update(
         edges=[1000], parts=[dict(r["calibration"]), {"threshold": 0.5}]), "corrupt or incompatible"),
     ("negative guard warmup", lambda r: r["guard"].__setitem__("warmup", -1), "warmup >= 0"),
+    # issue 30, outside sweep: fields of the wrong type gave tracebacks in calibrate.py and eval.py
+    ("label_store a string", lambda r: r.__setitem__("label_store", "x"), "label_store must be a mapping"),
+    ("split a string", lambda r: r.__setitem__("split", "x"), "split must be a mapping"),
+    ("calibration_data a string", lambda r: r.__setitem__("calibration_data", "x"), "calibration_data must be a mapping"),
+    ("criterion a string", lambda r: r.__setitem__("criterion", "x"), "criterion must be a mapping"),
+    ("sweep a string", lambda r: r.__setitem__("sweep", "x"), "sweep must be a list"),
+    ("model.name missing", lambda r: r["model"].pop("name"), "model.name"),
+    ("block size 2^40", lambda r: r["sparse"].__setitem__("block_size", 2 ** 40), "block_size must be at most"),
 ]
 
 WEIGHT_CASES = [
@@ -135,3 +143,23 @@ def test_an_output_folder_the_file_system_refuses_is_one_line(tmp_path):
     target = Path("/proc/no-such-process/report")
     with pytest.raises(UserError, match="cannot create folders|is not writable|lies under"):
         check_output_folder(target, f"--out {target}")
+
+
+def test_a_record_nested_too_deep_is_refused_in_one_line(tiny_trained, tmp_path):
+    """issue 30: json.loads raised RecursionError on a deeply nested record."""
+    out = _copy(tiny_trained, tmp_path)
+    (out / RECORD_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match="unreadable") as e:
+        load_checkpoint(out)
+    assert "\n" not in str(e.value)
+
+
+def test_a_weights_file_with_a_huge_header_is_refused(tiny_trained, tmp_path):
+    """issue 30: a safetensors file whose metadata header is megabytes long was accepted."""
+    from safetensors.torch import load_file, save_file
+    out = _copy(tiny_trained, tmp_path)
+    weights = load_file(str(out / WEIGHTS_FILE))
+    save_file(weights, str(out / WEIGHTS_FILE), metadata={"pad": "x" * (2 << 20)})
+    with pytest.raises(UserError, match="header over") as e:
+        load_checkpoint(out)
+    assert "\n" not in str(e.value)

@@ -104,7 +104,7 @@ def test_strata_boundaries_are_inclusive_upper_bounds():
     assert strata_of([1, 2048, 2049, 8192, 8193, 10**6], (2048, 8192)).tolist() == [0, 0, 1, 1, 2, 2]
 
 
-@pytest.mark.parametrize("strata", [(0,), (4096, 2048), (2048, 2048), (1.5,), (True,)])
+@pytest.mark.parametrize("strata", [(0,), (4096, 2048), (2048, 2048), (1.5,), (True,), (10**23,)])
 def test_bad_strata_are_refused(strata):
     with pytest.raises(UserError, match="length_strata"):
         CalibrationConfig(length_strata=strata)

@@ -258,6 +258,8 @@ def test_calibrate_bad_input_one_line_exit_2_nothing_written(tiny_lm, tiny_train
              (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--delta", "1.5"], "must lie in (0, 1)"),
              (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--length-strata", "2k"], "comma-separated token"),
              (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--length-strata", "4096,2048"], "increasing positive"),
+             # issue 30: a bound beyond int64 gave an OverflowError traceback
+             (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--length-strata", "9" * 23], "longer than any context"),
              (["--prompts", str(prompts), "--out", str(tmp_path / "o"), "--model", "smollm2-135m", "--alpha", "0.9"],
               "is not the model the controller was trained for")]
     for args, needle in cases:
