@@ -224,3 +224,28 @@ def test_holdout_mistakes_are_one_line_before_any_training(capsys, tmp_path, tin
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and words in err and "\n" not in err, err
     assert not (tmp_path / "h.json").exists() and not (tmp_path / "h.md").exists()
+
+
+def _prompt_oddities(tmp_path):
+    """issue 30's prompt files: each gave a traceback or a MemoryError."""
+    import json
+    from data.tasks.ruler import MAX_PROMPT_BYTES
+    (tmp_path / "surrogate.jsonl").write_text('{"input": "a \\ud800 b"}\n', encoding="utf-8")
+    (tmp_path / "huge.jsonl").write_text(json.dumps({"input": "w " * (MAX_PROMPT_BYTES // 2 + 8)}) + "\n")
+    (tmp_path / "huge_txt").mkdir()
+    (tmp_path / "huge_txt" / "p.txt").write_text("w " * (MAX_PROMPT_BYTES // 2 + 8))
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "broken.jsonl").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "zero.jsonl").symlink_to("/dev/zero")
+    return {"surrogate.jsonl": "lone surrogate", "huge.jsonl": "longer than any model's context",
+            "huge_txt": "longer than any model's context", "folder.jsonl": r"no \*.jsonl or \*.txt files",
+            "broken.jsonl": "does not exist", "zero.jsonl": "does not exist"}
+
+
+def test_odd_prompt_files_are_one_line(tmp_path):
+    from data.errors import UserError
+    from data.tasks.prompts import read_prompts
+    for name, words in _prompt_oddities(tmp_path).items():
+        with pytest.raises(UserError, match=words) as e:
+            read_prompts(tmp_path / name)
+        assert "\n" not in str(e.value), name

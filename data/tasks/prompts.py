@@ -13,10 +13,11 @@ from pathlib import Path
 
 from ..errors import UserError
 from .base import UNKNOWN_TASK, Sample
-from .ruler import MAX_NEW_TOKENS, read_jsonl
+from .ruler import MAX_NEW_TOKENS, check_prompt_size, read_jsonl
 
 
 def _text_file(f: Path, rel: str) -> Sample:
+    check_prompt_size(f.stat().st_size, str(f))   # before reading: a huge file is refused, not loaded
     try:
         text = f.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

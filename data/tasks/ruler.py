@@ -60,10 +60,31 @@ def _outputs_of(row: dict, where: str, required: bool) -> tuple[str, ...]:
     return tuple(outputs)
 
 
+MAX_PROMPT_BYTES = 8 << 20   # one request's line or file: ~2M tokens, beyond any supported model's window
+
+
+def check_prompt_size(size: int, where: str) -> None:
+    if size > MAX_PROMPT_BYTES:
+        raise UserError(f"{where}: {size:,} bytes is longer than any model's context (at most {MAX_PROMPT_BYTES:,} bytes "
+                        "per request); split or shorten it")
+
+
+def _check_encodable(row: dict, where: str) -> None:
+    """JSON's \\ud800-style escapes can decode to lone surrogates, which no tokenizer accepts."""
+    texts = [row.get("input"), row.get("answer_prefix"), *(row.get("outputs") or [])]
+    for text in (t for t in texts if isinstance(t, str)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"{where}: the text holds a lone surrogate ({text[e.start]!a} at character {e.start}), "
+                            "not valid Unicode; fix that escape in the JSON") from None
+
+
 def parse_request(line: str, where: str, task: str, source: str, require_outputs: bool = True) -> Sample:
     """One JSONL line -> Sample. RULER lines need input, outputs and length; with
     `require_outputs=False` only `input` is needed (`outputs`, `length`, `answer_prefix` and `task`
     are optional; a `task` field overrides the one from the path)."""
+    check_prompt_size(len(line.encode("utf-8", "surrogatepass")), where)
     row = _load_json(line, where)
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object with an `input` string")
@@ -75,6 +96,7 @@ def parse_request(line: str, where: str, task: str, source: str, require_outputs
     if not isinstance(row["input"], str) or not row["input"].strip():
         raise UserError(f"{where}: `input` must be a non-empty string")
     outputs = _outputs_of(row, where, require_outputs)
+    _check_encodable(row, where)
     length = row.get("length", 0)
     if not isinstance(length, int) or isinstance(length, bool) or length < 0:
         raise UserError(f"{where}: `length` must be an integer >= 0, got {length!r}")
