@@ -124,6 +124,8 @@ def fit_net(job: ControllerJobConfig, data: LabelDataModule, out: str) -> tuple[
     module = SafetyModule(net, job.train.lr, job.train.weight_decay, job.train.task_dropout,
                           job.train.compute_weight, float(train.features[:, LOG_LENGTH_COLUMN].max()))
     best = KeepBest()
+    from data.runner import quiet_lightning
+    quiet_lightning()
     trainer = L.Trainer(max_epochs=job.train.max_epochs, accelerator="cpu", devices=1, deterministic=True,
                         logger=make_loggers(job, out), enable_checkpointing=False,
                         enable_progress_bar=sys.stderr.isatty(),   # a bar on a terminal, none in logs and CI

@@ -186,7 +186,23 @@ def _run_record(trainer, dev: torch.device, totals: list[float], spans: list[flo
             "torch": torch.__version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+# Lightning's notices that say nothing about this run: accelerator inventory, advertisements, and two
+# warnings about its own internals (a deprecated pytree check; our module's batch transfer)
+_LIGHTNING_NOISE = (".*isinstance\\(treespec, LeafSpec\\).*", ".*overridden `transfer_batch_to_device`.*",
+                    ".*does not have many workers.*")
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning to warnings and errors (no 'GPU available' inventory, no tips) and drop its
+    internal notices listed in `_LIGHTNING_NOISE`; the commands call it before building a Trainer."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    for message in _LIGHTNING_NOISE:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def make_trainer(job: LabelJobConfig, callbacks) -> L.Trainer:
+    quiet_lightning()
     return L.Trainer(accelerator=ACCELERATORS[job.model.device], devices=job.labeling.devices,
                      strategy=job.labeling.strategy, logger=False, enable_checkpointing=False,
                      enable_model_summary=False, use_distributed_sampler=False, inference_mode=True,

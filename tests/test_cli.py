@@ -126,6 +126,8 @@ def test_labeling_on_two_ranks_then_training_in_one_command(tmp_path):
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     log = done.stdout + done.stderr
     assert done.returncode == 0 and "Traceback" not in log and "Error" not in log, log[-3000:]
+    # issue 30: Lightning's inventory, advertisements and internal notices are not the user's business
+    assert not any(noise in log for noise in ("GPU available", "Tip:", "LeafSpec", "transfer_batch_to_device")), log[:3000]
     shards = sorted(p.name for p in (tmp_path / "labels" / "shards").iterdir())
     assert any(n.startswith("part-r000-") for n in shards) and any(n.startswith("part-r001-") for n in shards)
     assert (tmp_path / "run" / "checkpoint" / "controller.json").is_file()
