@@ -198,34 +198,32 @@ def _forced_rows(n: int, levels, s: _Samples, text_ms: float | None = None) -> l
 def _hooked_rows(lm, handle, ids) -> list[dict]:
     """hook_dense: the hook's own path for a request it runs dense (skipped before the probes where
     its dispatch skips, else probes + decision + dense); decided: the controller's own decision.
-    Dense (the hook detached: `handle.detached()`), probed and own calls alternate within each round."""
+    Dense (the hook detached: `handle.detached()`), the window path (sliding-window models: a plan at
+    level 0, no probe, no decision), probed and own calls alternate within each round, so
+    `ms_best_dense` (the faster of dense and the window path) is measured beside the hook's rows."""
+    from sparse_kernels import sliding_window_of
     n, call, s = int(ids.shape[1]), lambda: lm.model(input_ids=ids, logits_to_keep=1), _Samples()  # noqa: E731
-    modes = {"dense": (call, handle.detached), "probed": (call, lambda: _forcing(handle, 0.0)),
-             "own": (call, contextlib.nullcontext)}   # own last: `last_decisions` are its
+    modes = {"dense": (call, handle.detached)}
+    if sliding_window_of(lm.model) is not None:
+        modes["window"] = (_forced_call(handle, call, 0.0, *VARIANTS["forced"]), handle.paused)
+    modes |= {"probed": (call, lambda: _forcing(handle, 0.0)),
+              "own": (call, contextlib.nullcontext)}   # own last: `last_decisions` are its
     for _ in range(ROUNDS):
         _past_warmup(handle)
         for key, measured in _measure_alternating(modes, n).items():
             s.add(key, measured)
     d, dense = handle.last_decisions[0], s.ms("dense")
+    best = min(dense, s.ms("window")) if "window" in s else dense
     skipped = handle._skip_reason(n, [n]) is not None
     own = skipped and d.level == 0   # the hook's own path for this request is the dense one
     key = "own" if own else "probed"
     path = "probed" if not own else "window" if handle.break_even and handle.break_even.runs_window(n) else "skipped"
-    return [_row(n, "hook_dense", None, s.ms(key), s.peak(key), dense, path=path,
-                 ms_probed=round(s.ms("probed"), 3)),
+    vs_best = {"ms_best_dense": round(best, 3), **({"ms_window": round(s.ms("window"), 3)} if "window" in s else {})}
+    return [_row(n, "hook_dense", None, s.ms(key), s.peak(key), dense, path=path, ms_probed=round(s.ms("probed"), 3),
+                 **vs_best, speedup_best_dense=round(best / s.ms(key), 3)),
             _row(n, "decided", d.level, s.ms("own"), s.peak("own"), dense, fallback=d.fallback, ood=d.ood,
-                 achieved_sparsity=round(d.achieved_sparsity, 4))]
-
-
-def with_best_dense(rows: list[dict], window: list[dict]) -> list[dict]:
-    """`ms_best_dense` / `speedup_best_dense` on hooked rows: against the fastest dense path for the
-    model on this card, the unhooked model or (sliding-window models) its window path at level 0,
-    whichever was faster at that length (the window row comes from the forced rounds of this run)."""
-    by_n = {int(w["N"]): float(w["ms"]) for w in window}
-    for r in rows:
-        best = min(r["ms_dense"], by_n.get(int(r["N"]), np.inf))
-        r["ms_best_dense"], r["speedup_best_dense"] = round(best, 3), round(best / r["ms"], 3)
-    return rows
+                 achieved_sparsity=round(d.achieved_sparsity, 4), **vs_best,
+                 speedup_best_dense=round(best / s.ms("own"), 3))]
 
 
 def _warm_hooked(lm, handle, prompts) -> None:
@@ -274,7 +272,7 @@ def bench_end_to_end(checkpoint: str, model_name: str, lengths=E2E_LENGTHS, devi
     with attach(lm, ckpt, break_even=table) as handle:
         _warm_hooked(lm, handle, prompts.values())
         for ids in prompts.values():
-            rows += with_best_dense(_hooked_rows(lm, handle, ids), window)
+            rows += _hooked_rows(lm, handle, ids)
         if heldout is not None:
             from controller.bench_heldout import decided_heldout_rows
             rows += decided_heldout_rows(lm, handle, ckpt, *held, rows, _measure_alternating)

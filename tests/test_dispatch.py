@@ -240,6 +240,9 @@ def test_benchmark_end_to_end_rows_and_break_even_on_the_tiny_model(tiny_trained
         assert ("ms_with_probes_fused" in r) == (r["level"] == 0.9 and torch.cuda.is_available())
     assert set(record) >= {"model", "model_id", "levels", "source", "rule"}
     assert [r for r in rows if r["mode"] == "dense"][0]["text_statistics_ms"] > 0
+    for r in rows:   # hooked rows against the best dense path, measured in their own rotation (no window here)
+        if r["mode"] in ("hook_dense", "decided"):
+            assert r["ms_best_dense"] == r["ms_dense"] and r["speedup_best_dense"] == r["speedup"] and "ms_window" not in r
     for r in forced:   # the timed decision ran past the warm-up: the net decided (the level is then forced)
         assert r["decision_fallback"] is None, r["decision_fallback"]
     assert e2e_table(rows).count("\n") == len(rows) + 1
@@ -406,3 +409,23 @@ def test_alternating_measurement_interleaves_modes_inside_their_contexts():
     out = _measure_alternating(modes, 1000)
     assert log == [(k, [k]) for _ in range(_reps(1000) + 1) for k in "abc"]
     assert set(out) == {"a", "b", "c"} and all(ms >= 0 for ms, _ in out.values())
+
+
+def test_hooked_rows_of_a_window_model_time_the_window_path_in_their_own_rotation(tiny_trained, tiny_gemma3, monkeypatch):
+    """issue 28: the best dense path of a sliding-window model (its window path) is timed in the same
+    rotation as the hook's rows, so `speedup_best_dense` compares calls of one phase of the run."""
+    from controller import benchmark
+    from controller.benchmark import _hooked_rows
+    monkeypatch.setattr(benchmark, "ROUNDS", 1)   # the mechanics only: one round of one timed call per mode
+    monkeypatch.setattr(benchmark, "_reps", lambda n: 1)
+    from controller.export import ControllerCheckpoint, load_checkpoint
+    lm = tiny_gemma3(window=64)
+    ids = torch.randint(5, 1000, (1, 300), generator=torch.Generator().manual_seed(3))
+    ckpt = load_checkpoint(tiny_trained[2])
+    ckpt = ControllerCheckpoint(ckpt.net, {**ckpt.record, "model": {**ckpt.record["model"], "fingerprint": lm.fingerprint}})
+    with attach(lm, ckpt, break_even=BreakEven((), "test", window_from=256)) as handle:
+        hook_dense, decided = _hooked_rows(lm, handle, ids)
+    assert hook_dense["path"] == "window" and decided["level"] == 0.0
+    for r in (hook_dense, decided):
+        assert r["ms_window"] > 0 and r["ms_best_dense"] == min(r["ms_dense"], r["ms_window"])
+        assert r["speedup_best_dense"] == round(r["ms_best_dense"] / r["ms"], 3)
