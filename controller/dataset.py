@@ -99,6 +99,10 @@ def check_feature_version(meta: dict, where: str, root: str | Path | None = None
                         f"computes version {FEATURE_VERSION}; {fix}")
 
 
+class MissingOutputs(UserError):
+    """A store judged by `gold` holds requests without reference outputs (labeled from prompts)."""
+
+
 def arrays_from_store(root: str | Path, criterion=None) -> tuple[LabelArrays, dict]:
     store = LabelStore(root)
     if not store.root.is_dir():
@@ -109,8 +113,8 @@ def arrays_from_store(root: str | Path, criterion=None) -> tuple[LabelArrays, di
     table = store.table()
     missing = missing_outputs(table) if crit["name"] == "gold" else 0
     if missing:
-        raise UserError(f"label store {root}: {missing} requests have no reference outputs, which the gold criterion "
-                        "needs; use the label-free criterion (--criterion fidelity or criterion.name=fidelity)")
+        raise MissingOutputs(f"label store {root}: {missing} requests have no reference outputs, which the gold criterion "
+                             "needs; use the label-free criterion (--criterion fidelity or criterion.name=fidelity)")
     return arrays_from_frame(apply_criterion(table, crit)), meta
 
 

@@ -26,7 +26,7 @@ from data.store import criterion_dict, describe_criterion
 
 from .calibrate import calibrate
 from .config import ControllerJobConfig
-from .dataset import LabelArrays, arrays_from_store, requests_summary, split_groups, store_hash
+from .dataset import LabelArrays, MissingOutputs, arrays_from_store, requests_summary, split_groups, store_hash
 from .timing import TimeTable, find_timings
 from .evaluate import alpha_sweep, best_in_hindsight, evaluate_all, reliability, separability
 from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
@@ -250,7 +250,9 @@ def label_requests(ckpt: ControllerCheckpoint, data: DataConfig, out: Path, crit
 def calibration_arrays(rec: dict, criterion: dict, checkpoint_dir: str | Path | None = None
                        ) -> tuple[LabelArrays, LabelArrays, str]:
     """(training split, calibration requests, where they come from) of a checkpoint: the requests it
-    was last calibrated on (its own store's calibration split, or a recalibration's label store)."""
+    was last calibrated on (its own store's calibration split, or a recalibration's label store).
+    Calibration requests that `criterion` cannot judge (gold on prompts without answers) are judged
+    by the checkpoint's own criterion, as it was calibrated; `where` then says so."""
     recorded = rec["label_store"]["path"]
     train_root = find_store(recorded, rec["label_store"].get("path_from_checkpoint"), checkpoint_dir, "training")
     arrays, _ = arrays_from_store(train_root, criterion)
@@ -259,7 +261,13 @@ def calibration_arrays(rec: dict, criterion: dict, checkpoint_dir: str | Path | 
     data = rec.get("calibration_data", {})
     if data.get("label_store") and data["label_store"] != recorded:
         cal_root = find_store(data["label_store"], data.get("label_store_from_checkpoint"), checkpoint_dir, "calibration")
-        cal = arrays_from_store(cal_root, criterion)[0]
+        try:
+            cal = arrays_from_store(cal_root, criterion)[0]
+        except MissingOutputs:
+            own = criterion_dict(rec["criterion"])
+            cal = arrays_from_store(cal_root, own)[0]
+            return train, cal, (f"{data.get('source', cal_root)}; the baselines are calibrated under the checkpoint's own "
+                                f"criterion {describe_criterion(own)}, as those requests have no reference outputs")
     return train, cal, data.get("source", f"calibration split of label store {train_root}")
 
 

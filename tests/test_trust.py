@@ -236,6 +236,14 @@ def test_prompts_without_outputs_label_calibrate_checkpoint(tiny_lm, tiny_traine
     assert metrics["criterion"]["name"] == "divergence" and "divergence" in (report / "report.md").read_text()
     assert metrics["policies"]["controller"]["n"] == 24 and 0 <= metrics["shift"]["flagged_share"] <= 1
     assert "covered by the guarantee" in (report / "report.md").read_text()
+    # issue 30: the label-free checkpoint judged by task truth on requests that have answers; its
+    # calibration prompts have none, so the baselines are calibrated under its own criterion, and said so
+    gold = tmp_path / "eval_gold"
+    assert eval_cli.main(["--checkpoint", str(out), "--labels", str(tiny_trained[1].root), "--criterion", "gold",
+                          "--out", str(gold)]) == 0, capsys.readouterr().err
+    metrics = json.loads((gold / "metrics.json").read_text())
+    assert metrics["criterion"]["name"] == "gold" and "checkpoint's own criterion divergence" in metrics["calibrated_on"]
+    assert "have no reference outputs" in (gold / "report.md").read_text()
 
 
 def test_calibrate_bad_input_one_line_exit_2_nothing_written(tiny_lm, tiny_trained, tmp_path, capsys):
