@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -105,6 +106,33 @@ class LabelingModule(L.LightningModule):
                 log.warning("skipped sample %s: %s", s.sample_id, s.reason)
         made = [s for s in samples if not isinstance(s, Unmade)]
         return self.labeler.label_samples(made) if made else []
+
+
+class ProgressLines(L.Callback):
+    """Labeling progress as plain lines on stderr, for runs whose stderr is not a terminal (logs, CI,
+    nohup), where a progress bar shows nothing: after the first batch (its time says how long the
+    whole job will take on this machine), then at most every `every_s` seconds, and at the end."""
+
+    def __init__(self, every_s: float = 30.0):
+        self.every_s = every_s
+        self.start = self.last = 0.0
+        self.batches = self.requests = 0
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.start = self.last = time.perf_counter()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.batches, self.requests = self.batches + 1, self.requests + len(batch)
+        now, total = time.perf_counter(), int(sum(trainer.num_predict_batches))
+        if trainer.is_global_zero and (self.batches in (1, total) or now - self.last >= self.every_s):
+            self.last = now
+            print(progress_line(self.batches, total, self.requests, now - self.start), file=sys.stderr, flush=True)
+
+
+def progress_line(batches: int, total: int, requests: int, seconds: float) -> str:
+    left = seconds / batches * (total - batches)
+    return (f"labeling: {batches}/{total} batches ({requests} requests) in {seconds:.0f} s, "
+            f"{requests / max(seconds, 1e-9):.2f} requests/s, about {left / 60:.1f} min left on this machine")
 
 
 class ShardWriter(BasePredictionWriter):
@@ -202,11 +230,14 @@ def quiet_lightning() -> None:
 
 
 def make_trainer(job: LabelJobConfig, callbacks) -> L.Trainer:
+    """The labeling Trainer: with `labeling.progress`, a bar on a terminal, else `ProgressLines`."""
     quiet_lightning()
+    bar = job.labeling.progress and sys.stderr.isatty()
+    lines = [ProgressLines()] if job.labeling.progress and not bar else []
     return L.Trainer(accelerator=ACCELERATORS[job.model.device], devices=job.labeling.devices,
                      strategy=job.labeling.strategy, logger=False, enable_checkpointing=False,
                      enable_model_summary=False, use_distributed_sampler=False, inference_mode=True,
-                     enable_progress_bar=job.labeling.progress, callbacks=callbacks)
+                     enable_progress_bar=bar, callbacks=[*callbacks, *lines])
 
 
 def target_device(job: LabelJobConfig) -> torch.device:

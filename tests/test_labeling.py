@@ -212,3 +212,15 @@ def test_a_sliding_window_model_labels_the_same_decoded_together_or_alone(tmp_pa
                                   one.sort_values(key)[key + cols].reset_index(drop=True))
     np.testing.assert_allclose(four.sort_values(key)[["nll_gold", "nll_dense_answer"]],
                                one.sort_values(key)[["nll_gold", "nll_dense_answer"]], rtol=1e-4, atol=1e-5)
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tiny_lm, tmp_path, capsys):
+    """issue 30 item 4: labeling 60-80 prompts on a CPU showed nothing for 30 minutes when its output
+    was not a terminal. Now: a line after the first batch (how long the job will take here), and at
+    the end, each with done / total, rate and time left."""
+    job = dataclasses.replace(tiny_job(tmp_path / "store"), labeling=dataclasses.replace(
+        tiny_job(tmp_path / "store").labeling, progress=True))
+    run_labeling(job, tiny_lm)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("labeling: ")]
+    assert lines[0].startswith("labeling: 1/4 batches (1 requests)") and lines[-1].startswith("labeling: 4/4 batches (4 requests)")
+    assert all("requests/s" in x and "min left on this machine" in x for x in lines)
