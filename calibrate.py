@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.errors import ArgumentParser, UserError
+from data.errors import ArgumentParser, UserError, error_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,8 +81,8 @@ def main(argv=None) -> int:
                                         args.delta, args.max_requests, args.labels, args.devices,
                                         args.batch_samples, args.guard_p, model=args.model, policy=args.policy,
                                         length_strata=strata, overwrite=args.overwrite, mode=args.mode)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:   # bad input, or a file-system fault met on the way: one line
+        print(error_line(e), file=sys.stderr)
         return 2
     if result is not None:
         path, line = result

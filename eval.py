@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.errors import ArgumentParser, UserError
+from data.errors import ArgumentParser, UserError, error_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,8 +58,8 @@ def main(argv=None) -> int:
             criterion = own if own in ("fidelity", "divergence") else "fidelity"
         out = evaluate_checkpoint(args.checkpoint, args.out, labels=args.labels, ruler=args.ruler,
                                   prompts=args.prompts, criterion=criterion, timings=args.timings)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:   # bad input, or a file-system fault met on the way: one line
+        print(error_line(e), file=sys.stderr)
         return 2
     print((out / "report.md").read_text().split("## Per task")[0])
     print(out)

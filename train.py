@@ -20,7 +20,7 @@ from pathlib import Path
 from controller.compat import check_switches
 from controller.config import ControllerJobConfig
 from data.config import config_keys_help, load_config
-from data.errors import ArgumentParser, UserError
+from data.errors import ArgumentParser, UserError, error_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,8 +110,8 @@ def main(argv=None) -> int:
         job = load_config(ControllerJobConfig, args.config, args.overrides)
         check_out(job, args.overwrite)
         result = run(job)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:   # bad input, or a file-system fault met on the way: one line
+        print(error_line(e), file=sys.stderr)
         return 2
     if result is not None:
         print(result)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import ArgumentParser, UserError
+from data.errors import ArgumentParser, UserError, error_line
 
 FAMILIES = {"niah": ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"), "vt": ("vt",),
             "cwe": ("cwe",), "fwe": ("fwe",), "qa": ("qa",)}
@@ -286,8 +286,8 @@ def main(argv=None) -> int:
             raise UserError(f"config {args.config} names no label store; add the override labels=PATH (a store made by train.py)")
         arrays, meta = arrays_from_store(job.labels, job.criterion)
         check_groups(arrays, args.by, groups, args.calibration_requests)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:   # bad input, or a file-system fault met on the way: one line
+        print(error_line(e), file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
@@ -296,9 +296,13 @@ def main(argv=None) -> int:
     result = {"config": args.config, "by": args.by, "criterion": dataclasses.asdict(job.criterion), "alpha": job.calibration.alpha,
               "delta": job.calibration.delta, "labels": job.labels, "versions": versions(), "families": rows}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, json.dumps(result, indent=1))
-    write_text_atomic(out.with_suffix(".md"), table(rows, job.calibration.alpha))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, json.dumps(result, indent=1))
+        write_text_atomic(out.with_suffix(".md"), table(rows, job.calibration.alpha))
+    except OSError as e:   # a disk that filled up during the run: the results are lost, said in one line
+        print(error_line(e), file=sys.stderr)
+        return 2
     print(table(rows, job.calibration.alpha))
     return 0
 

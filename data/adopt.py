@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import LabelJobConfig, data_identity, load_config, stored_data_identity
-from .errors import ArgumentParser, UserError
+from .errors import ArgumentParser, UserError, error_line
 from .outputs import check_disjoint, fresh_sibling, remove_stale_siblings, unmark
 from .store import LabelStore, StoreLock, finish_swap, write_json_atomic
 
@@ -110,8 +110,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         store = adopt_store(args.source, load_config(LabelJobConfig, args.config, args.overrides, only_known=True))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:   # bad input, or a file-system fault met on the way: one line
+        print(error_line(e), file=sys.stderr)
         return 2
     print(f"adopted {store.meta()['adopted'][0]['rows']} rows of {args.source} into {store.root}")
     return 0

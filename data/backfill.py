@@ -34,7 +34,7 @@ import transformers
 from sparse_kernels import SparsePlan, enable_sparse_attention, use_plan
 
 from .config import DataConfig, SparseConfig, from_dict
-from .errors import ArgumentParser, UserError
+from .errors import ArgumentParser, UserError, error_line
 from .features import FEATURE_NAMES, FEATURE_VERSION, TEXT_STATS, ProbeCollector, compute_features, text_statistics
 from .labeling import plan_samples, realize
 from .models import load_model, same_weights
@@ -172,8 +172,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         record = backfill_store(args.store, args.device, args.dtype, text_only=args.text_only)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:   # bad input, or a file-system fault met on the way: one line
+        print(error_line(e), file=sys.stderr)
         return 2
     print(json.dumps(record))
     print(args.store)

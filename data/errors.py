@@ -2,6 +2,7 @@
 folder. Command lines turn a UserError into one line on stderr and exit code 2. Imports nothing
 from this project."""
 import argparse
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -28,6 +29,21 @@ def check_output_folder(path, what: str) -> None:
     except OSError as e:
         raise UserError(f"{what}: cannot create folders in {parent} ({e.strerror or type(e).__name__}); "
                         "choose a folder you may write to") from None
+
+
+def error_line(e: Exception) -> str:
+    """The one `error:` line a command prints for a UserError, or for a file-system fault (a full
+    disk, a read-only target, a path under a file) met while it ran: what failed, where, and what to
+    do. Everything this project writes goes to a temporary name first, so nothing half-written stays."""
+    if not isinstance(e, OSError):
+        return f"error: {e}"
+    where = f" ({e.filename})" if e.filename else ""
+    fix = {errno.ENOSPC: "free disk space and rerun (a labeling run resumes where it stopped)",
+           errno.EDQUOT: "free disk space and rerun (a labeling run resumes where it stopped)",
+           errno.EROFS: "choose a folder on a writable file system", errno.EACCES: "choose a folder you may write to",
+           errno.EPERM: "choose a folder you may write to", errno.ENOTDIR: "a path component is a file; choose another path",
+           }.get(e.errno, "check the path and rerun")
+    return f"error: {e.strerror or type(e).__name__}{where}; {fix}; nothing half-written was kept"
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -249,3 +249,42 @@ def test_odd_prompt_files_are_one_line(tmp_path):
         with pytest.raises(UserError, match=words) as e:
             read_prompts(tmp_path / name)
         assert "\n" not in str(e.value), name
+
+
+def _disk_full(*args, **kwargs):
+    import errno
+    raise OSError(errno.ENOSPC, "No space left on device", "/full/disk/file")
+
+
+def test_a_full_disk_while_labeling_is_one_line_and_keeps_no_partial_shard(capsys, tmp_path, monkeypatch):
+    """issue 30: a file-system fault met while a command runs (here: the disk fills up at the first
+    shard) gave an OSError traceback; now one line saying what to do, and nothing half-written."""
+    from data.store import LabelStore
+    monkeypatch.setattr(LabelStore, "write_shard", _disk_full)
+    store = tmp_path / "labels"
+    code = train.main(["--config", str(ROOT / "configs/test_tiny.yaml"), f"labeling.out={store}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: No space left on device (/full/disk/file); free disk space") and "\n" not in err, err
+    assert not list(store.rglob("*.parquet"))
+
+
+def test_a_full_disk_while_writing_a_report_is_one_line(capsys, tmp_path, monkeypatch, tiny_trained):
+    import eval as eval_cli
+    from controller import pipeline
+    monkeypatch.setattr(pipeline, "write_report", _disk_full)
+    code = eval_cli.main(["--checkpoint", str(tiny_trained[2]), "--labels", str(tiny_trained[1].root),
+                          "--out", str(tmp_path / "report")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: No space left on device") and "\n" not in err, err
+
+
+def test_a_full_disk_while_adopting_is_one_line(capsys, tmp_path, monkeypatch, tiny_trained):
+    import shutil
+
+    from data import adopt
+    monkeypatch.setattr(shutil, "copyfile", _disk_full)
+    code = adopt.main(["--source", str(tiny_trained[1].root), "--config", str(ROOT / "configs/test_tiny_controller.yaml"),
+                       "data.forms=[classic, varied]", f"labeling.out={tmp_path / 'new'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: No space left on device") and "\n" not in err, err
+    assert not (tmp_path / "new").exists()
