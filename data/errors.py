@@ -24,6 +24,8 @@ def check_output_folder(path, what: str) -> None:
         raise UserError(f"{what} lies under a file ({parent}); give a folder path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{what}: {parent} is not writable; choose a folder you may write to")
+    if p.exists() and any(p.iterdir()):   # never touch a folder that holds something (it may be the user's):
+        return                            # the commands' own checks refuse it, or it is ours and replaced later
     try:   # permissions can say yes where the file system says no (read-only mounts, /proc, /sys)
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=parent))
     except OSError as e:

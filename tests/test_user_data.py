@@ -79,10 +79,12 @@ def test_calibrate_replaces_only_its_own_checkpoint_and_only_with_overwrite(work
     out = w["root"] / "c2"
     args = ["--checkpoint", str(w["ckpt"]), "--prompts", str(w["prompts"]), "--out", str(out), "--policy", "controller"]
     assert calibrate_cli.main(args) == 0
+    capsys.readouterr()   # that run's output (progress lines included): the refusals below print one line each
     first = (out / "controller.json").read_text()
     one_line_error(capsys, calibrate_cli.main(args), "pass --overwrite")
     assert (out / "controller.json").read_text() == first
     assert calibrate_cli.main([*args, "--overwrite", "--alpha", "0.3"]) == 0   # the store is resumed, not relabeled
+    capsys.readouterr()
     assert load_checkpoint(out).record["alpha"] == 0.3
     (out / "mine.txt").write_text("keep")
     one_line_error(capsys, calibrate_cli.main([*args, "--overwrite"]), "mine.txt", "did not write")
