@@ -48,6 +48,12 @@ class Calibration:
     parts: tuple["Calibration", ...] = ()    # one per stratum (len(edges) + 1) when edges
     mode: str = "ltt"                        # ltt: P(rate <= alpha) >= 1 - delta; crc: E[rate] <= alpha
 
+    def threshold_at(self, n_tokens: int) -> float | None:
+        """The threshold that decides a request of `n_tokens` (its stratum's); None where the
+        calibration did not pass there (every such request runs dense)."""
+        part = self.parts[int(strata_of(np.array([n_tokens]), self.edges)[0])] if self.parts else self
+        return float(part.threshold) if part.passed and math.isfinite(part.threshold) else None
+
     def decide(self, scores: np.ndarray, n_tokens: np.ndarray | None = None) -> np.ndarray:
         """[n] level index per request; a stratified calibration needs each request's token count."""
         if not self.parts:

@@ -50,7 +50,10 @@ def check_model(model, ckpt: ControllerCheckpoint, strict: bool = True) -> None:
 
 def resolve_break_even(model, break_even: str | BreakEven | dict | None) -> BreakEven | None:
     """`auto`: on CUDA, the table the benchmark recorded for this model on this card; without one,
-    every request runs dense (a warning says how to record one). On CPU no table applies (None)."""
+    every request runs dense (a warning says how to record one). Off CUDA no table is recorded and
+    sparse prefill is slower than dense (a 6K-token prompt at level 0.95 took 2.4-2.7x the unhooked
+    time on a 2-core CPU), so every request runs dense there too, with a warning; `break_even=None`
+    runs the controller's decisions anyway (tests of the mechanics, studies)."""
     if break_even is None or isinstance(break_even, BreakEven):
         return break_even
     if isinstance(break_even, dict):
@@ -59,7 +62,10 @@ def resolve_break_even(model, break_even: str | BreakEven | dict | None) -> Brea
         raise UserError(f"break_even must be 'auto', None, a BreakEven or {{level: tokens}}, got {break_even!r}")
     device = next(model.parameters()).device
     if device.type != "cuda":
-        return None
+        log.warning("the model is on %s, where sparse prefill is slower than dense and no break-even table is "
+                    "recorded: every request runs dense. attach(..., break_even=None) runs the controller's "
+                    "decisions anyway", device.type)
+        return BreakEven((), f"no break-even table on {device.type}: sparse prefill runs slower than dense there")
     card, fp = torch.cuda.get_device_name(device), model_fingerprint(model)[0]
     model_id = fp["id"]
     table = recorded_break_even(fp, card)

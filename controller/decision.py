@@ -17,6 +17,21 @@ class Decision:
     fallback: str | None = None  # why the request ran at the fallback level instead of the controller's, if it did
     ood: bool = False            # the shift guard flagged it: outside the calibrated length range or feature support
     p_value: float | None = None  # the guard's conformal p-value of its features (None without a guard)
+    p_safe: tuple[float, ...] | None = None  # the net's P(safe) at every grid level, dense first (None: not run)
+    threshold: float | None = None  # the calibrated threshold that decided it (None: not run, or none passed)
+
+    @property
+    def reason(self) -> str:
+        """Why this level, in one sentence: the fallback's reason, or the calibrated rule's."""
+        if self.fallback is not None:
+            return self.fallback
+        if self.p_safe is None:
+            return f"level {self.level:g}"
+        per_level = ", ".join(f"{p:.2f}" for p in self.p_safe)
+        if self.threshold is None:
+            return f"dense: no threshold passed calibration for this length (P(safe) per level: {per_level})"
+        return (f"level {self.level:g}: the most aggressive level the calibrated rule allows at threshold "
+                f"{self.threshold:.4g} (P(safe) per level: {per_level})")
 
 
 def one_thread_limiter():

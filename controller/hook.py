@@ -174,16 +174,21 @@ class ControllerHandle:
     def decide(self, features: np.ndarray, n_tokens: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """features [B, F] -> (level index [B], P(safe) at it [B]) from one pass of the net; `n_tokens`
         [B] picks each row's length stratum (default: read from the `log_length` feature)."""
+        idx, at, _ = self._decide(features, n_tokens)
+        return idx, at
+
+    def _decide(self, features, n_tokens=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """`decide`, and P(safe) at every level [B, levels] (None for a mass-coverage policy)."""
         features = np.asarray(features, dtype=np.float32)
         if n_tokens is None:
             n_tokens = np.rint(np.exp(features[:, FEATURE_NAMES.index("log_length")].astype(np.float64))).astype(np.int64)
         if not hasattr(self.policy, "probabilities"):   # mass coverage: report the estimated kept mass
             scores = self.policy.scores(features)
             idx = self.calibration.decide(scores, n_tokens)
-            return idx, np.minimum(scores[np.arange(len(scores)), idx], 1.0)
+            return idx, np.minimum(scores[np.arange(len(scores)), idx], 1.0), None
         p = self.policy.probabilities(features)
         idx = self.calibration.decide(self.policy.scores_from(p, features), n_tokens)
-        return idx, p[np.arange(len(p)), idx]
+        return idx, p[np.arange(len(p)), idx], p
 
     # ---------------------------------------------------------------- hooks
     def _task_of(self, row: int, rows: int) -> str | None:
@@ -328,8 +333,10 @@ class ControllerHandle:
             if probation is not None:
                 info[r] = (1.0, self.monitor.probation_reason(probation), False, float(p[0]))
                 return self.guard.fallback
-        idx, prob = self.decide(feats[None], np.array([len(ids)]))
+        idx, prob, p_all = self._decide(feats[None], np.array([len(ids)]))
         info[r] = (float(prob[0]), None, False, None if self.guard is None else float(p[0]))
+        info[("detail", r)] = (None if p_all is None else tuple(float(x) for x in p_all[0]),
+                               self.calibration.threshold_at(len(ids)))
         return float(self.ckpt.levels[idx[0]])
 
     def _probe(self, layer: int, stats: dict) -> None:
@@ -399,8 +406,9 @@ class ControllerHandle:
         decisions = []
         for r in range(len(rows)):
             prob, fallback, ood, p_value = info.get(r, (1.0, "no probe layer ran", False, None))
+            p_safe, threshold = info.get(("detail", r), (None, None))
             decisions.append(Decision(float(levels[r]), prob, float(achieved[r]) if r < len(achieved) else 0.0,
-                                      fallback, ood, p_value))
+                                      fallback, ood, p_value, p_safe, threshold))
         self._record(decisions, [info.get(("features", r)) for r in range(len(rows))])
         if self.shadow is not None:   # sampled requests are labeled dense on the shadow worker
             for r, d in enumerate(decisions):
@@ -409,13 +417,18 @@ class ControllerHandle:
 
 
 def attach(model, checkpoint: str | Path | ControllerCheckpoint, task: str | list[str] | None = None,
-           strict: bool = True, break_even: str | BreakEven | dict | None = "auto") -> ControllerHandle:
+           strict: bool = True, break_even: str | BreakEven | dict | None = "auto",
+           warmup: int | None = None) -> ControllerHandle:
     """Attach a controller to a frozen transformers model (or a `LoadedModel`); returns the handle.
     `task` names the request type when the caller knows it (else the controller assumes `unknown`).
     `break_even` (see `resolve_break_even`): from which length each level is worth running here;
-    shorter requests run dense with no probe and no decision, exactly as unhooked SDPA."""
+    shorter requests run dense with no probe and no decision, exactly as unhooked SDPA.
+    `warmup`: how many first requests of the stream run at the fallback while the stream monitor
+    watches the traffic (default: the checkpoint's `calibration.guard_warmup`; 0: none)."""
     if isinstance(model, LoadedModel):
         model = model.model
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
+        raise UserError(f"warmup must be a whole number of requests >= 0, got {warmup!r}")
     check_task(task)
     check_switches()
     ckpt = checkpoint if isinstance(checkpoint, ControllerCheckpoint) else load_checkpoint(checkpoint)
@@ -424,6 +437,8 @@ def attach(model, checkpoint: str | Path | ControllerCheckpoint, task: str | lis
     if reason is not None:
         raise UserError(reason)
     handle = ControllerHandle(model, ckpt, task, resolve_break_even(model, break_even))
+    if warmup is not None and handle.monitor is not None:
+        handle.monitor.warmup = warmup
     with _ATTACH_LOCK:   # check and install as one step: of concurrent attaches to one model, one wins
         if model in _ATTACHED:
             handle._shutdown_workers()

@@ -200,7 +200,7 @@ def test_a_bad_environment_switch_is_refused_up_front(capsys, tmp_path, monkeypa
     assert err.startswith("error: ") and "\n" not in err and switch in err, err
     assert _files(tmp_path) == before
     with pytest.raises(UserError, match=switch):
-        attach(tiny_lm, tiny_trained[2])
+        attach(tiny_lm, tiny_trained[2], break_even=None)
 
 
 @pytest.mark.parametrize("argv,words", [

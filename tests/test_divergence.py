@@ -88,7 +88,7 @@ def test_raw_measurements_offline_equal_the_hook_path(tiny_lm, tiny_trained):
             more = model(input_ids=answer, past_key_values=out.past_key_values).logits
             return torch.cat([out.logits[:, -1:], more], dim=1).float().log_softmax(-1)[0]
         reference = teacher_forced()
-        with attach(tiny_lm, ckpt) as handle:
+        with attach(tiny_lm, ckpt, break_even=None) as handle:
             handle.force_level = 0.9
             hooked = teacher_forced()
         valid = torch.ones(2, len(dense) + 1, dtype=torch.bool)

@@ -31,7 +31,7 @@ def test_detach_restores_the_model(tiny_lm, tiny_trained):
     model = tiny_lm.model
     before = model(input_ids=ids).logits
     impl = model.config._attn_implementation
-    handle = attach(tiny_lm, ckpt)
+    handle = attach(tiny_lm, ckpt, break_even=None)
     model(input_ids=ids)
     handle.detach()
     assert model.config._attn_implementation == impl
@@ -42,7 +42,7 @@ def test_detach_restores_the_model(tiny_lm, tiny_trained):
 def test_hook_features_equal_labeling_features(tiny_lm, tiny_trained):
     job, store, ckpt, _, _ = tiny_trained
     table = store.table().query("level == 0").set_index("sample_id")
-    with attach(tiny_lm, ckpt) as handle:
+    with attach(tiny_lm, ckpt, break_even=None) as handle:
         handle.dispatch = False   # every sample probed, also those outside the calibrated lengths
         for i in (0, 4, 9):
             sample, ids = _prompt(job, tiny_lm.tokenizer, i)
@@ -57,7 +57,7 @@ def test_export_load_attach_generate_gives_the_in_memory_decisions(tiny_lm, tiny
     levels, seen = np.array(job.labeling.levels), set()
     guard = load_checkpoint(ckpt).guard
     in_memory = Guarded(controller_policy(net, levels, job.calibration.decision), guard, levels)
-    with attach(tiny_lm, str(ckpt)) as handle:
+    with attach(tiny_lm, str(ckpt), break_even=None) as handle:
         handle.dispatch = False   # every sample probed: its features give the expected decision
         for i in range(len(build_samples(job.data, tiny_lm.tokenizer))):
             sample, ids = _prompt(job, tiny_lm.tokenizer, i)
@@ -82,15 +82,15 @@ def test_batched_requests_get_their_own_levels(tiny_lm, tiny_trained):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with attach(tiny_lm, ckpt) as handle:
+    with attach(tiny_lm, ckpt, break_even=None) as handle:
         tiny_lm.model.generate(**batch, max_new_tokens=2, do_sample=False)
         assert len(handle.last_decisions) == 2
         assert all(d.fallback is None or d.ood for d in handle.last_decisions)   # decided (or guarded), none failed
-    with attach(tiny_lm, ckpt, task=["vt", "qa", "cwe"]) as handle:   # three names for two rows
+    with attach(tiny_lm, ckpt, task=["vt", "qa", "cwe"], break_even=None) as handle:   # three names for two rows
         tiny_lm.model.generate(**batch, max_new_tokens=2, do_sample=False)
         assert [d.level for d in handle.last_decisions] == [0.0, 0.0]
         assert all("task list names 3 rows, the batch has 2" in d.fallback for d in handle.last_decisions)
-    with attach(tiny_lm, ckpt, task=["vt"]) as handle:   # one name for every row
+    with attach(tiny_lm, ckpt, task=["vt"], break_even=None) as handle:   # one name for every row
         tiny_lm.model.generate(**batch, max_new_tokens=2, do_sample=False)
         assert all(d.fallback is None or d.ood for d in handle.last_decisions)
 
@@ -105,7 +105,7 @@ def test_a_failing_controller_runs_the_request_dense(tiny_lm, tiny_trained, capl
             raise RuntimeError("boom")
         scores = scores_from = probabilities
 
-    with attach(tiny_lm, ckpt) as handle:
+    with attach(tiny_lm, ckpt, break_even=None) as handle:
         handle.policy = Broken()
         logits = tiny_lm.model(input_ids=ids).logits
         tiny_lm.model.generate(ids, max_new_tokens=2, do_sample=False)
@@ -117,10 +117,10 @@ def test_a_failing_controller_runs_the_request_dense(tiny_lm, tiny_trained, capl
 def test_attach_to_a_different_model_fails_clearly(tiny_trained):
     _, _, ckpt, _, _ = tiny_trained
     with pytest.raises(UserError, match="num_layers"):
-        attach(tiny_random_llama(num_layers=2)[0], ckpt)
+        attach(tiny_random_llama(num_layers=2)[0], ckpt, break_even=None)
     other = tiny_random_llama(seed=1)[0]
     with pytest.raises(UserError, match="weights are"):
-        attach(other, ckpt)
+        attach(other, ckpt, break_even=None)
     assert other.config._attn_implementation != "sparse_prefill"
 
 
@@ -172,7 +172,7 @@ def test_threads_inputs_embeds_4d_masks_and_detach_never_raise(tiny_lm, tiny_tra
     job, _, ckpt, _, _ = tiny_trained
     model = tiny_lm.model
     prompts = [_prompt(job, tiny_lm.tokenizer, i)[1] for i in (0, 3)]
-    with attach(tiny_lm, ckpt) as handle:
+    with attach(tiny_lm, ckpt, break_even=None) as handle:
         alone = []
         for ids in prompts:
             model(input_ids=ids)
@@ -218,7 +218,7 @@ def test_memory_stays_flat_over_300_hooked_calls(tiny_lm, tiny_trained):
 
     import scipy.stats  # noqa: F401  (first use imports them: not a leak)
     import sklearn.ensemble  # noqa: F401
-    with attach(tiny_lm, ckpt) as handle, torch.no_grad():
+    with attach(tiny_lm, ckpt, break_even=None) as handle, torch.no_grad():
         for _ in range(120):   # past the monitor's first window test
             tiny_lm.model(input_ids=ids)
         handle._monitor_worker.submit(lambda: None).result()
@@ -242,7 +242,7 @@ def test_a_stratified_checkpoint_decides_each_row_in_its_length_stratum(tiny_lm,
     ckpt.record["calibration"] = Calibration(float("inf"), True, 0.05, 0.1, 60, 0.0, 1, (100,), (top, dense)).to_json()
     feats = np.zeros((3, len(FEATURE_NAMES)), dtype=np.float32)
     feats[:, FEATURE_NAMES.index("log_length")] = np.log([100, 101, 40])
-    with attach(tiny_lm, ckpt) as handle:
+    with attach(tiny_lm, ckpt, break_even=None) as handle:
         idx, _ = handle.decide(feats)
         assert idx.tolist() == [len(ckpt.levels) - 1, 0, len(ckpt.levels) - 1]
         assert handle.decide(feats, np.array([500, 50, 500]))[0].tolist() == [0, len(ckpt.levels) - 1, 0]
@@ -260,7 +260,7 @@ def test_a_checkpoint_whose_probe_layer_runs_sparse_decides_alike_and_skips_more
     sparse_probe.record["sparse"]["dense_layers"] = []
     runs = {}
     for name, c in (("dense probe layer", ckpt), ("sparse probe layer", sparse_probe)):
-        with attach(tiny_lm, c) as handle:
+        with attach(tiny_lm, c, break_even=None) as handle:
             handle.dispatch = False
             handle.force_level = 0.7   # the decision's path, at a level that is sure to skip blocks
             sample, ids = _prompt(job, tiny_lm.tokenizer, 3)
@@ -285,3 +285,43 @@ def test_a_checkpoint_that_probes_above_a_sparse_layer_is_refused(tiny_trained, 
     (bad / RECORD_FILE).write_text(json.dumps(record))
     with pytest.raises(Exception, match=r"read layers \[0\], which are not dense"):
         load_checkpoint(bad)
+
+
+def test_on_the_cpu_the_hook_runs_every_request_dense_and_says_why(tiny_lm, tiny_trained, caplog):
+    """issue 31 item 1: on a CPU the hook made a 6K-token request 2.4-2.7x slower (level 0.95 through
+    the reference backend), though no break-even table exists there. By default it now runs dense,
+    exactly as unhooked, warns once at attach, and each decision says why."""
+    import logging
+    ckpt = tiny_trained[2]
+    ids = torch.tensor([tiny_lm.tokenizer("The quick brown fox jumps over the lazy dog. " * 30)["input_ids"]])
+    with torch.no_grad():
+        unhooked = tiny_lm.model(input_ids=ids).logits
+    with caplog.at_level(logging.WARNING):
+        with attach(tiny_lm, ckpt) as handle, torch.no_grad():
+            hooked = tiny_lm.model(input_ids=ids).logits
+            (d,) = handle.last_decisions
+    assert torch.equal(hooked, unhooked) and d.level == 0.0 and "no break-even table on cpu" in d.fallback
+    assert sum("sparse prefill is slower than dense" in r.getMessage() for r in caplog.records) == 1
+    with attach(tiny_lm, ckpt, break_even=None) as handle, torch.no_grad():   # decisions on request
+        tiny_lm.model(input_ids=ids)
+        assert handle.last_decisions[0].fallback is None or "no break-even" not in handle.last_decisions[0].fallback
+
+
+def test_a_decision_carries_p_safe_per_level_its_threshold_and_a_reason(tiny_lm, tiny_trained):
+    """issue 31 item 3: after the warm-up every decision read `level=0.0, probability=1.0` with no
+    per-level probabilities, no threshold and no reason; and `attach` had no way to set the warm-up."""
+    ckpt = load_checkpoint(tiny_trained[2])
+    ids = torch.tensor([tiny_lm.tokenizer("The quick brown fox jumps over the lazy dog. " * 30)["input_ids"]])
+    with attach(tiny_lm, ckpt, break_even=None, warmup=2) as handle, torch.no_grad():
+        first = []
+        for _ in range(3):
+            tiny_lm.model(input_ids=ids)
+            first.append(handle.last_decisions[0])
+    assert all("probation" in d.reason for d in first[:2]) and first[0].p_safe is None
+    d = first[2]
+    assert d.fallback is None and d.level > 0   # past the warm-up the net decides (this fixture: level 0.9)
+    assert len(d.p_safe) == len(ckpt.levels) and all(0 <= p <= 1 for p in d.p_safe)
+    assert d.probability == pytest.approx(d.p_safe[list(ckpt.levels).index(d.level)])
+    assert d.threshold == ckpt.calibration.threshold_at(ids.shape[1]) and "P(safe) per level" in d.reason
+    with pytest.raises(UserError, match="warmup must be"):
+        attach(tiny_lm, ckpt, break_even=None, warmup=-1)

@@ -65,12 +65,12 @@ def test_shadow_measurements_equal_the_labelers_rows(tiny_lm, tiny_trained):
     for i in (0, 7):
         sample = build_samples(job.data, tiny_lm.tokenizer)[i]
         ids = prompt_ids(tiny_lm.tokenizer, sample, job.data.chat_template)
-        with attach(tiny_lm, ckpt) as handle:
+        with attach(tiny_lm, ckpt, break_even=None) as handle:
             m = shadow_measurements(handle, ids, 0.9, max_new=sample.max_new_tokens)
         row = table.loc[(sample.sample_id, 0.9)]
         for k in DIVERGENCE_COLUMNS:
             np.testing.assert_allclose(m[k], row[k], rtol=1e-3, atol=1e-6, err_msg=k)
-        with attach(tiny_lm, ckpt) as handle:
+        with attach(tiny_lm, ckpt, break_even=None) as handle:
             assert shadow_measurements(handle, ids, 0.0, max_new=8)["kl_max"] == pytest.approx(0.0, abs=1e-6)
 
 

@@ -44,7 +44,7 @@ def test_hook_runs_every_request_at_the_fallback_after_an_alarm(tiny_lm, tiny_tr
     job, _, ckpt, _, _ = tiny_trained
     sample = build_samples(job.data, tiny_lm.tokenizer)[0]
     ids = torch.tensor([prompt_ids(tiny_lm.tokenizer, sample, job.data.chat_template)])
-    with attach(tiny_lm, ckpt) as handle:
+    with attach(tiny_lm, ckpt, break_even=None) as handle:
         tiny_lm.model(input_ids=ids)
         before = handle.last_decisions[0]
         assert handle.monitor.seen == 1 and "traffic shift" not in (before.fallback or "")
@@ -97,7 +97,7 @@ def test_hook_runs_the_first_requests_of_a_stream_at_the_fallback_on_probation(t
     job, _, ckpt, _, _ = tiny_trained
     sample = build_samples(job.data, tiny_lm.tokenizer)[0]
     ids = torch.tensor([prompt_ids(tiny_lm.tokenizer, sample, job.data.chat_template)])
-    with attach(tiny_lm, ckpt) as handle:
+    with attach(tiny_lm, ckpt, break_even=None) as handle:
         handle.force_level = None
         tiny_lm.model(input_ids=ids)
         free = handle.last_decisions[0]

@@ -201,7 +201,7 @@ def test_prompts_without_outputs_label_calibrate_checkpoint(tiny_lm, tiny_traine
     for name, tensor in new.net.state_dict().items():   # only the threshold and the guard changed
         assert torch.equal(tensor, old.net.state_dict()[name])
     assert (out / "calibration.md").read_text().splitlines()[2] == lines[-2]
-    with attach(tiny_lm, out) as handle:
+    with attach(tiny_lm, out, break_even=None) as handle:
         tiny_lm.model.generate(torch.tensor([tiny_lm.tokenizer(prompts.read_text().splitlines()[0])["input_ids"][:300]]),
                                max_new_tokens=2, do_sample=False)
         assert len(handle.last_decisions) == 1
@@ -209,7 +209,7 @@ def test_prompts_without_outputs_label_calibrate_checkpoint(tiny_lm, tiny_traine
     assert calibrate_cli.main(["--checkpoint", str(ckpt), "--prompts", str(prompts), "--out", str(mass), "--labels",
                                str(out) + ".labels", "--policy", "mass_coverage"]) == 0
     assert load_checkpoint(mass).record["policy"] == "mass_coverage" and "deploying mass_coverage" in capsys.readouterr().out
-    with attach(tiny_lm, mass) as handle:
+    with attach(tiny_lm, mass, break_even=None) as handle:
         tiny_lm.model(input_ids=torch.tensor([tiny_lm.tokenizer(prompts.read_text().splitlines()[1])["input_ids"][:300]]))
         d = handle.last_decisions[0]
         assert d.fallback is None or d.ood
@@ -284,7 +284,7 @@ def test_hook_runs_long_and_off_support_requests_at_the_fallback(tiny_lm, tiny_t
     max_tokens = load_checkpoint(ckpt).guard.max_tokens
     assert ids.shape[1] > max_tokens
     dense = tiny_lm.model(input_ids=ids[:, :max_tokens - 4]).logits
-    with attach(tiny_lm, ckpt) as handle:
+    with attach(tiny_lm, ckpt, break_even=None) as handle:
         tiny_lm.model.generate(ids, max_new_tokens=2, do_sample=False)
         d = handle.last_decisions[0]
         assert d.ood and d.level == 0.0 and "outside the calibrated range" in d.fallback
