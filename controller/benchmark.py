@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.errors import ArgumentParser
+from data.errors import ArgumentParser, doc_summary
 
 from .bench_calls import _forced_call, _past_warmup
 
@@ -313,7 +313,7 @@ def _parse_shapes(text: str) -> tuple[tuple[int, int, int, int], ...] | None:
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="python -m controller.benchmark", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m controller.benchmark", description=doc_summary(__doc__))
     p.add_argument("--out", required=True, help="JSON file to write (e.g. sparse_kernels/bench/h100.json)")
     p.add_argument("--checkpoint", help="controller checkpoint for the end-to-end rows (skipped without)")
     p.add_argument("--model", default="smollm2-135m")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import ArgumentParser, UserError, error_line
+from data.errors import ArgumentParser, UserError, error_line, doc_summary
 
 FAMILIES = {"niah": ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"), "vt": ("vt",),
             "cwe": ("cwe",), "fwe": ("fwe",), "qa": ("qa",)}
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
     from data.config import load_config
     from data.errors import UserError
     from data.store import write_text_atomic
-    p = ArgumentParser(prog="python -m controller.holdout", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m controller.holdout", description=doc_summary(__doc__))
     p.add_argument("--config", default="configs/demo_smollm2.yaml")
     p.add_argument("--out", required=True, help="JSON file; the markdown table goes beside it (.md)")
     p.add_argument("--by", default="family", choices=list(GROUPINGS), help="what a held-out group is")

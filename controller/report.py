@@ -162,9 +162,10 @@ def goal_lines(metrics: dict) -> list[str]:
     if "mass_coverage" in p:
         mc, r = p["mass_coverage"], g["ratio_to_mass_coverage"]
         lines.append(f"- Against the calibrated mass-coverage baseline (goal >= 1.2x): it saves {_fmt(mc['compute_saved'], True)} "
-                     f"at {_fmt(mc['violation_rate'], True)} violations; the controller "
-                     + ("saves something where it saves nothing" if r is None and c['compute_saved'] > 0
-                        else "-" if r is None else f"{r:.2f}x") + ".")
+                     f"at {_fmt(mc['violation_rate'], True)} violations; "
+                     + ("the controller saves something where it saves nothing" if r is None and c['compute_saved'] > 0
+                        else "neither saves anything, so there is no ratio" if r is None
+                        else f"the controller saves {r:.2f}x as much") + ".")
     return lines
 
 

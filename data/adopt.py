@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import LabelJobConfig, data_identity, load_config, stored_data_identity
-from .errors import ArgumentParser, UserError, error_line
+from .errors import ArgumentParser, UserError, error_line, doc_summary
 from .outputs import check_disjoint, fresh_sibling, remove_stale_siblings, unmark
 from .store import LabelStore, StoreLock, finish_swap, write_json_atomic
 
@@ -103,7 +103,7 @@ def _copy_rows(src: LabelStore, source: Path, tmp: Path) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="python -m data.adopt", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m data.adopt", description=doc_summary(__doc__))
     p.add_argument("--source", required=True, help="the classic-only store whose rows are adopted")
     p.add_argument("--config", required=True, help="the labeling config of the new store (its labeling.out is created)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the config, e.g. labeling.out=DIR")

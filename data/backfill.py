@@ -34,7 +34,7 @@ import transformers
 from sparse_kernels import SparsePlan, enable_sparse_attention, use_plan
 
 from .config import DataConfig, SparseConfig, from_dict
-from .errors import ArgumentParser, UserError, error_line
+from .errors import ArgumentParser, UserError, error_line, doc_summary
 from .features import FEATURE_NAMES, FEATURE_VERSION, TEXT_STATS, ProbeCollector, compute_features, text_statistics
 from .labeling import plan_samples, realize
 from .models import load_model, same_weights
@@ -163,7 +163,7 @@ def _rewrite(store: LabelStore, meta: dict, features: dict[str, dict], record: d
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="python -m data.backfill", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m data.backfill", description=doc_summary(__doc__))
     p.add_argument("--store", required=True)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", help="default: the dtype the store was labeled in")

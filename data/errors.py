@@ -48,6 +48,13 @@ def error_line(e: Exception) -> str:
     return f"error: {e.strerror or type(e).__name__}{where}; {fix}; nothing half-written was kept"
 
 
+def doc_summary(doc: str | None) -> str:
+    """A command's --help description: the first paragraph of its module docstring, whole (its first
+    line alone is cut mid-sentence where the paragraph wraps)."""
+    first = (doc or "").strip().split("\n\n", 1)[0]
+    return " ".join(line.strip() for line in first.splitlines())
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the project's bad-input convention: a command-line mistake prints one
     `error:` line naming it and how to get help, and exits with code 2 (argparse's own error

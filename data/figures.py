@@ -37,6 +37,15 @@ def label_vs_length(labels: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+TITLE_CHARS = 95   # at fontsize 9, what a 7-inch-wide figure shows on one line
+
+
+def wrapped_title(title: str, width: int = TITLE_CHARS) -> str:
+    """A plot title broken into lines that fit the figure (a long model header was cut off)."""
+    import textwrap
+    return "\n".join(textwrap.wrap(title, width)) or title
+
+
 def plot_label_vs_length(table: pd.DataFrame, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -50,7 +59,7 @@ def plot_label_vs_length(table: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("input length (tokens)")
     ax.set_ylabel("largest safe sparsity level (mean, 95% CI)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(wrapped_title(title), fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     with atomic_target(path, ".tmp.png") as tmp:   # the suffix tells matplotlib the format

@@ -170,3 +170,15 @@ def test_help_lists_every_config_key_with_its_default(capsys):
     keys = [k for k, _, _ in config_keys(ControllerJobConfig)]
     assert len(keys) > 50 and all(f"  {k} = " in out for k in keys)
     assert "calibration.alpha = 0.05" in out and "# tokens per block" in out
+
+
+@pytest.mark.parametrize("module", ["train", "calibrate", "eval", "controller.benchmark", "controller.holdout",
+                                    "data.backfill", "data.adopt"])
+def test_help_describes_the_command_in_whole_sentences(module, capsys):
+    """issue 31 item 8: `--help` showed the docstring's first line only, cut mid-sentence."""
+    import importlib
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(module).main(["--help"])
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]   # after the usage block
+    assert done.value.code == 0 and description.rstrip()[-1] in ".?", description
