@@ -23,9 +23,24 @@ def summary_markdown(store: LabelStore, criterion=None) -> str:
                  .round(3).to_markdown())
     dense = df[df["level"] == 0.0].groupby("task")["score"].mean().round(3)
     lines += ["", "Dense task score per task: " + ", ".join(f"{k} {v}" for k, v in dense.items())]
+    warning = dense_fails_warning(df, criterion if criterion is not None else meta["criterion"])
+    if warning:
+        lines += ["", warning]
     if labels["form"].nunique() > 1:
         lines += ["", spread_markdown(labels)]
     return "\n".join(lines)
+
+
+def dense_fails_warning(df, criterion) -> str | None:
+    """A warning when the dense model answers no request right and the labels are judged by `gold`:
+    'not below dense' then labels every level safe, and the labels say nothing about the model."""
+    name = criterion.get("name") if isinstance(criterion, dict) else getattr(criterion, "name", None)
+    scores = df.loc[df["level"] == 0.0, "score"].dropna()
+    if name != "gold" or not len(scores) or scores.max() > 0:
+        return None
+    return (f"warning: the dense model scores 0 on all {len(scores)} requests, so under the gold criterion every level is "
+            "labeled safe and these labels say nothing about sparsity; use a model that solves these tasks, or a "
+            "label-free criterion (criterion.name=divergence)")
 
 
 def spread_markdown(labels) -> str:

@@ -224,3 +224,17 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tiny_lm, tmp_path
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("labeling: ")]
     assert lines[0].startswith("labeling: 1/4 batches (1 requests)") and lines[-1].startswith("labeling: 4/4 batches (4 requests)")
     assert all("requests/s" in x and "min left on this machine" in x for x in lines)
+
+
+def test_a_dense_model_that_fails_everything_is_warned_about(tiny_trained, tmp_path):
+    """issue 31 item 7: a model that scored 0 dense on every task had every level labeled safe under
+    gold, without a word. The summary now says so (and not under a label-free criterion)."""
+    from data.report import dense_fails_warning, summary_markdown
+    store = tiny_trained[1]
+    table = store.table()
+    assert table.loc[table["level"] == 0.0, "score"].max() == 0   # the tiny random model answers nothing
+    assert "warning: the dense model scores 0" in summary_markdown(store, {"name": "gold"})
+    assert dense_fails_warning(table, {"name": "divergence"}) is None
+    solved = table.copy()
+    solved.loc[solved.index[solved["level"] == 0.0][:1], "score"] = 1.0
+    assert dense_fails_warning(solved, {"name": "gold"}) is None
