@@ -23,8 +23,24 @@ def test_embedded_model_loads_offline_with_its_fingerprint(smollm2):
     assert len(fp["id"]) == 16
     # the same GGUF, fingerprinted on the GPU machine, labeled the committed store
     committed = LabelStore(Path(__file__).resolve().parents[1] / "data/labels/smollm2-135m/v1").meta()
-    stored = committed["identity"]["model"]   # written before weight ids: every key it has agrees
-    assert {k: fp[k] for k in stored} == stored and len(fp["weights_id"]) == 16
+    stored = committed["identity"]["model"]   # every key agrees, the weights id stamped later included
+    assert {k: fp[k] for k in stored} == stored and stored["weights_id"] == fp["weights_id"]
+
+
+def test_every_committed_store_and_checkpoint_names_its_weights():
+    """issue 31 item 4: `attach` refused SmolLM2 loaded with plain transformers, because the shipped
+    stores and checkpoint predated weight ids (a model loaded another way matches by `weights_id`)."""
+    import json
+    root = Path(__file__).resolve().parents[1]
+    records = [json.loads(p.read_text())["identity"]["model"] for p in (root / "data/labels").rglob("meta.json")]
+    records += [json.loads(p.read_text())["model"]["fingerprint"] for p in (root / "checkpoints").rglob("controller.json")]
+    assert len(records) >= 10
+    for fp in records:
+        assert isinstance(fp.get("weights_id"), str) and len(fp["weights_id"]) == 16, fp.get("id")
+    by_id = {}
+    for fp in records:   # one model, one weights id, wherever it was recorded
+        by_id.setdefault((fp["id"], str(fp.get("rope"))), set()).add(fp["weights_id"])
+    assert all(len(ids) == 1 for ids in by_id.values()), by_id
 
 
 @pytest.mark.slow
