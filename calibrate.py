@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.errors import ArgumentParser, UserError, error_line
+from data.errors import ArgumentParser, UserError, error_line, doc_summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by train.py (or calibrate.py)")
     p.add_argument("--prompts", required=True, help="JSONL file or folder, or a folder of .txt prompts")
     p.add_argument("--out", required=True, help="folder for the recalibrated checkpoint (new or empty)")

@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.errors import ArgumentParser, UserError, error_line
+from data.errors import ArgumentParser, UserError, error_line, doc_summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by train.py")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--labels", help="a label store (its test split is evaluated)")

@@ -20,11 +20,11 @@ from pathlib import Path
 from controller.compat import check_switches
 from controller.config import ControllerJobConfig
 from data.config import config_keys_help, load_config
-from data.errors import ArgumentParser, UserError, error_line
+from data.errors import ArgumentParser, UserError, error_line, doc_summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(description=doc_summary(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="config keys (YAML sections, or dotted overrides key=value), with defaults:\n"
                                        + config_keys_help(ControllerJobConfig))
     p.add_argument("--config", required=True, help="YAML file in configs/")

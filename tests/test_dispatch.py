@@ -117,7 +117,8 @@ def test_recorded_table_is_found_by_model_and_card_newest_first(tmp_path):
 
 
 def test_break_even_argument(tiny_lm):
-    assert resolve_break_even(tiny_lm.model, "auto") is None            # CPU: no speed table applies
+    cpu = resolve_break_even(tiny_lm.model, "auto")   # CPU: no table, sparse is slower there: every request dense
+    assert cpu.levels == () and cpu.shortest() == float("inf") and "cpu" in cpu.source   # (issue 31 item 1)
     assert resolve_break_even(tiny_lm.model, None) is None
     assert resolve_break_even(tiny_lm.model, {"0.9": 100}).levels == ((0.9, 100),)
     with pytest.raises(UserError, match="break_even must be"):
