@@ -94,14 +94,15 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
         k = len(candidates)
         c = (calibrate(policy, cal, alpha / k, delta, edges, mode) if mode == "crc"
              else calibrate(policy, cal, alpha, delta / k, edges, mode))
-        m = policy_metrics(cal, c.decide(Guarded(policy, guard, ckpt.levels).scores(cal.features), cal.n_tokens))
-        tried[name] = (c, m)
+        chosen = c.decide(Guarded(policy, guard, ckpt.levels).scores(cal.features), cal.n_tokens)
+        tried[name] = (c, policy_metrics(cal, chosen), chosen)
     name = max(tried, key=lambda n: (tried[n][1]["compute_saved"], n == "controller"))
-    calibration, m = tried[name]
+    calibration, m, chosen = tried[name]
     summary = {"violation_rate": m["violation_rate"], "compute_saved": m["compute_saved"], "policy": name,
+               "time": expected_time(rec["model"]["fingerprint"], ckpt.levels[chosen], cal.n_tokens),
                "dense_requests": m["dense_requests"], "flagged_share": guard.reference_flagged_share(),
                "candidates": {n: {"calibration": c.to_json(), "compute_saved": mm["compute_saved"],
-                                  "violation_rate": mm["violation_rate"]} for n, (c, mm) in tried.items()}}
+                                  "violation_rate": mm["violation_rate"]} for n, (c, mm, _) in tried.items()}}
     if old is not None:
         summary["shift_from_previous"] = two_sample_test(old.reference, old.standardise(cal.features))
     record = copy.deepcopy(rec)
@@ -113,6 +114,29 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
         "calibration_data": {**source, **requests_summary(cal, criterion), "candidates": summary["candidates"]},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat()})
     return Recalibrated(record, calibration, guard, summary)
+
+
+def expected_time(model_fp: dict, levels: np.ndarray, n_tokens: np.ndarray) -> dict | None:
+    """Prefill time the decisions on the calibration requests would save, as the hook serves them,
+    priced by the newest benchmark recorded for this model (`controller.timing`); None without one."""
+    from .timing import TimeTable, find_timings
+    path = find_timings(model_fp)
+    if path is None:
+        return None
+    table = TimeTable.load(path)
+    return {"device": table.device, "source": table.source, "time_saved": table.saved(levels, n_tokens)}
+
+
+def time_words(time: dict | None, compute_saved: float) -> str:
+    """The certified line's last clause: the time saved it can expect, or why none."""
+    if time is None:
+        return ("; no benchmark timings are recorded for this model, so the time saved is unknown "
+                "(python -m controller.benchmark records them on a GPU)")
+    where = f"on {time['device']} ({time['source']})"
+    if time["time_saved"] <= 0 and compute_saved > 0:
+        return (f"; no prefill time saved is expected {where}: every sparse decision is at a length where that card's "
+                "break-even runs it dense")
+    return f"; expected prefill time saved {where}: {100 * time['time_saved']:.1f}%"
 
 
 def certified_line(r: Recalibrated) -> str:
@@ -132,7 +156,8 @@ def certified_line(r: Recalibrated) -> str:
     where = (f" within each of {len(c.parts)} length strata, each tested at delta/{len(c.parts)}; thresholds "
              f"{threshold_text(c.to_json(), counts=True)}" if c.parts else f"; threshold {c.threshold:.4g}")
     return (f"certified: {what}{where}; {100 * s['violation_rate']:.1f}% unsafe and "
-            f"{100 * s['compute_saved']:.1f}% attention compute saved on the calibration requests; requests outside "
+            f"{100 * s['compute_saved']:.1f}% attention compute saved on the calibration requests"
+            + time_words(s.get("time"), s["compute_saved"]) + "; requests outside "
             f"that length range or feature support run at level {r.guard.fallback:g}"
             + (f", and so do the first {r.guard.warmup} requests of every stream (warm-up)" if r.guard.warmup else ""))
 

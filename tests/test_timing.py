@@ -79,3 +79,24 @@ def test_levels_below_their_break_even_are_priced_dense_as_the_hook_serves_them(
     np.testing.assert_allclose(t.served([0.5, 0.5, 0.9, 0.7], [1000, 4000, 1000, 1000]), [0.0, 0.5, 0.9, 0.0])
     np.testing.assert_allclose(t.ms([0.5, 0.5], [1000, 4000]), [10.0, 72.0])   # at 1000 tokens 0.5 runs dense
     assert t.saved([0.5], [1000]) == pytest.approx(0.0)
+
+
+def test_the_certified_line_states_the_time_it_expects_or_why_none(tmp_path, monkeypatch):
+    """issue 31 item 2: the demo report gave only compute saved (19.2%) and never said that on the
+    recorded card that checkpoint runs every request dense. calibrate.py's `certified:` line now says
+    what prefill time its decisions on the calibration requests would save there, or why none."""
+    from controller import timing
+    from controller.recalibrate import expected_time, time_words
+    bench = tmp_path / "card.json"
+    bench.write_text(json.dumps({"device": "Card X", "end_to_end": ROWS,
+                                 "break_even": {"levels": {"0.5": 4000, "0.9": 1000}, "source": "measured"}}))
+    monkeypatch.setattr(timing, "find_timings", lambda fp: bench)
+    fast = expected_time({"id": "m"}, np.array([0.9, 0.9]), np.array([1000, 4000]))
+    assert fast["device"] == "Card X" and fast["time_saved"] == pytest.approx(1 - 51.0 / 110.0)
+    assert time_words(fast, 0.5) == f"; expected prefill time saved on Card X ({bench}): 53.6%"
+    short = expected_time({"id": "m"}, np.array([0.5]), np.array([1000]))   # below 0.5's break-even: dense
+    assert short["time_saved"] == pytest.approx(0.0)
+    assert "no prefill time saved is expected on Card X" in time_words(short, 0.3)
+    monkeypatch.setattr(timing, "find_timings", lambda fp: None)
+    assert expected_time({"id": "m"}, np.array([0.9]), np.array([1000])) is None
+    assert "time saved is unknown" in time_words(None, 0.3)

@@ -185,6 +185,7 @@ def test_prompts_without_outputs_label_calibrate_checkpoint(tiny_lm, tiny_traine
     assert calibrate_cli.main(["--checkpoint", str(ckpt), "--prompts", str(prompts), "--out", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == str(out) and lines[-2].startswith("certified: ") and "criterion divergence" in lines[-2]
+    assert "no benchmark timings are recorded for this model, so the time saved is unknown" in lines[-2]
     store = LabelStore(str(out) + ".labels").table()
     assert store["sample_id"].nunique() == 24 and store["nll_gold"].isna().all() and store["score"].isna().all()
     new, old = load_checkpoint(out), load_checkpoint(ckpt)
