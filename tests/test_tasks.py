@@ -99,3 +99,25 @@ def test_unknown_task_and_too_short_target(tokenizer):
         build_task(TaskSpec("nope"))
     with pytest.raises(UserError, match="too short"):
         generate_sample("qa", build_task(TaskSpec("qa")), tokenizer, 40, 0, 0)
+
+
+def test_openai_style_messages_lines_keep_the_whole_conversation(tmp_path, tokenizer):
+    """issue 31 item 8: `calibrate.py --prompts` accepts OpenAI-style `messages` JSONL; the chat
+    template is applied to the whole conversation, the last user turn being the request."""
+    import json as _json
+
+    from data.errors import UserError
+    from data.tasks import read_prompts
+    from data.tasks.base import prompt_text
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
+    f = tmp_path / "chat.jsonl"
+    f.write_text(_json.dumps({"messages": turns}) + "\n")
+    (s,) = read_prompts(f)
+    assert s.input == "What is 2+2?" and s.history == (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"))
+    assert prompt_text(tokenizer, s) == tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    for bad, words in ((turns[:-1], "must be the user's turn"), ([{"role": "robot", "content": "x"}], "role one of"),
+                       ([], "non-empty list")):
+        f.write_text(_json.dumps({"messages": bad}) + "\n")
+        with pytest.raises(UserError, match=words):
+            read_prompts(f)

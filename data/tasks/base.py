@@ -36,6 +36,7 @@ class Sample:
     source: str = "generated"
     form: str = ""                     # the surface form's name (data.tasks.forms), "" for read requests
     chat_template: bool | None = None  # None: the config's data.chat_template
+    history: tuple[tuple[str, str], ...] = ()  # (role, content) turns before `input`, the last user turn
 
 
 class TaskGenerator(Protocol):
@@ -78,11 +79,12 @@ def prompt_text(tokenizer, sample: Sample, chat_template: bool = True) -> str:
     `chat_template` turns it off; the sample's own setting wins), then the answer prefix."""
     if sample.chat_template is not None:
         chat_template = sample.chat_template
+    turns = [{"role": role, "content": content} for role, content in sample.history]
     if chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": sample.input}], tokenize=False,
+        text = tokenizer.apply_chat_template([*turns, {"role": "user", "content": sample.input}], tokenize=False,
                                              add_generation_prompt=True)
     else:
-        text = sample.input + "\n"
+        text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + sample.input + "\n"
     return text + sample.answer_prefix
 
 

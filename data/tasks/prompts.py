@@ -2,7 +2,8 @@
 
 Owns `read_prompts`, which accepts:
 - a JSONL file, or a folder searched recursively for *.jsonl: each line `{"input": ...}` with
-  optional `answer_prefix`, `task`, and RULER's `outputs` / `length` (RULER files work as they are);
+  optional `answer_prefix`, `task`, and RULER's `outputs` / `length` (RULER files work as they are),
+  or OpenAI-style `{"messages": [{"role": ..., "content": ...}, ...]}` ending in the user's turn;
 - a folder of *.txt files (searched recursively; each file is one prompt, task `unknown`).
 Requests are keyed `prompts:{relative path}:{line}` (or `prompts:{relative path}` for text files).
 A bad line or file is one UserError naming it. Imports nothing from `controller`.

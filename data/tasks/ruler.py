@@ -80,6 +80,25 @@ def _check_encodable(row: dict, where: str) -> None:
                             "not valid Unicode; fix that escape in the JSON") from None
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def _from_messages(row: dict, where: str) -> tuple[tuple[tuple[str, str], ...], dict]:
+    """An OpenAI-style `messages` line: the turns before the last one, and the row with the last
+    (a user turn) as its `input`. The chat template is applied to the whole conversation."""
+    msgs = row["messages"]
+    if (not isinstance(msgs, list) or not msgs or any(not isinstance(m, dict) or m.get("role") not in ROLES
+                                                       or not isinstance(m.get("content"), str) for m in msgs)):
+        raise UserError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects with role one of "
+                        f"{list(ROLES)} and content a string")
+    if msgs[-1]["role"] != "user":
+        raise UserError(f"{where}: the last of `messages` must be the user's turn (the request to answer), "
+                        f"got {msgs[-1]['role']!r}")
+    _check_encodable({"input": "".join(m["content"] for m in msgs)}, where)
+    history = tuple((m["role"], m["content"]) for m in msgs[:-1])
+    return history, {**{k: v for k, v in row.items() if k != "messages"}, "input": msgs[-1]["content"]}
+
+
 def parse_request(line: str, where: str, task: str, source: str, require_outputs: bool = True) -> Sample:
     """One JSONL line -> Sample. RULER lines need input, outputs and length; with
     `require_outputs=False` only `input` is needed (`outputs`, `length`, `answer_prefix` and `task`
@@ -88,6 +107,9 @@ def parse_request(line: str, where: str, task: str, source: str, require_outputs
     row = _load_json(line, where)
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object with an `input` string")
+    history = ()
+    if "messages" in row and "input" not in row and not require_outputs:
+        history, row = _from_messages(row, where)
     required = ("input", "outputs", "length") if require_outputs else ("input",)
     missing = [k for k in required if k not in row]
     if missing:
@@ -109,7 +131,7 @@ def parse_request(line: str, where: str, task: str, source: str, require_outputs
     return Sample(sample_id=where, task=task, input=row["input"], outputs=outputs,
                   answer_prefix=row.get("answer_prefix", ""), target_length=length,
                   metric="part" if task == "qa" else "all", max_new_tokens=MAX_NEW_TOKENS[family],
-                  group=where, source=source)
+                  group=where, source=source, history=history)
 
 
 def read_jsonl(path: str | Path, prefix: str, require_outputs: bool) -> list[Sample]:
