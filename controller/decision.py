@@ -30,8 +30,10 @@ class Decision:
         per_level = ", ".join(f"{p:.2f}" for p in self.p_safe)
         if self.threshold is None:
             return f"dense: no threshold passed calibration for this length (P(safe) per level: {per_level})"
-        return (f"level {self.level:g}: the most aggressive level the calibrated rule allows at threshold "
-                f"{self.threshold:.4g} (P(safe) per level: {per_level})")
+        rule = f"the calibrated rule (score threshold {self.threshold:.4g}; P(safe) per level: {per_level})"
+        if self.level <= 0:
+            return f"dense: no sparse level passes {rule}"
+        return f"level {self.level:g}: the most aggressive level that passes {rule}"
 
 
 def one_thread_limiter():

@@ -325,3 +325,13 @@ def test_a_decision_carries_p_safe_per_level_its_threshold_and_a_reason(tiny_lm,
     assert d.threshold == ckpt.calibration.threshold_at(ids.shape[1]) and "P(safe) per level" in d.reason
     with pytest.raises(UserError, match="warmup must be"):
         attach(tiny_lm, ckpt, break_even=None, warmup=-1)
+
+
+def test_a_decisions_reason_reads_as_a_sentence_for_each_outcome():
+    from controller.decision import Decision
+    p = (1.0, 0.6, 0.2)
+    assert Decision(0.5, 0.6, 0.4, p_safe=p, threshold=0.55).reason.startswith(
+        "level 0.5: the most aggressive level that passes the calibrated rule (score threshold 0.55; P(safe) per level: 1.00, 0.60, 0.20)")
+    assert Decision(0.0, 1.0, 0.0, p_safe=p, threshold=1.54).reason.startswith("dense: no sparse level passes the calibrated rule")
+    assert Decision(0.0, 1.0, 0.0, p_safe=p).reason.startswith("dense: no threshold passed calibration for this length")
+    assert Decision(0.0, 1.0, 0.0, fallback="probation: request 1").reason == "probation: request 1"
