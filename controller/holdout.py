@@ -113,7 +113,6 @@ def reweighed(policy, ckpt, train_arrays, ev, alpha: float, delta: float) -> dic
     from controller.pipeline import _splits
     from controller.recalibrate import min_requests
     from controller.weighted import density_ratios, weighted_calibrate
-    from data.errors import UserError
     cal = hide_task(train_arrays.subset(_splits(train_arrays, ckpt.record["split"])["calibration"]))
     try:
         w, info = density_ratios(cal.features, ev.features)
@@ -258,7 +257,6 @@ def main(argv=None) -> int:
     from controller.dataset import arrays_from_store
     from controller.pipeline import versions
     from data.config import load_config
-    from data.errors import UserError
     from data.store import write_text_atomic
     p = ArgumentParser(prog="python -m controller.holdout", description=doc_summary(__doc__))
     p.add_argument("--config", default="configs/demo_smollm2.yaml")

@@ -352,7 +352,5 @@ def run_labeling(job: LabelJobConfig, lm: LoadedModel | None = None) -> LabelSto
         writer = ShardWriter(store, job.labeling.shard_size)
         trainer = make_trainer(job, [writer])
         shards = SampleShards(plan, store, lm.tokenizer, job.labeling.loader_workers, job.labeling.batch_samples)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            trainer.predict(LabelingModule(lm, job), datamodule=shards, return_predictions=False)
+        trainer.predict(LabelingModule(lm, job), datamodule=shards, return_predictions=False)   # noise: quiet_lightning
     return store if trainer.is_global_zero else None

@@ -104,7 +104,7 @@ CASES = [
 ]
 
 
-def _inputs(tmp: Path, tiny_lm, tiny_trained) -> dict:
+def _inputs(tmp: Path, tiny_trained) -> dict:
     (tmp / "afile").write_text("x")
     (tmp / "userdir").mkdir()
     (tmp / "userdir" / "mine.txt").write_text("keep")
@@ -138,8 +138,8 @@ def _snapshot(paths) -> dict:
 
 
 @pytest.mark.parametrize("command,argv,words", CASES, ids=[f"{i:02d}-{c[0]}" for i, c in enumerate(CASES)])
-def test_each_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_lm, tiny_trained, command, argv, words):
-    values = _inputs(tmp_path, tiny_lm, tiny_trained)
+def test_each_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, tiny_trained, command, argv, words):
+    values = _inputs(tmp_path, tiny_trained)
     args = []
     for a in argv:
         if a.startswith("{bad_ckpt:"):
