@@ -24,6 +24,26 @@ def test_every_config_loads(path):
         assert resolve_labels(cfg) == cfg.labels
 
 
+def _guide_config_rows() -> dict[str, str]:
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "GUIDE.md").read_text()
+    rows = [line for line in guide.splitlines() if line.startswith("| `configs/")]
+    return {line.split("`")[1]: line for line in rows}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_the_guide_config_table_names_every_config_and_its_store(path):
+    """The GUIDE's table lists every file in configs/, and any store path a row names is the one
+    the file reads (`labels`) or writes (`labeling.out`)."""
+    rows = _guide_config_rows()
+    key = f"configs/{path.name}"
+    assert key in rows, f"docs/GUIDE.md's config table has no row for {key}"
+    cfg = load_config(ControllerJobConfig, path)
+    stores = {str(s) for s in (cfg.labels, cfg.labeling.out) if s}
+    named = [w.strip("`") for w in rows[key].split() if w.strip("`(),;").startswith(("data/labels/", "runs/labels/"))]
+    for store in named:
+        assert store.strip("(),;") in stores, f"{key}: the GUIDE names {store}, the config uses {sorted(stores)}"
+
+
 @pytest.mark.parametrize("override,needle", [
     ("calibration.alpha=1.5", "calibration.alpha must lie in (0, 1)"),
     ("calibration.delta=0", "calibration.delta must lie in (0, 1)"),
