@@ -8,9 +8,13 @@ to runs.jsonl). Imports `sparse_kernels` and lower `data` modules; never `contro
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import logging
 import os
 import platform
+import signal
 import sys
 import time
 import warnings
@@ -37,6 +41,45 @@ ACCELERATORS = {"auto": "auto", "cpu": "cpu", "cuda": "gpu", "gpu": "gpu"}
 
 def _as_list(batch: list[Sample]) -> list[Sample]:
     return list(batch)
+
+
+LAUNCHER_ENV = "SPARSITY_LABELING_LAUNCHER"   # pid of the process that started a labeling run
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """End this helper process when `parent` dies: on Linux the kernel sends SIGKILL at the parent's
+    death (prctl PR_SET_PDEATHSIG), so a `kill -9` of a labeling job leaves no DDP rank or loader
+    worker (~0.5 GB each) behind. If the parent is already gone (reparented), exit now."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _worker_dies_with(parent: int, worker_id: int) -> None:
+    die_with_parent(parent)
+
+
+@contextlib.contextmanager
+def launcher_marked():
+    """Record this process as the labeling run's launcher for the ranks it starts (they inherit the
+    environment); the launcher itself is left alone."""
+    before = os.environ.get(LAUNCHER_ENV)
+    if before is None:
+        os.environ[LAUNCHER_ENV] = str(os.getpid())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(LAUNCHER_ENV, None)
+
+
+def arm_rank() -> None:
+    """In a DDP rank started by the launcher (not the launcher itself): die with the launcher."""
+    launcher = int(os.environ.get(LAUNCHER_ENV, "0") or 0)
+    if launcher and launcher != os.getpid():
+        die_with_parent(launcher)
 
 
 class PlannedSamples(Dataset):
@@ -84,7 +127,8 @@ class SampleShards(L.LightningDataModule):
         if self.workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         return DataLoader(PlannedSamples(share, self.tokenizer), batch_size=self.batch_samples, collate_fn=_as_list,
-                          num_workers=self.workers, persistent_workers=False)
+                          num_workers=self.workers, persistent_workers=False,
+                          worker_init_fn=functools.partial(_worker_dies_with, os.getpid()) if self.workers else None)
 
 
 class LabelingModule(L.LightningModule):
@@ -93,6 +137,9 @@ class LabelingModule(L.LightningModule):
         self.model = lm.model
         self.lm, self.job = lm, job
         self.labeler: Labeler | None = None
+
+    def setup(self, stage: str) -> None:
+        arm_rank()   # a rank other than the launcher ends with it, even on kill -9
 
     def on_predict_start(self) -> None:
         self.labeler = Labeler(self.lm, self.job)  # after Lightning moved the model to its device
@@ -347,7 +394,7 @@ def run_labeling(job: LabelJobConfig, lm: LoadedModel | None = None) -> LabelSto
     check_window(job, lm, lengths, {p.sample_id for p in plan if isinstance(p, Sample)})
     check_memory(job, lm, [n for n, _ in lengths])
     meta = store_meta(job, lm, target_device(job))
-    with StoreLock(job.labeling.out):
+    with StoreLock(job.labeling.out), launcher_marked():
         store = LabelStore.open_for_writing(job.labeling.out, meta)
         writer = ShardWriter(store, job.labeling.shard_size)
         trainer = make_trainer(job, [writer])
