@@ -118,6 +118,25 @@ def arrays_from_store(root: str | Path, criterion=None) -> tuple[LabelArrays, di
     return arrays_from_frame(apply_criterion(table, crit)), meta
 
 
+def arrays_from_stores(roots: list[str], criterion=None) -> tuple[LabelArrays, dict]:
+    """The rows of several stores labeled alike (model, dtype, sparse settings, grid, features; only
+    the data they were labeled from may differ), judged by one criterion; the first store's meta."""
+    arrays, meta = arrays_from_store(roots[0], criterion)
+    same = {k: v for k, v in meta["identity"].items() if k != "data"}
+    parts = [arrays]
+    for root in roots[1:]:
+        more, other = arrays_from_store(root, criterion)
+        differ = sorted(k for k in set(same) | set(other["identity"]) - {"data"}
+                        if same.get(k) != other["identity"].get(k))
+        if differ:
+            raise UserError(f"label store {root} was labeled differently from {roots[0]} ({', '.join(differ)}); "
+                            "only stores of the same model, sparse settings and grid join")
+        if set(more.sample_ids) & set(arrays.sample_ids):
+            raise UserError(f"label stores {roots[0]} and {root} share requests; join stores of different requests")
+        parts.append(more)
+    return concat_arrays(parts), meta
+
+
 def store_hash(root: str | Path) -> str:
     """sha256 over the store's identity and shard contents (what a checkpoint was trained on)."""
     store = LabelStore(root)

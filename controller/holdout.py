@@ -29,7 +29,8 @@ import numpy as np
 from data.errors import ArgumentParser, UserError, error_line, doc_summary
 
 FAMILIES = {"niah": ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"), "vt": ("vt",),
-            "cwe": ("cwe",), "fwe": ("fwe",), "qa": ("qa",)}
+            "cwe": ("cwe",), "fwe": ("fwe",), "qa": ("qa",),
+            "natural": ("nat_constant", "nat_docqa", "nat_chat", "nat_aggregate")}   # data/tasks/natural.py
 GROUPINGS = {"family": tuple(FAMILIES), "filler": ("prose", "repeat", "code", "json"),
              "phrasing": ("p0", "p1", "p2"), "chat": ("chat", "plain")}
 
@@ -254,7 +255,7 @@ def table(rows: list[dict], alpha: float) -> str:
 
 def main(argv=None) -> int:
     from controller.config import ControllerJobConfig
-    from controller.dataset import arrays_from_store
+    from controller.dataset import arrays_from_stores
     from controller.pipeline import versions
     from data.config import load_config
     from data.store import write_text_atomic
@@ -265,10 +266,13 @@ def main(argv=None) -> int:
     p.add_argument("--groups", "--families", nargs="+", help="which groups to hold out (default: all of --by)")
     p.add_argument("--calibration-requests", type=int, default=200)
     p.add_argument("--repeats", type=int, default=20, help="random calibration draws per family (0: only the first)")
+    p.add_argument("--also", action="append", default=[], metavar="STORE",
+                   help="another label store labeled alike (e.g. data/labels/smollm2-135m/natural), joined to the "
+                        "config's; repeat for more")
     p.add_argument("--keep", help="keep each family's checkpoint under KEEP/FAMILY/checkpoint (default: a temporary folder)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (default adds criterion.name=fidelity)")
     args = p.parse_args(argv)
-    groups = args.groups or list(GROUPINGS[args.by])
+    groups = args.groups or []
     bad = sorted(set(groups) - set(GROUPINGS[args.by]))
     if bad:
         print(f"error: unknown {args.by} group(s) {bad}; choose from {list(GROUPINGS[args.by])}", file=sys.stderr)
@@ -282,7 +286,8 @@ def main(argv=None) -> int:
                                                              *args.overrides])
         if not job.labels:
             raise UserError(f"config {args.config} names no label store; add the override labels=PATH (a store made by train.py)")
-        arrays, meta = arrays_from_store(job.labels, job.criterion)
+        arrays, meta = arrays_from_stores([job.labels, *args.also], job.criterion)
+        groups = groups or [g for g in GROUPINGS[args.by] if in_group(arrays, args.by, g).any()]   # those present
         check_groups(arrays, args.by, groups, args.calibration_requests)
     except (UserError, OSError) as e:   # bad input, or a file-system fault met on the way: one line
         print(error_line(e), file=sys.stderr)
@@ -292,7 +297,8 @@ def main(argv=None) -> int:
         rows = [run_group(job, arrays, meta, job.labels, g, args.calibration_requests, work, args.repeats, args.by)
                 for g in groups]
     result = {"config": args.config, "by": args.by, "criterion": dataclasses.asdict(job.criterion), "alpha": job.calibration.alpha,
-              "delta": job.calibration.delta, "labels": job.labels, "versions": versions(), "families": rows}
+              "delta": job.calibration.delta, "labels": job.labels, "also": args.also, "versions": versions(),
+              "families": rows}
     out = Path(args.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

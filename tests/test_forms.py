@@ -2,6 +2,7 @@
 deterministic and sized; classic samples are those of store v1; adopting a classic store into a
 varied one; holding out a form."""
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ from data.adopt import main as adopt_main
 from data.config import load_config
 from data.runner import run_labeling
 from data.store import LabelStore
-from data.tasks import TASKS, TaskSpec, build_task, generate_sample, prompt_ids, prompt_text
+from data.tasks import TASK_TYPES, TASKS, TaskSpec, build_task, generate_sample, prompt_ids, prompt_text
 from data.tasks import base
 from data.tasks.forms import FILLERS, PHRASINGS, Form, draw_form, form_part
 
@@ -36,10 +37,11 @@ def test_every_form_is_deterministic_sized_and_answerable(tokenizer, monkeypatch
         assert a == b and a.input != c.input
         n = len(prompt_ids(tokenizer, a))
         assert abs(n - length) <= 0.05 * length, f"{name} {form.name()}: {n} tokens for {length}"
-        assert a.form == form.name() and a.sample_id.endswith("-varied")
+        kind = getattr(build_task(TaskSpec(name)), "haystack", form.filler)   # natural text names its own kind
+        assert a.form == replace(form, filler=kind).name() and a.sample_id.endswith("-varied")
         assert ("<|im_start|>" in prompt_text(tokenizer, a)) == form.chat
-        if name != "fwe":   # fwe's answer is a count
-            assert all(o in a.input for o in a.outputs)
+        if name != "fwe":   # fwe's answer is a count; a conversation's documents are in its earlier turns
+            assert all(o in a.input + "".join(c for _, c in a.history) for o in a.outputs)
 
 
 def test_varied_forms_cover_every_dimension_and_are_drawn_from_the_key():
@@ -55,7 +57,7 @@ def test_classic_samples_are_the_samples_of_store_v1(tokenizer):
     """Store v2 adopts v1's rows because classic generation did not change: prompt lengths agree."""
     rows = LabelStore("data/labels/smollm2-135m/v1").table()
     dense = rows[rows["level"] == 0].set_index("sample_id")
-    for name in sorted(TASKS):
+    for name in TASK_TYPES:   # v1's tasks
         s = generate_sample(name, build_task(TaskSpec(name)), tokenizer, 1024, 7, seed=0)
         assert s.form == "prose/p0/chat"
         assert len(prompt_ids(tokenizer, s)) == dense.loc[s.sample_id, "n_tokens"], name

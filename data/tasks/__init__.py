@@ -2,7 +2,7 @@
 
 Importing this package registers every generator in TASKS. Imports nothing from `controller`.
 """
-from . import extraction, niah, qa, vt  # noqa: F401  (registration)
+from . import extraction, natural, niah, qa, vt  # noqa: F401  (registration)
 from .base import (TASK_TYPES, TASKS, UNKNOWN_TASK, Sample, TaskSpec, build_task, generate_sample, prompt_ids,
                    prompt_text)
 from .prompts import read_prompts

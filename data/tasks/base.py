@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 from ..errors import UserError
@@ -44,8 +44,9 @@ class TaskGenerator(Protocol):
     metric: str
     max_new_tokens: int
 
-    def render(self, key: str, size: int, form: Form = CLASSIC) -> tuple[str, tuple[str, ...], str]:
-        """(input text, outputs, answer prefix) with `size` haystack units in `form`, seeded by `key`."""
+    def render(self, key: str, size: int, form: Form = CLASSIC) -> tuple:
+        """(input text, outputs, answer prefix) with `size` haystack units in `form`, seeded by `key`;
+        a conversation's generator adds a fourth item, the earlier (role, content) turns."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ def _fit_size(count: Callable[[int], int], target: int) -> int:
     if count(lo) > target * (1 + LENGTH_TOLERANCE):
         raise UserError(f"target length {target} is too short for this task (minimum ~{count(lo)} tokens)")
     while count(hi) <= target:
+        if hi > 64 and count(hi) <= count(lo):   # doubling adds nothing: the generator has run out of text
+            raise UserError(f"target length {target} is too long for this task (it stops at ~{count(hi)} tokens)")
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -130,14 +133,16 @@ def generate_sample(task_name: str, gen: TaskGenerator, tokenizer, target_length
     key = f"{seed}|{task_name}|{target_length}|{index}"
     sample_id = generated_sample_id(task_name, target_length, index, seed, form_set)
     form = form_of(form_set, key)
+    if getattr(gen, "haystack", None):   # natural text: its kind is the generator's, not the form's
+        form = replace(form, filler=gen.haystack)
     chat = chat_template if form.chat is None else form.chat
 
     def make(size: int) -> Sample:
-        text, outputs, prefix = gen.render(key, size, form)
+        text, outputs, prefix, *history = gen.render(key, size, form)
         return Sample(sample_id=sample_id, task=gen.task_type, input=text, outputs=tuple(outputs),
                       answer_prefix=prefix, target_length=target_length, metric=gen.metric,
                       max_new_tokens=gen.max_new_tokens, group=sample_id, form=form.name(chat),
-                      chat_template=chat)
+                      chat_template=chat, history=tuple(history[0]) if history else ())
 
     cache: dict[int, int] = {}
 
