@@ -85,6 +85,15 @@ def build_samples(cfg: DataConfig, tokenizer) -> list[Sample]:
     return [realize(p, tokenizer) for p in plan_samples(cfg)]
 
 
+_OOM_WORDS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Did this fail for want of memory? torch's own OOM error, or one that a Triton kernel launch,
+    cuBLAS or cuDNN raises as a plain RuntimeError (they bypass torch's allocator)."""
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(w in str(e) for w in _OOM_WORDS)
+
+
 def gold_answer(sample: Sample) -> str:
     """The reference answer as the model should continue after the answer prefix."""
     text = sample.outputs[0] if sample.metric == "part" else ", ".join(sample.outputs)
@@ -218,7 +227,9 @@ class Labeler:
         try:
             pre = [self.prefill(s) for s in samples]
             return [r for group in self._decode_groups(pre) for r in self._decode(group)]
-        except (torch.OutOfMemoryError, MemoryError) as e:
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
             reason = type(e).__name__
         pre = None
         free_memory(self.lm.device)

@@ -354,8 +354,15 @@ def test_prompts_count_in_the_memory_floor_and_beyond_the_window_are_refused(tin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.jsonl", "long.jsonl"]
 
 
+@pytest.mark.parametrize("oom", [
+    torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+    RuntimeError("Triton Error [CUDA]: out of memory (simulated)"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)` (simulated)")],
+    ids=["torch", "triton", "cublas"])
 def test_a_batch_out_of_memory_is_halved_and_one_sample_that_never_fits_stops_in_one_line(tiny_lm, tmp_path,
-                                                                                           monkeypatch, capsys):
+                                                                                           monkeypatch, capsys, oom):
+    """issue 30 item 2: a Triton launch or cuBLAS out of memory is a plain RuntimeError, which escaped
+    the halving (calibrate.py --batch-samples 16 died with a CUDA out-of-memory traceback)."""
     import pandas as pd
 
     from data.labeling import Labeler
@@ -368,7 +375,7 @@ def test_a_batch_out_of_memory_is_halved_and_one_sample_that_never_fits_stops_in
     def small_memory(self, pre):
         sizes.append(len(pre))
         if len(pre) > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise oom
         return real(self, pre)
     monkeypatch.setattr(Labeler, "_decode", small_memory)
     got = _rows(run_labeling(_tiny_job(tmp_path, "four", ["labeling.batch_samples=4"]), tiny_lm).root)
@@ -379,10 +386,21 @@ def test_a_batch_out_of_memory_is_halved_and_one_sample_that_never_fits_stops_in
     def one_fits(self, pre):
         calls.append(len(pre))
         if len(calls) > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise oom
         return real(self, pre)
     monkeypatch.setattr(Labeler, "_decode", one_fits)
     code = train.main(["--config", "configs/test_tiny.yaml", f"labeling.out={tmp_path / 'oom'}",
                        "labeling.batch_samples=1", "labeling.shard_size=100"])
     one_line_error(capsys, code, "ran out of", "alone")
     assert LabelStore(tmp_path / "oom").done_ids() and len(LabelStore(tmp_path / "oom").done_ids()) == 1
+
+
+def test_a_runtime_error_that_is_not_memory_is_not_taken_for_one(tiny_lm, tmp_path, monkeypatch):
+    from data.labeling import Labeler
+    from data.runner import run_labeling
+
+    def broken(self, pre):
+        raise RuntimeError("shape mismatch (simulated)")
+    monkeypatch.setattr(Labeler, "_decode", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_labeling(_tiny_job(tmp_path, "broken", ["labeling.batch_samples=2"]), tiny_lm)
