@@ -3,7 +3,9 @@
 Owns `BettingBounds` (a confidence sequence for the mean of a [0, 1] stream, by betting:
 Waudby-Smith & Ramdas, "Estimating means of bounded random variables by betting", JRSS-B 2023) and
 `LiveRisk` (the deployed certificate: a seeded share `p` of requests is labeled dense in the shadow,
-their violations feed the bounds, and `harmful` turns true once the lower bound exceeds alpha).
+their violations feed the bounds, and `harmful` turns true once the lower bound exceeds alpha) and
+`ThresholdLadder` (the threshold moving with live labels: more aggressive only when certified,
+more conservative at once).
 
 For each candidate mean m on a grid, two capitals bet on the stream: K+(m) = prod(1 + l_i (x_i - m))
 (wins when the mean is above m) and K-(m) = prod(1 - l_i (x_i - m)) (below), with predictable
@@ -123,6 +125,85 @@ class LiveRisk:
         b = self.bounds
         return {"alpha": self.alpha, "delta": b.delta, "p": self.p, "shift_warned": self.shift_warned, "labels": b.n, "violations": int(b.total),
                 "lower": b.lower, "upper": b.upper, "harmful_at": self.harmful_at, "requests": self.requests}
+
+
+class ThresholdLadder:
+    """The threshold moving with live labels. Rungs are offsets below the calibrated score threshold:
+    rung 0 (offset 0) is the offline certificate, later rungs are more aggressive. Every shadow-labeled
+    request is judged at the level each rung would have chosen for it, and each rung k >= 1 keeps its
+    own anytime-valid bounds at delta / (rungs - 1) (Bonferroni over the rungs live evidence can
+    deploy). Rule:
+    - more aggressive only when certified: rung k is deployed only while it and every rung before it
+      have an upper bound below alpha;
+    - more conservative at once: the deployed rung's labels since its deployment feed an e-CUSUM
+      detector (Shin, Ramdas & Rinaldo, "E-detectors", 2023; bet `0.25 / alpha` against a rate <=
+      alpha); when it reaches `arl` the rung is revoked for good and the ladder steps back to the
+      last rung still certified. At a 40% rate that takes about 15 labels; under rates <= alpha the
+      mean time to a false step back is >= `arl` labels (a step back costs savings, never safety).
+    With probability >= 1 - delta every certified rung's rate is below alpha (the bounds are
+    time-uniform), assuming the shadow-labeled requests are a random share of the traffic."""
+
+    def __init__(self, offsets, alpha: float, delta: float, arl: float = 1000.0):
+        offsets = [float(o) for o in offsets]
+        if not offsets or offsets[0] != 0.0 or any(b <= a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"ladder offsets must start at 0 and increase, got {offsets}")
+        self.offsets, self.alpha, self.delta = offsets, float(alpha), float(delta)
+        share = delta / max(len(offsets) - 1, 1)
+        self.bounds = [BettingBounds(share) for _ in offsets]
+        self.detector = 0.0   # log of the deployed rung's e-CUSUM statistic since its deployment
+        self.bet, self.arl = 0.25 / self.alpha, float(arl)
+        self.revoked = [False] * len(offsets)
+        self.deployed, self.moves = 0, []
+        self._lock = threading.Lock()
+
+    def levels(self, scores: np.ndarray, threshold: float) -> list[int]:
+        """The level index each rung chooses for one request's scores (level 0 first, non-increasing)."""
+        return [int((scores >= threshold - o).sum() - 1) for o in self.offsets]
+
+    def observe(self, violations) -> int:
+        """One shadow-labeled request judged at every rung's level; returns the rung deployed next."""
+        with self._lock:
+            for k, v in enumerate(violations):
+                self.bounds[k].update(float(v))
+            k = self.deployed
+            if k > 0:
+                x = float(violations[k])
+                self.detector = max(self.detector, 0.0) + math.log1p(self.bet * (x - self.alpha))
+                if self.detector >= math.log(self.arl):   # harm at the deployed rung: back at once
+                    self.revoked[k] = True
+            top = 0
+            for j in range(1, len(self.offsets)):
+                if self.revoked[j] or self.bounds[j].upper >= self.alpha:
+                    break
+                top = j
+            if top != self.deployed:
+                self.moves.append((self.bounds[0].n, self.deployed, top))
+                self.deployed, self.detector = top, 0.0
+            return self.deployed
+
+    @property
+    def offset(self) -> float:
+        return self.offsets[self.deployed]
+
+    def state(self) -> dict:
+        return {"offsets": self.offsets, "deployed": self.deployed, "labels": self.bounds[0].n, "moves": self.moves,
+                "revoked": self.revoked, "upper": [b.upper for b in self.bounds]}
+
+
+def simulate_ladder(levels: np.ndarray, labels: np.ndarray, alpha: float, delta: float, p: float,
+                    offsets, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Offline replay of the ladder: `levels` [n, rungs] the level index each rung chooses per request
+    (in stream order), `labels` [n] the true label indices. A seeded share p is shadow-labeled; each
+    request is served at the rung deployed when it arrives. Returns the served level indices and the
+    ladder's state."""
+    rng = np.random.default_rng(seed)
+    ladder = ThresholdLadder(offsets, alpha, delta)
+    served = np.empty(len(labels), dtype=int)
+    for t in range(len(labels)):
+        served[t] = levels[t, ladder.deployed]
+        if rng.uniform() < p:
+            ladder.observe(levels[t] > labels[t])
+    return served, ladder.state()
 
 
 def simulate_live(chosen: np.ndarray, labels: np.ndarray, alpha: float, delta: float, p: float,

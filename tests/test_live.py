@@ -125,3 +125,40 @@ def test_the_hook_falls_back_on_harm_and_only_warns_on_change(tiny_lm, tiny_trai
         assert risk.shift_warned and risk.p == 0.5 and not risk.harmful
         assert d.fallback is None or "live violation" not in d.fallback
         assert not (d.fallback or "").startswith("a test alarm")   # a change alone sends nothing dense
+
+
+def _ladder_run(rates, seed, labels=2500, alpha=0.05, delta=0.1, offsets=(0.0, 0.05, 0.2), switch=None):
+    """A ladder fed nested Bernoulli violations (a request unsafe at a rung is unsafe at every more
+    aggressive one); `switch` = (label, rates): the rates change there. Returns the rungs deployed."""
+    from controller.risk import ThresholdLadder
+    rng = np.random.default_rng(seed)
+    ladder, deployed = ThresholdLadder(offsets, alpha, delta), []
+    for t in range(labels):
+        now = switch[1] if switch is not None and t >= switch[0] else rates
+        u = rng.uniform()
+        deployed.append(ladder.observe([u < r for r in now]))
+    return np.array(deployed), ladder
+
+
+def test_the_ladder_moves_more_aggressive_only_when_certified():
+    """Rung 1 is safe (3% < alpha 5%), rung 2 is not (12%): over 40 seeded streams rung 2 is never
+    deployed, and rung 1 is reached in most of them within 2,500 shadow labels."""
+    runs = [_ladder_run((0.01, 0.03, 0.12), seed)[0] for seed in range(40)]
+    assert not any((d == 2).any() for d in runs)
+    assert np.mean([(d == 1).any() for d in runs]) >= 0.9
+
+
+def test_a_rung_at_exactly_alpha_is_deployed_in_at_most_delta_of_streams():
+    runs = [_ladder_run((0.01, 0.05, 0.3), seed)[0] for seed in range(40)]
+    assert np.mean([(d >= 1).any() for d in runs]) <= 0.1
+
+
+def test_a_deployed_rung_that_turns_harmful_is_revoked_at_once_and_for_good():
+    deployed, ladder = _ladder_run((0.0, 0.01, 0.3), 0, labels=3000, switch=(1000, (0.0, 0.4, 0.5)))
+    up = int(np.argmax(deployed == 1))
+    assert 0 < up < 1000 and (deployed[up:1000] == 1).all()   # no false step back while the rung is safe
+    back = 1000 + int(np.argmax(deployed[1000:] == 0))
+    assert deployed[back] == 0 and (deployed[back:] == 0).all() and ladder.revoked[1]
+    assert back - 1000 <= 40   # at a 40% rate the detector reaches its bound in ~15 labels
+    with pytest.raises(ValueError, match="start at 0"):
+        _ladder_run((0.0, 0.1), 0, offsets=(0.1, 0.2))
