@@ -54,17 +54,18 @@ class Calibration:
         part = self.parts[int(strata_of(np.array([n_tokens]), self.edges)[0])] if self.parts else self
         return float(part.threshold) if part.passed and math.isfinite(part.threshold) else None
 
-    def decide(self, scores: np.ndarray, n_tokens: np.ndarray | None = None) -> np.ndarray:
-        """[n] level index per request; a stratified calibration needs each request's token count."""
+    def decide(self, scores: np.ndarray, n_tokens: np.ndarray | None = None, offset: float = 0.0) -> np.ndarray:
+        """[n] level index per request; a stratified calibration needs each request's token count.
+        `offset` lowers every passed threshold (a live ladder's certified rung, `controller.risk`)."""
         if not self.parts:
-            return decide(scores, self.threshold) if self.passed else np.zeros(len(scores), dtype=int)
+            return decide(scores, self.threshold - offset) if self.passed else np.zeros(len(scores), dtype=int)
         if n_tokens is None:
             raise ValueError("a length-stratified calibration needs each request's token count")
         stratum = strata_of(n_tokens, self.edges)
         out = np.zeros(len(scores), dtype=int)
         for i, part in enumerate(self.parts):
             rows = stratum == i
-            out[rows] = part.decide(scores[rows])
+            out[rows] = part.decide(scores[rows], offset=offset)
         return out
 
     def to_json(self) -> dict:

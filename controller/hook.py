@@ -81,7 +81,7 @@ class ControllerHandle:
         # the traffic as a whole: once its p-values stop looking exchangeable, every request runs at the fallback
         self.monitor = self.guard.monitor() if self.guard is not None else None
         # the live certificate (`controller.shadow.certify_live`): shadow labels, fallback on harm
-        self.live, self.shadow = None, None
+        self.live, self.shadow, self.ladder = None, None, None   # ladder: the threshold moving with live labels
         self._previous, self._hooks = None, []   # set by _install, under the attach lock
         # the token-id statistics need only the ids: a worker computes them while the probe layers run
         self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-features")
@@ -187,7 +187,8 @@ class ControllerHandle:
             idx = self.calibration.decide(scores, n_tokens)
             return idx, np.minimum(scores[np.arange(len(scores)), idx], 1.0), None
         p = self.policy.probabilities(features)
-        idx = self.calibration.decide(self.policy.scores_from(p, features), n_tokens)
+        offset = self.ladder.offset if self.ladder is not None else 0.0
+        idx = self.calibration.decide(self.policy.scores_from(p, features), n_tokens, offset)
         return idx, p[np.arange(len(p)), idx], p
 
     # ---------------------------------------------------------------- hooks
@@ -335,8 +336,11 @@ class ControllerHandle:
                 return self.guard.fallback
         idx, prob, p_all = self._decide(feats[None], np.array([len(ids)]))
         info[r] = (float(prob[0]), None, False, None if self.guard is None else float(p[0]))
+        base = self.calibration.threshold_at(len(ids))
+        offset = self.ladder.offset if self.ladder is not None else 0.0
         info[("detail", r)] = (None if p_all is None else tuple(float(x) for x in p_all[0]),
-                               self.calibration.threshold_at(len(ids)))
+                               None if base is None else base - offset)   # the threshold that decided it
+        info[("base", r)] = base
         return float(self.ckpt.levels[idx[0]])
 
     def _probe(self, layer: int, stats: dict) -> None:
@@ -412,8 +416,18 @@ class ControllerHandle:
         self._record(decisions, [info.get(("features", r)) for r in range(len(rows))])
         if self.shadow is not None:   # sampled requests are labeled dense on the shadow worker
             for r, d in enumerate(decisions):
-                self.shadow.offer(rows[r] if isinstance(rows[r], np.ndarray) else None, d.level)
+                rungs = self._rungs(d, info.get(("base", r)))
+                self.shadow.offer(rows[r] if isinstance(rows[r], np.ndarray) else None, d.level, rungs)
         return None
+
+
+    def _rungs(self, d: Decision, base: float | None) -> list[float] | None:
+        """The level each rung of the live ladder would choose for this decision, from the calibrated
+        threshold `base` (None: no ladder, or a request the calibrated rule did not decide)."""
+        if self.ladder is None or d.p_safe is None or base is None or d.fallback is not None:
+            return None
+        scores = np.concatenate([[np.inf], np.minimum.accumulate(np.asarray(d.p_safe[1:]))])
+        return [float(self.ckpt.levels[i]) for i in self.ladder.levels(scores, base)]
 
 
 def attach(model, checkpoint: str | Path | ControllerCheckpoint, task: str | list[str] | None = None,

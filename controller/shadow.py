@@ -26,7 +26,7 @@ from data.decode import DecodeBatch, cache_kwarg, cache_of, greedy_tokens, teach
 from data.labeling import divergence_from
 from sparse_kernels import SparsePlan, use_plan
 
-from .risk import LiveRisk
+from .risk import LiveRisk, ThresholdLadder
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +45,31 @@ def _prefilled(model, x: torch.Tensor, plan: SparsePlan | None) -> DecodeBatch:
 
 @torch.no_grad()
 def shadow_measurements(handle, ids: list[int], level: float, max_new: int = 32) -> dict:
-    """The raw measurements of one request at `level` against dense (run with the handle paused):
-    the labeler's own loops (`data.decode`) on a batch of one row, as its noise floor runs them."""
+    """The raw measurements of one request at `level` against dense (run with the handle paused)."""
+    return shadow_measurements_at(handle, ids, [level], max_new)[level]
+
+
+@torch.no_grad()
+def shadow_measurements_at(handle, ids: list[int], levels: list[float], max_new: int = 32) -> dict[float, dict]:
+    """The raw measurements of one request at each of `levels` against dense, with the handle paused:
+    the labeler's own loops (`data.decode`) on a batch of one row, as its noise floor runs them. The
+    dense answer is decoded once; each level costs one sparse prefill and one teacher-forced pass."""
     model = handle.model
     arg = cache_kwarg(model)
     forward = lambda cache, **inputs: model(use_cache=True, **{arg: cache}, **inputs)  # noqa: E731
     x = torch.tensor([ids], device=next(model.parameters()).device)
-    plan = SparsePlan(levels=torch.tensor([level], dtype=torch.float64), selection=handle.selection,
-                      dense_layers=handle.dense_layers, backend=handle.backend)
+    out = {}
     with handle.paused():
         dense = _prefilled(model, x, None)
         answer = greedy_tokens(forward, dense, [max_new], _stop_ids(model))[0]
         dense_logp, valid = teacher_logprobs(forward, dense, [answer])
-        sparse_logp, _ = teacher_logprobs(forward, _prefilled(model, x, plan), [answer])
-    m = divergence_from(torch.cat([dense_logp, sparse_logp]), valid.expand(2, -1), [answer, answer], [0, 0])
-    return {k: float(v[1]) for k, v in m.items()}
+        for level in sorted(set(levels)):
+            plan = SparsePlan(levels=torch.tensor([level], dtype=torch.float64), selection=handle.selection,
+                              dense_layers=handle.dense_layers, backend=handle.backend)
+            sparse_logp, _ = teacher_logprobs(forward, _prefilled(model, x, plan), [answer])
+            m = divergence_from(torch.cat([dense_logp, sparse_logp]), valid.expand(2, -1), [answer, answer], [0, 0])
+            out[level] = {k: float(v[1]) for k, v in m.items()}
+    return out
 
 
 def violated(measured: dict, criterion: dict) -> bool:
@@ -79,24 +89,32 @@ class ShadowLabeler:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-shadow")
         self.pending: list[Future] = []
         self._count = 0
+        self.ladder = None   # a ThresholdLadder fed from the same shadow runs (certify_live(ladder=...))
 
-    def offer(self, ids, level: float) -> bool:
-        """A served request (its prompt ids, or None for one dispatched dense before any decision, and
-        its level); True when it is sampled."""
+    def offer(self, ids, level: float, rungs: list[float] | None = None) -> bool:
+        """A served request (its prompt ids, or None for one dispatched dense before any decision, its
+        level, and with a live ladder the level each rung would choose); True when it is sampled."""
         self._count += 1
         key = (hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest() if ids is not None
                else f"dense-{self._count}")
         if not self.risk.sampled(key):
             return False
-        if level <= 0:
+        if level <= 0 and not any(r > 0 for r in rungs or ()):
             self.risk.observe(False)   # dense: safe by definition, no shadow run
+            if rungs is not None and self.ladder is not None:
+                self.ladder.observe([False] * len(rungs))
             return True
-        self.pending.append(self._worker.submit(self._label, list(ids), float(level)))
+        self.pending.append(self._worker.submit(self._label, list(ids), float(level), rungs))
         return True
 
-    def _label(self, ids: list[int], level: float) -> None:
+    def _label(self, ids: list[int], level: float, rungs: list[float] | None = None) -> None:
         try:
-            self.risk.observe(violated(shadow_measurements(self.handle, ids, level, self.max_new), self.criterion))
+            wanted = [x for x in {level, *(rungs or ())} if x > 0]
+            measured = shadow_measurements_at(self.handle, ids, wanted, self.max_new)
+            unsafe = {x: violated(m, self.criterion) for x, m in measured.items()}
+            self.risk.observe(unsafe.get(level, False))
+            if rungs is not None and self.ladder is not None:
+                self.ladder.observe([unsafe.get(x, False) for x in rungs])
         except Exception as e:  # noqa: BLE001 - a failed shadow run loses one label, never the request
             log.warning("shadow label failed (%s: %s)", type(e).__name__, e)
 
@@ -110,12 +128,17 @@ class ShadowLabeler:
         self._worker.shutdown(wait=False, cancel_futures=True)
 
 
-def certify_live(handle, p: float = 0.05, p_shift: float = 0.5, seed: int = 0, max_new: int = 32) -> LiveRisk:
+def certify_live(handle, p: float = 0.05, p_shift: float = 0.5, seed: int = 0, max_new: int = 32,
+                 ladder=None) -> LiveRisk:
     """Turn on the live certificate of an attached controller: a seeded share `p` of the requests
     it serves is labeled dense in the shadow (`p_shift` of them once the shift monitor warns that
     the traffic changed), the violation rate of its decisions is bounded anytime-validly at the
     checkpoint's alpha and delta, and once the lower bound exceeds alpha every request runs dense.
-    A shift alone no longer sends traffic dense: it only labels more. Returns the `LiveRisk`."""
+    A shift alone no longer sends traffic dense: it only labels more. `ladder`: offsets below the
+    calibrated score threshold, e.g. (0, 0.05, 0.1, 0.2); each sampled request is then also judged at
+    the level every offset would choose, and the threshold moves to an offset only once its live
+    violation rate is certified below alpha (`controller.risk.ThresholdLadder`); the handle's
+    `ladder` says where it stands. Returns the `LiveRisk`."""
     rec = handle.ckpt.record
     if not 0 < p <= 1 or not p <= p_shift <= 1:
         raise UserError(f"certify_live needs 0 < p <= p_shift <= 1, got p={p}, p_shift={p_shift}")
@@ -125,5 +148,10 @@ def certify_live(handle, p: float = 0.05, p_shift: float = 0.5, seed: int = 0, m
     except ValueError as e:
         raise UserError(f"{e}; recalibrate it with calibrate.py on your prompts") from None
     risk.p_shift = float(p_shift)
-    handle.live, handle.shadow = risk, shadow
+    if ladder is not None:
+        try:
+            shadow.ladder = ThresholdLadder(ladder, rec["alpha"], rec["delta"])
+        except ValueError as e:
+            raise UserError(f"certify_live: {e}") from None
+    handle.live, handle.shadow, handle.ladder = risk, shadow, shadow.ladder
     return risk

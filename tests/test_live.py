@@ -162,3 +162,34 @@ def test_a_deployed_rung_that_turns_harmful_is_revoked_at_once_and_for_good():
     assert back - 1000 <= 40   # at a 40% rate the detector reaches its bound in ~15 labels
     with pytest.raises(ValueError, match="start at 0"):
         _ladder_run((0.0, 0.1), 0, offsets=(0.1, 0.2))
+
+
+def test_the_hook_moves_its_threshold_only_after_the_ladder_certifies_a_rung(tiny_lm, tiny_trained, tmp_path):
+    """With `certify_live(ladder=...)` every sampled request is judged at each rung's level; once the
+    live labels certify a rung (here nothing is ever a violation), decisions use the lowered
+    threshold, and `Decision.threshold` says so. Shadow labels at several levels equal one-level ones."""
+    from controller.hook import attach
+    from controller.shadow import certify_live, shadow_measurements, shadow_measurements_at
+    from data.errors import UserError
+    _, _, ckpt_dir, _, _ = tiny_trained
+    ckpt = _divergence_checkpoint(ckpt_dir, tmp_path, threshold=1e9)
+    ids = torch.arange(5, 300)[None]
+    with attach(tiny_lm, ckpt, break_even=None) as handle:
+        with pytest.raises(UserError, match="start at 0"):
+            certify_live(handle, ladder=(0.1, 0.2))
+        many = shadow_measurements_at(handle, ids[0].tolist(), [0.5, 0.9], max_new=8)
+        assert many[0.9] == pytest.approx(shadow_measurements(handle, ids[0].tolist(), 0.9, max_new=8))
+        handle.monitor.warmup = 0
+        certify_live(handle, p=1.0, p_shift=1.0, ladder=(0.0, 0.5))
+        ladder, served = handle.ladder, 0
+        base = []
+        while ladder.deployed == 0 and served < 400:
+            tiny_lm.model(input_ids=(ids + served) % 1000)
+            handle.shadow.drain()
+            d = handle.last_decisions[0]
+            base.append(d.threshold)
+            served += 1
+        assert ladder.deployed == 1 and ladder.bounds[1].n == served and ladder.bounds[1].total == 0
+        tiny_lm.model(input_ids=(ids + served) % 1000)
+        d = handle.last_decisions[0]
+        assert d.fallback is None and base[-1] is not None and d.threshold == pytest.approx(base[-1] - 0.5)
