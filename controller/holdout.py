@@ -107,6 +107,26 @@ def live_zero_shot(policy, guard, levels, calibration, ev, alarm_at, alpha: floa
             "lower": state["lower"]}
 
 
+LADDER = (0.0, 0.05, 0.1, 0.2)   # score-threshold offsets a live ladder may certify
+
+
+def live_ladder(policy, guard, levels, calibration, ev, alpha: float, delta: float, p: float) -> dict:
+    """Zero shot with the threshold moving on live labels (`controller.risk.simulate_ladder`): behind
+    the guard's per-request fallback, each rung's choices replayed in the `live_zero_shot` order."""
+    from controller.evaluate import policy_metrics
+    from controller.guard import Guarded
+    from controller.risk import simulate_ladder
+    scores = Guarded(policy, guard, levels).scores(ev.features)
+    rungs = np.stack([calibration.decide(scores, ev.n_tokens, offset=o) for o in LADDER], axis=1)
+    order = np.random.default_rng(0).permutation(len(ev))
+    served, state = simulate_ladder(rungs[order], ev.label_index[order], alpha, delta, p, LADDER)
+    out = np.empty(len(ev), dtype=int)
+    out[order] = served
+    m = policy_metrics(ev, out)
+    return {"unsafe": m["violation_rate"], "saving": m["compute_saved"], "p": p, "final_rung": state["deployed"],
+            "moves": state["moves"], "labels": state["labels"]}
+
+
 def reweighed(policy, ckpt, train_arrays, ev, alpha: float, delta: float) -> dict:
     """Recertified without the group's labels: the checkpoint's own calibration requests reweighed
     toward the group's features (`controller.weighted`), evaluated on the group; or why it refused."""
@@ -181,8 +201,10 @@ def run_group(job, arrays, meta, labels: str, group: str, n_cal: int, workdir: P
     alarm_at = (monitored.last_monitor or {}).get("alarm_at")
     live = {f"p{p:g}": {**live_zero_shot(policy, guard, ckpt.levels, ckpt.calibration, ev, alarm_at,
                                          job.calibration.alpha, job.calibration.delta, p, max(p, 0.5)),
-                        "unguarded_unsafe": unguarded["violation_rate"], "unguarded_saving": unguarded["compute_saved"]}
-            for p in (0.05, 0.2)}
+                        "unguarded_unsafe": unguarded["violation_rate"], "unguarded_saving": unguarded["compute_saved"],
+                        "ladder": live_ladder(policy, guard, ckpt.levels, ckpt.calibration, ev, job.calibration.alpha,
+                                              job.calibration.delta, p)}
+            for p in (0.05, 0.2, 1.0)}
     crit = criterion_dict(job.criterion)
     r = recalibrate(ckpt, cal, job.calibration.alpha, job.calibration.delta, crit, {"source": f"{group} held out"})
     recal = _metrics(Guarded(deployed_policy(ckpt.net, ckpt.levels, r.record), r.guard, ckpt.levels), r.calibration, ev)
@@ -201,6 +223,7 @@ def run_group(job, arrays, meta, labels: str, group: str, n_cal: int, workdir: P
             "n_calibration": len(cal), "n_evaluated": len(ev), "oracle_compute_saved": oracle,
             "in_distribution_calibration": ckpt.calibration.to_json(), "zero_shot": zero, "zero_shot_guard_only": guard_only,
             "zero_shot_unguarded": unguarded, "zero_shot_live": live["p0.05"], "zero_shot_live_p02": live["p0.2"],
+            "zero_shot_live_p1": live["p1"],
             "recalibrated": recal, "reweighed": weighted, "mass_coverage_recalibrated": mass}
 
 
@@ -228,6 +251,13 @@ def table(rows: list[dict], alpha: float) -> str:
         for r in rows:
             cells = [f"{pct(v['unsafe'])} / {pct(v['saving'])} / {v['shadow_labels']} / {v['fell_back_at'] or 'never'}"
                      for v in (r.get("zero_shot_live"), r.get("zero_shot_live_p02")) if v]
+            lines.append(f"| {r['family']} | " + " | ".join(cells) + " |")
+    if any("ladder" in (r.get("zero_shot_live") or {}) for r in rows):
+        lines += ["", f"| held-out {rows[0]['by']} | threshold ladder {LADDER} on live labels, p 0.05: violation / saved / "
+                  "rung at the end | p 0.2 | p 1 (every request labeled) |", "|---|---|---|---|"]
+        for r in rows:
+            cells = [f"{pct(v['ladder']['unsafe'])} / {pct(v['ladder']['saving'])} / {v['ladder']['final_rung']}"
+                     for v in (r.get("zero_shot_live"), r.get("zero_shot_live_p02"), r.get("zero_shot_live_p1")) if v]
             lines.append(f"| {r['family']} | " + " | ".join(cells) + " |")
     if any("reweighed" in r for r in rows):
         lines += ["", f"| held-out {rows[0]['by']} | reweighed, no labels of the group: violation / saved / "

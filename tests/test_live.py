@@ -193,3 +193,13 @@ def test_the_hook_moves_its_threshold_only_after_the_ladder_certifies_a_rung(tin
         tiny_lm.model(input_ids=(ids + served) % 1000)
         d = handle.last_decisions[0]
         assert d.fallback is None and base[-1] is not None and d.threshold == pytest.approx(base[-1] - 0.5)
+
+
+def test_the_ladder_replay_serves_the_certified_rung_and_never_an_unsafe_one():
+    from controller.risk import simulate_ladder
+    n = 2000
+    levels = np.stack([np.zeros(n, int), np.ones(n, int), np.full(n, 2)], axis=1)   # rung k chooses level index k
+    labels = np.ones(n, int)                                                         # level 1 safe, level 2 never
+    served, state = simulate_ladder(levels, labels, ALPHA, DELTA, p=1.0, offsets=(0.0, 0.1, 0.2))
+    assert served.max() == 1 and state["deployed"] == 1 and (served == 1).sum() > n / 2
+    assert (served[:state["moves"][0][0]] == 0).all()   # dense until the first certified move
