@@ -195,15 +195,18 @@ def simulate_ladder(levels: np.ndarray, labels: np.ndarray, alpha: float, delta:
     """Offline replay of the ladder: `levels` [n, rungs] the level index each rung chooses per request
     (in stream order), `labels` [n] the true label indices. A seeded share p is shadow-labeled; each
     request is served at the rung deployed when it arrives. Returns the served level indices and the
-    ladder's state."""
+    ladder's state (`moved_at_request`: the request at which each move happened)."""
     rng = np.random.default_rng(seed)
     ladder = ThresholdLadder(offsets, alpha, delta)
     served = np.empty(len(labels), dtype=int)
+    moved_at = []   # the request after which each move took effect
     for t in range(len(labels)):
         served[t] = levels[t, ladder.deployed]
         if rng.uniform() < p:
             ladder.observe(levels[t] > labels[t])
-    return served, ladder.state()
+            if len(ladder.moves) > len(moved_at):
+                moved_at.append(t)
+    return served, {**ladder.state(), "moved_at_request": moved_at}
 
 
 def simulate_live(chosen: np.ndarray, labels: np.ndarray, alpha: float, delta: float, p: float,

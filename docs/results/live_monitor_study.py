@@ -78,6 +78,41 @@ def store_false_alarms(checkpoint: str, store: str, alpha: float, delta: float, 
             "p": p, "false_alarm_rate": alarms / streams}
 
 
+def ladder_streams(checkpoint: str, store: str, alpha: float, delta: float, p: float, streams: int,
+                   length: int) -> dict:
+    """The threshold ladder (controller.holdout.LADDER) on the checkpoint's test decisions, replayed as
+    long exchangeable streams: where it ends, when it first moves, and what it serves against the
+    fixed calibrated threshold."""
+    from controller.dataset import arrays_from_store
+    from controller.evaluate import policy_metrics
+    from controller.export import load_checkpoint
+    from controller.holdout import LADDER
+    from controller.pipeline import _splits
+    from controller.policies import deployed_policy
+    from controller.risk import simulate_ladder
+    ckpt = load_checkpoint(checkpoint)
+    arrays, _ = arrays_from_store(store, ckpt.record["criterion"])
+    test = arrays.subset(_splits(arrays, ckpt.record["split"])["test"])
+    scores = deployed_policy(ckpt.net, ckpt.levels, ckpt.record).scores(test.features)
+    rungs = np.stack([ckpt.calibration.decide(scores, test.n_tokens, offset=o) for o in LADDER], axis=1)
+    rates = [float((rungs[:, k] > test.label_index).mean()) for k in range(len(LADDER))]
+    saved = [policy_metrics(test, rungs[:, k])["compute_saved"] for k in range(len(LADDER))]
+    runs = []
+    for seed in range(streams):
+        order = np.random.default_rng(seed).integers(0, len(test), size=length)
+        served, state = simulate_ladder(rungs[order], test.label_index[order], alpha, delta, p, LADDER, seed)
+        m = policy_metrics(test.subset(order), served)
+        runs.append({"final_rung": state["deployed"], "unsafe": m["violation_rate"], "saving": m["compute_saved"],
+                     "first_move_request": state["moved_at_request"][0] if state["moved_at_request"] else None})
+    firsts = [r["first_move_request"] for r in runs if r["first_move_request"] is not None]
+    return {"offsets": list(LADDER), "rung_violation_rate": rates, "rung_saving": saved, "p": p, "streams": streams,
+            "requests_per_stream": length, "final_rungs": [r["final_rung"] for r in runs],
+            "median_requests_to_first_move": float(np.median(firsts)) if firsts else None,
+            "unsafe_mean": float(np.mean([r["unsafe"] for r in runs])),
+            "unsafe_max": float(np.max([r["unsafe"] for r in runs])),
+            "saving_mean": float(np.mean([r["saving"] for r in runs])), "fixed_threshold_saving": saved[0]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--alpha", type=float, default=0.05)
@@ -96,6 +131,7 @@ def main() -> int:
     doc["detect_requests"] = by_p[0]["median_requests"]
     doc["detect_by_p"] = by_p
     doc["store_streams"] = store_false_alarms(args.checkpoint, args.store, a, d, 0.05, 200, 20_000)
+    doc["ladder_streams"] = [ladder_streams(args.checkpoint, args.store, a, d, p, 20, 20_000) for p in (0.05, 0.2)]
     if args.holdout:
         rows = json.loads(Path(args.holdout).read_text())["families"]
         doc["holdout"] = [{"group": r["family"], **r["zero_shot_live"]} for r in rows if "zero_shot_live" in r]
