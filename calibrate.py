@@ -44,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", choices=["ltt", "crc"],
                    help="ltt: P(unsafe rate <= alpha) >= 1 - delta; crc: E[unsafe rate] <= alpha (default: the checkpoint's)")
     p.add_argument("--guard-p", type=float, help="shift guard's conformal p-value level (default: the checkpoint's)")
+    p.add_argument("--reweigh", action="store_true",
+                   help="label nothing: reweigh the checkpoint's own calibration requests toward your prompts' features "
+                        "(weighted Learn-then-Test; holds under covariate shift only, approximately; refused when the two "
+                        "are too far apart)")
     p.add_argument("--length-strata", default="none",
                    help="'none' (default): one threshold for the mix of lengths in your prompts; token upper bounds "
                         "(e.g. 2048,8192) or 'checkpoint' (the checkpoint's): one threshold per length stratum, "
@@ -76,6 +80,10 @@ def main(argv=None) -> int:
         if args.devices < 1 or args.batch_samples < 1:
             raise UserError("--devices and --batch-samples must be >= 1")
         strata = _strata(args.length_strata)
+        if args.reweigh:
+            from controller.reweigh import reweigh_checkpoint
+            return _print(reweigh_checkpoint(args.checkpoint, args.prompts, args.out, args.alpha, args.delta,
+                                             args.max_requests, args.model, args.overwrite))
         from controller.recalibrate import recalibrate_checkpoint
         result = recalibrate_checkpoint(args.checkpoint, args.prompts, args.out, args.criterion, args.alpha,
                                         args.delta, args.max_requests, args.labels, args.devices,
@@ -84,6 +92,10 @@ def main(argv=None) -> int:
     except (UserError, OSError) as e:   # bad input, or a file-system fault met on the way: one line
         print(error_line(e), file=sys.stderr)
         return 2
+    return _print(result)
+
+
+def _print(result) -> int:
     if result is not None:
         path, line = result
         print(line)

@@ -56,3 +56,33 @@ def test_no_shift_gives_near_uniform_weights_and_too_far_is_refused():
         density_ratios(cal.features, _traffic(3, 1500, 8.0).features)
     with pytest.raises(UserError, match="at least 20"):
         density_ratios(cal.features[:5], same.features)
+
+
+def test_reweighing_a_checkpoint_toward_unlabeled_prompts(tiny_trained, tiny_lm, tmp_path, capsys):
+    """calibrate.py --reweigh (issue 29 item 3): the record says what was reweighed and how far; traffic
+    separable from the calibration requests, or too little of it, is refused in one line."""
+    import calibrate as calibrate_cli
+    from controller.export import load_checkpoint
+    from controller.pipeline import calibration_arrays
+    from controller.reweigh import reweighed_record
+    from data.criteria import criterion_dict
+    from data.errors import UserError
+    _, _, ckpt_dir, _, _ = tiny_trained
+    ckpt = load_checkpoint(ckpt_dir)
+    _, cal, _ = calibration_arrays(ckpt.record, criterion_dict(ckpt.record["criterion"]), ckpt_dir)
+    big = cal.subset(np.arange(400) % len(cal))   # the tiny store's calibration requests, repeated
+    rng = np.random.default_rng(0)
+    big.features = big.features + rng.normal(0, 0.05, big.features.shape).astype(np.float32)
+    live = big.features[rng.integers(0, len(big), 200)] + rng.normal(0, 0.05, (200, big.features.shape[1]))
+    record, line = reweighed_record(ckpt, big, live, 0.2, 0.2, {"source": "test"})
+    assert record["calibration_data"]["reweighed"]["effective_size"] > 100 and "reweighed, approximate" in line
+    assert record["alpha"] == 0.2 and record["recalibrated_from"]["calibration"] == ckpt.record["calibration"]
+    with pytest.raises(UserError, match="separable"):
+        reweighed_record(ckpt, big, live + 50.0, 0.2, 0.2, {"source": "test"})
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"input": "a short prompt about nothing"}\n' * 3)
+    code = calibrate_cli.main(["--checkpoint", str(ckpt_dir), "--prompts", str(prompts), "--out",
+                               str(tmp_path / "out"), "--reweigh", "--model", "tiny-random-llama"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and "at least 20" in err, err
+    assert not (tmp_path / "out").exists()
