@@ -39,8 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=1, help="GPUs to label on (DDP)")
     p.add_argument("--batch-samples", type=int, default=8, help="prompts decoded together while labeling")
     p.add_argument("--model", help="the model to label with (default: the checkpoint's; must have the same weights)")
-    p.add_argument("--policy", default="auto", choices=["auto", "controller", "mass_coverage"],
-                   help="policy to certify; auto: both at delta/2, the one saving more on your prompts is deployed")
+    p.add_argument("--policy", default="auto", choices=["auto", "controller", "mass_coverage", "adapted"],
+                   help="policy to certify; adapted: the controller with a head refitted on half of your prompts and "
+                        "certified on the other half; auto: every one that applies, each at delta/k, the one saving "
+                        "most on your prompts is deployed")
     p.add_argument("--mode", choices=["ltt", "crc"],
                    help="ltt: P(unsafe rate <= alpha) >= 1 - delta; crc: E[unsafe rate] <= alpha (default: the checkpoint's)")
     p.add_argument("--guard-p", type=float, help="shift guard's conformal p-value level (default: the checkpoint's)")

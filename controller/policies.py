@@ -218,7 +218,44 @@ class Named(Policy):
         return self.base.scores(features)
 
 
-DEPLOYABLE = ("controller", "mass_coverage")
+class AdaptedPolicy(Policy):
+    """The controller with a head refitted on a user's labeled prompts (`controller.adapt`): per sparse
+    level, a logistic model on the standardised non-task features and the net's logit at that level.
+    The head is plain numbers in the checkpoint's JSON; this runs in numpy at inference."""
+    name = "adapted"
+
+    def __init__(self, base: LearnedPolicy, head: dict):
+        self.base, self.lambdas = base, PROBABILITY_LAMBDAS
+        self.columns = np.asarray(head["columns"], dtype=np.int64)
+        self.mean, self.std = np.asarray(head["mean"], np.float64), np.asarray(head["std"], np.float64)
+        self.coef, self.intercept = np.asarray(head["coef"], np.float64), np.asarray(head["intercept"], np.float64)
+        k = base.net.head.out_features
+        if (self.coef.shape != (k, len(self.columns) + 1) or self.intercept.shape != (k,)
+                or self.mean.shape != self.std.shape or self.mean.shape != (len(self.columns),)):
+            raise ValueError("the adapted head's shapes do not match the net and its columns")
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        p = self.base.probabilities(features)
+        x = head_inputs(features, p, self.columns, self.mean, self.std)            # [B, K, F + 1]
+        z = np.einsum("bkf,kf->bk", x, self.coef) + self.intercept
+        return np.concatenate([np.ones((len(p), 1)), 1.0 / (1.0 + np.exp(-z))], axis=1)
+
+    def scores_from(self, p: np.ndarray, features: np.ndarray) -> np.ndarray:
+        return _with_dense(p[:, 1:])
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        return self.scores_from(self.probabilities(features), features)
+
+
+def head_inputs(features: np.ndarray, p: np.ndarray, columns, mean, std) -> np.ndarray:
+    """[B, K, F + 1]: the standardised feature columns, and the net's logit of P(safe) at each level."""
+    x = (np.asarray(features, np.float64)[:, columns] - mean) / std
+    q = np.clip(p[:, 1:], 1e-6, 1 - 1e-6)
+    logit = np.log(q / (1 - q))
+    return np.concatenate([np.repeat(x[:, None, :], logit.shape[1], axis=1), logit[:, :, None]], axis=2)
+
+
+DEPLOYABLE = ("controller", "mass_coverage", "adapted")
 
 
 def ignores_task(record: dict) -> bool:
@@ -234,6 +271,8 @@ def deployed_policy(net: SafetyNet, levels: np.ndarray, record: dict) -> Policy:
         raise ValueError(f"unknown deployed policy {kind!r}; one of {DEPLOYABLE}")
     if kind == "mass_coverage":
         return MassCoveragePolicy(levels)
+    if kind == "adapted":
+        return AdaptedPolicy(LearnedPolicy(net, "controller", ignores_task(record)), record["adapter"])
     return controller_policy(net, levels, record["decision"], hide_task=ignores_task(record))
 
 

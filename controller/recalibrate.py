@@ -30,7 +30,7 @@ from .dataset import LabelArrays, arrays_from_store, requests_summary
 from .evaluate import policy_metrics
 from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
 from .guard import Guarded, ShiftGuard, two_sample_test
-from .policies import MassCoveragePolicy, deployed_policy, ignores_task, recall_columns
+from .policies import LearnedPolicy, MassCoveragePolicy, deployed_policy, ignores_task, recall_columns
 
 
 def min_requests(alpha: float, delta: float) -> int:
@@ -67,11 +67,26 @@ def _candidates(ckpt: ControllerCheckpoint, choice: str) -> dict:
     out = {"controller": deployed_policy(ckpt.net, ckpt.levels, {**ckpt.record, "policy": "controller"})}
     if recall_columns(ckpt.levels) is not None:
         out["mass_coverage"] = MassCoveragePolicy(ckpt.levels)
+    if choice == "adapted":
+        return {}   # the adapted head alone (`_adapted`)
     if choice != "auto":
         if choice not in out:
             raise UserError(f"policy {choice!r} is not available for this checkpoint; choose one of {sorted(out)} or auto")
         out = {choice: out[choice]}
     return out
+
+
+def _adapted(ckpt: ControllerCheckpoint, cal: LabelArrays, choice: str):
+    """The cross-fitted adapted candidate (`controller.adapt`), where it applies: asked for, or `auto`
+    with enough requests for two halves, on a checkpoint whose predictor is the net."""
+    from .adapt import MIN_FIT, adapted_candidate
+    if choice not in ("auto", "adapted") or ckpt.record.get("policy", "controller") == "mass_coverage":
+        return None
+    found = adapted_candidate(LearnedPolicy(ckpt.net, "controller", ignores_task(ckpt.record)), cal)
+    if found is None and choice == "adapted":
+        raise UserError(f"--policy adapted needs at least {2 * MIN_FIT} calibration requests (half to fit, half to "
+                        f"certify), got {len(cal)}")
+    return found
 
 
 def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delta: float, criterion: dict,
@@ -90,12 +105,17 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
     guard = ShiftGuard.fit(cal.features, cal.n_tokens, ckpt.net.feature_mean.numpy(), ckpt.net.feature_std.numpy(),
                            k, p_min if guard_p is None else guard_p, fallback, ignore_task=ignores_task(rec), warmup=warmup)
     candidates, tried = _candidates(ckpt, choice), {}
+    rows = {name: np.arange(len(cal)) for name in candidates}   # the requests each candidate is certified on
+    adapted = _adapted(ckpt, cal, choice)
+    if adapted is not None:
+        candidates["adapted"], head, rows["adapted"] = adapted
+    judge = rows.get("adapted", np.arange(len(cal)))   # savings compared on requests no candidate was fitted on
     for name, policy in candidates.items():
-        k = len(candidates)
-        c = (calibrate(policy, cal, alpha / k, delta, edges, mode) if mode == "crc"
-             else calibrate(policy, cal, alpha, delta / k, edges, mode))
+        k, part = len(candidates), cal.subset(rows[name])
+        c = (calibrate(policy, part, alpha / k, delta, edges, mode) if mode == "crc"
+             else calibrate(policy, part, alpha, delta / k, edges, mode))
         chosen = c.decide(Guarded(policy, guard, ckpt.levels).scores(cal.features), cal.n_tokens)
-        tried[name] = (c, policy_metrics(cal, chosen), chosen)
+        tried[name] = (c, policy_metrics(cal.subset(judge), chosen[judge]), chosen)
     name = max(tried, key=lambda n: (tried[n][1]["compute_saved"], n == "controller"))
     calibration, m, chosen = tried[name]
     summary = {"violation_rate": m["violation_rate"], "compute_saved": m["compute_saved"], "policy": name,
@@ -107,6 +127,9 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
         summary["shift_from_previous"] = two_sample_test(old.reference, old.standardise(cal.features))
     record = copy.deepcopy(rec)
     record.pop("format", None)
+    record.pop("adapter", None)
+    if name == "adapted":
+        record["adapter"] = head
     record.update({
         "calibration": calibration.to_json(), "alpha": alpha, "delta": delta, "criterion": criterion, "policy": name,
         "guard": guard.to_json(), "recalibrated_from": {"calibration": rec["calibration"], "policy": rec.get("policy", "controller"),
@@ -245,9 +268,11 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
         raise UserError(f"--alpha and --delta must lie in (0, 1), got {alpha}, {delta}")
     if guard_p is not None and not 0 <= guard_p < 1:
         raise UserError(f"--guard-p must lie in [0, 1), got {guard_p}")
-    count = len(_candidates(ckpt, policy))
+    from .adapt import MIN_FIT
     mode = mode or ckpt.calibration.mode
     n = _prompt_count(prompts, crit, max_requests)
+    adapts = policy in ("auto", "adapted") and ckpt.record.get("policy", "controller") != "mass_coverage" and n >= 2 * MIN_FIT
+    count = max(1, len(_candidates(ckpt, policy)) + adapts)
     need = min_requests(alpha, delta / count) if mode == "ltt" else math.ceil(count / alpha - 1)   # crc: (0 + 1)/(n + 1) <= alpha/k
     if n < need:
         each = f" at delta/{count} for each of {count} candidate policies" if count > 1 else ""
