@@ -79,8 +79,10 @@ def _candidates(ckpt: ControllerCheckpoint, choice: str) -> dict:
 def _adapted(ckpt: ControllerCheckpoint, cal: LabelArrays, choice: str):
     """The cross-fitted adapted candidate (`controller.adapt`), where it applies: asked for, or `auto`
     with enough requests for two halves, on a checkpoint whose predictor is the net."""
-    from .adapt import MIN_FIT, adapted_candidate
+    from .adapt import AUTO_MIN, MIN_FIT, adapted_candidate
     if choice not in ("auto", "adapted") or ckpt.record.get("policy", "controller") == "mass_coverage":
+        return None
+    if choice == "auto" and len(cal) < AUTO_MIN:   # its share of delta costs more than it wins there (measured)
         return None
     found = adapted_candidate(LearnedPolicy(ckpt.net, "controller", ignores_task(ckpt.record)), cal)
     if found is None and choice == "adapted":
@@ -268,10 +270,11 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
         raise UserError(f"--alpha and --delta must lie in (0, 1), got {alpha}, {delta}")
     if guard_p is not None and not 0 <= guard_p < 1:
         raise UserError(f"--guard-p must lie in [0, 1), got {guard_p}")
-    from .adapt import MIN_FIT
+    from .adapt import AUTO_MIN, MIN_FIT
     mode = mode or ckpt.calibration.mode
     n = _prompt_count(prompts, crit, max_requests)
-    adapts = policy in ("auto", "adapted") and ckpt.record.get("policy", "controller") != "mass_coverage" and n >= 2 * MIN_FIT
+    adapts = ((policy == "adapted" or (policy == "auto" and n >= AUTO_MIN))
+              and ckpt.record.get("policy", "controller") != "mass_coverage" and n >= 2 * MIN_FIT)
     count = max(1, len(_candidates(ckpt, policy)) + adapts)
     need = min_requests(alpha, delta / count) if mode == "ltt" else math.ceil(count / alpha - 1)   # crc: (0 + 1)/(n + 1) <= alpha/k
     if n < need:

@@ -66,5 +66,8 @@ def test_too_few_requests_for_two_halves_are_refused_when_adapted_is_asked_for(t
     _, cal, _ = calibration_arrays(ckpt.record, crit, ckpt_dir)
     with pytest.raises(UserError, match="half to fit"):
         recalibrate(ckpt, _shifted(cal, 60, 0), 0.1, 0.1, crit, {"source": "test"}, choice="adapted")
-    r = recalibrate(ckpt, _shifted(cal, 60, 0), 0.1, 0.1, crit, {"source": "test"})   # auto: not offered
-    assert "adapted" not in r.summary["candidates"]
+    for n in (60, 399):   # auto offers it from AUTO_MIN requests on
+        r = recalibrate(ckpt, _shifted(cal, n, 0), 0.1, 0.1, crit, {"source": "test"})
+        assert "adapted" not in r.summary["candidates"]
+    r = recalibrate(ckpt, _shifted(cal, 200, 0), 0.1, 0.1, crit, {"source": "test"}, choice="adapted")
+    assert r.record["policy"] == "adapted" and set(r.summary["candidates"]) == {"adapted"}
