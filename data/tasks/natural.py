@@ -161,12 +161,9 @@ class NaturalConstant:
 
 @register_task("nat_chat")
 @dataclass
-class NaturalChat:
+class NaturalChat(NaturalConstant):
     """`nat_constant` as a conversation: each file is an earlier user turn the assistant acknowledged."""
-    haystack: str = "code"   # the form name's first part: natural text of this kind
     task_type: str = "nat_chat"
-    metric: str = "all"
-    max_new_tokens: int = 24
 
     def render(self, key: str, size: int, form: Form = CLASSIC):
         docs, question, value, prefix = _constant_documents(key, size, form)
