@@ -127,6 +127,21 @@ class LiveRisk:
                 "lower": b.lower, "upper": b.upper, "harmful_at": self.harmful_at, "requests": self.requests}
 
 
+class ECusum:
+    """An e-CUSUM change detector for "the rate rose above alpha" (Shin, Ramdas & Rinaldo, "E-detectors",
+    2023): log M_t = max(log M_{t-1}, 0) + log(1 + bet (x_t - alpha)). Each factor has mean <= 1 while
+    the rate is <= alpha, so the mean number of labels before a false alarm (log M reaching log arl)
+    is at least `arl`."""
+
+    def __init__(self, alpha: float, arl: float = 1000.0):
+        self.alpha, self.arl, self.bet, self.log_m = float(alpha), float(arl), 0.25 / float(alpha), 0.0
+
+    def update(self, x: float) -> bool:
+        """One label (1: a violation); True when the detector alarms."""
+        self.log_m = max(self.log_m, 0.0) + math.log1p(self.bet * (float(x) - self.alpha))
+        return self.log_m >= math.log(self.arl)
+
+
 class ThresholdLadder:
     """The threshold moving with live labels. Rungs are offsets below the calibrated score threshold:
     rung 0 (offset 0) is the offline certificate, later rungs are more aggressive. Every shadow-labeled
@@ -150,8 +165,8 @@ class ThresholdLadder:
         self.offsets, self.alpha, self.delta = offsets, float(alpha), float(delta)
         share = delta / max(len(offsets) - 1, 1)
         self.bounds = [BettingBounds(share) for _ in offsets]
-        self.detector = 0.0   # log of the deployed rung's e-CUSUM statistic since its deployment
-        self.bet, self.arl = 0.25 / self.alpha, float(arl)
+        self.arl = float(arl)
+        self.detector = ECusum(self.alpha, self.arl)   # the deployed rung's, since its deployment
         self.revoked = [False] * len(offsets)
         self.deployed, self.moves = 0, []
         self._lock = threading.Lock()
@@ -166,11 +181,8 @@ class ThresholdLadder:
             for k, v in enumerate(violations):
                 self.bounds[k].update(float(v))
             k = self.deployed
-            if k > 0:
-                x = float(violations[k])
-                self.detector = max(self.detector, 0.0) + math.log1p(self.bet * (x - self.alpha))
-                if self.detector >= math.log(self.arl):   # harm at the deployed rung: back at once
-                    self.revoked[k] = True
+            if k > 0 and self.detector.update(float(violations[k])):   # harm at the deployed rung: back at once
+                self.revoked[k] = True
             top = 0
             for j in range(1, len(self.offsets)):
                 if self.revoked[j] or self.bounds[j].upper >= self.alpha:
@@ -178,7 +190,7 @@ class ThresholdLadder:
                 top = j
             if top != self.deployed:
                 self.moves.append((self.bounds[0].n, self.deployed, top))
-                self.deployed, self.detector = top, 0.0
+                self.deployed, self.detector = top, ECusum(self.alpha, self.arl)
             return self.deployed
 
     @property

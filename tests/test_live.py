@@ -203,3 +203,18 @@ def test_the_ladder_replay_serves_the_certified_rung_and_never_an_unsafe_one():
     served, state = simulate_ladder(levels, labels, ALPHA, DELTA, p=1.0, offsets=(0.0, 0.1, 0.2))
     assert served.max() == 1 and state["deployed"] == 1 and (served == 1).sum() > n / 2
     assert (served[:state["moves"][0][0]] == 0).all()   # dense until the first certified move
+
+
+def test_the_step_back_detector_keeps_its_mean_time_to_a_false_alarm_and_sees_harm_fast():
+    """ECusum at a rate of exactly alpha: mean labels to a (false) alarm >= its arl of 1,000, over
+    40 seeded streams capped at 20,000 labels; at 40% it alarms within a few dozen labels."""
+    from controller.risk import ECusum
+
+    def labels_to_alarm(rate, seed, cap=20_000):
+        det, rng = ECusum(ALPHA, 1000.0), np.random.default_rng(seed)
+        for i, x in enumerate(rng.uniform(size=cap) < rate):
+            if det.update(float(x)):
+                return i + 1
+        return cap
+    assert np.mean([labels_to_alarm(ALPHA, seed) for seed in range(40)]) >= 1000
+    assert max(labels_to_alarm(0.4, 100 + seed) for seed in range(20)) <= 60
