@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.features import FEATURE_NAMES, TASK_FEATURES
+from data.features import FEATURE_NAMES
 
 from .dataset import LabelArrays
-from .policies import AdaptedPolicy, LearnedPolicy, head_inputs
+from .policies import TASK_COLUMNS, AdaptedPolicy, LearnedPolicy, head_inputs
 
-HEAD_COLUMNS = [i for i, n in enumerate(FEATURE_NAMES) if n not in TASK_FEATURES]
+HEAD_COLUMNS = [i for i in range(len(FEATURE_NAMES)) if i not in TASK_COLUMNS]
 MIN_FIT = 40   # requests the head is fitted on, at least
 # `auto` offers the head from this many calibration requests on. With 200 (100 to fit, 100 to certify)
 # it won no held-out family of store v2 and its share of delta cost qa 22% -> 18% of the oracle

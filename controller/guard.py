@@ -36,7 +36,7 @@ LOG_LENGTH = FEATURE_NAMES.index("log_length")
 MAX_REFERENCE = 1000
 
 
-def _as_unknown(features: np.ndarray) -> np.ndarray:
+def as_unknown_task(features: np.ndarray) -> np.ndarray:
     """Copy of [B, F] features (float64) with the task one-hot set to `unknown` (`mask_task`)."""
     x = torch.as_tensor(np.asarray(features, dtype=np.float64))
     return mask_task(x, torch.ones(len(x), dtype=torch.bool)).numpy()
@@ -79,7 +79,7 @@ class ShiftGuard:
     def fit(cls, features: np.ndarray, n_tokens: np.ndarray, mean: np.ndarray, std: np.ndarray, k: int = 5,
             p_min: float = 0.01, fallback: float = 0.0, seed: int = 0, ignore_task: bool = False,
             warmup: int = 0) -> "ShiftGuard":
-        features = _as_unknown(features) if ignore_task else np.asarray(features, dtype=np.float64)
+        features = as_unknown_task(features) if ignore_task else np.asarray(features, dtype=np.float64)
         if len(features) < 2:
             raise UserError("the shift guard needs at least 2 calibration requests")
         if len(features) > MAX_REFERENCE:
@@ -94,7 +94,7 @@ class ShiftGuard:
 
     def standardise(self, features: np.ndarray) -> np.ndarray:
         """Features as the guard compares them (task shown as `unknown` if it is ignored), standardised."""
-        x = _as_unknown(features) if self.ignore_task else np.asarray(features, dtype=np.float64)
+        x = as_unknown_task(features) if self.ignore_task else np.asarray(features, dtype=np.float64)
         return (x - self.mean) / self.std
 
     def p_values(self, features: np.ndarray) -> np.ndarray:

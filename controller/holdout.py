@@ -74,11 +74,8 @@ def check_output_file(path: str, what: str) -> None:
 
 def hide_task(arrays):
     """Copy of `arrays` whose task one-hot says `unknown` (as prompts without a task arrive)."""
-    from data.features import FEATURE_NAMES, TASK_FEATURES
-    out = dataclasses.replace(arrays, features=arrays.features.copy())
-    out.features[:, [FEATURE_NAMES.index(t) for t in TASK_FEATURES]] = 0.0
-    out.features[:, FEATURE_NAMES.index("task_unknown")] = 1.0
-    return out
+    from controller.guard import as_unknown_task
+    return dataclasses.replace(arrays, features=as_unknown_task(arrays.features).astype(arrays.features.dtype))
 
 
 def _metrics(policy, calibration, arrays) -> dict:
@@ -110,14 +107,18 @@ def live_zero_shot(policy, guard, levels, calibration, ev, alarm_at, alpha: floa
 LADDER = (0.0, 0.05, 0.1, 0.2)   # score-threshold offsets a live ladder may certify
 
 
+def rung_levels(calibration, scores: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:
+    """[n, rungs] the level index each LADDER offset chooses per request."""
+    return np.stack([calibration.decide(scores, n_tokens, offset=o) for o in LADDER], axis=1)
+
+
 def live_ladder(policy, guard, levels, calibration, ev, alpha: float, delta: float, p: float) -> dict:
     """Zero shot with the threshold moving on live labels (`controller.risk.simulate_ladder`): behind
     the guard's per-request fallback, each rung's choices replayed in the `live_zero_shot` order."""
     from controller.evaluate import policy_metrics
     from controller.guard import Guarded
     from controller.risk import simulate_ladder
-    scores = Guarded(policy, guard, levels).scores(ev.features)
-    rungs = np.stack([calibration.decide(scores, ev.n_tokens, offset=o) for o in LADDER], axis=1)
+    rungs = rung_levels(calibration, Guarded(policy, guard, levels).scores(ev.features), ev.n_tokens)
     order = np.random.default_rng(0).permutation(len(ev))
     served, state = simulate_ladder(rungs[order], ev.label_index[order], alpha, delta, p, LADDER)
     out = np.empty(len(ev), dtype=int)

@@ -177,8 +177,9 @@ class ControllerHandle:
         idx, at, _ = self._decide(features, n_tokens)
         return idx, at
 
-    def _decide(self, features, n_tokens=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """`decide`, and P(safe) at every level [B, levels] (None for a mass-coverage policy)."""
+    def _decide(self, features, n_tokens=None, offset: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """`decide`, and P(safe) at every level [B, levels] (None for a mass-coverage policy); `offset`
+        lowers the calibrated threshold (the live ladder's certified rung)."""
         features = np.asarray(features, dtype=np.float32)
         if n_tokens is None:
             n_tokens = np.rint(np.exp(features[:, FEATURE_NAMES.index("log_length")].astype(np.float64))).astype(np.int64)
@@ -187,7 +188,6 @@ class ControllerHandle:
             idx = self.calibration.decide(scores, n_tokens)
             return idx, np.minimum(scores[np.arange(len(scores)), idx], 1.0), None
         p = self.policy.probabilities(features)
-        offset = self.ladder.offset if self.ladder is not None else 0.0
         idx = self.calibration.decide(self.policy.scores_from(p, features), n_tokens, offset)
         return idx, p[np.arange(len(p)), idx], p
 
@@ -334,10 +334,10 @@ class ControllerHandle:
             if probation is not None:
                 info[r] = (1.0, self.monitor.probation_reason(probation), False, float(p[0]))
                 return self.guard.fallback
-        idx, prob, p_all = self._decide(feats[None], np.array([len(ids)]))
+        offset = self.ladder.offset if self.ladder is not None else 0.0   # read once: the decision's and the record's
+        idx, prob, p_all = self._decide(feats[None], np.array([len(ids)]), offset)
         info[r] = (float(prob[0]), None, False, None if self.guard is None else float(p[0]))
         base = self.calibration.threshold_at(len(ids))
-        offset = self.ladder.offset if self.ladder is not None else 0.0
         info[("detail", r)] = (None if p_all is None else tuple(float(x) for x in p_all[0]),
                                None if base is None else base - offset)   # the threshold that decided it
         info[("base", r)] = base
@@ -416,17 +416,18 @@ class ControllerHandle:
         self._record(decisions, [info.get(("features", r)) for r in range(len(rows))])
         if self.shadow is not None:   # sampled requests are labeled dense on the shadow worker
             for r, d in enumerate(decisions):
-                rungs = self._rungs(d, info.get(("base", r)))
+                rungs = self._rungs(d, info.get(("base", r)), info.get(("features", r)))
                 self.shadow.offer(rows[r] if isinstance(rows[r], np.ndarray) else None, d.level, rungs)
         return None
 
 
-    def _rungs(self, d: Decision, base: float | None) -> list[float] | None:
-        """The level each rung of the live ladder would choose for this decision, from the calibrated
-        threshold `base` (None: no ladder, or a request the calibrated rule did not decide)."""
+    def _rungs(self, d: Decision, base: float | None, features) -> list[float] | None:
+        """The level each rung of the live ladder would choose for this decision: the scores the policy
+        decided with, against the calibrated threshold `base` (None: no ladder, or a request the
+        calibrated rule did not decide)."""
         if self.ladder is None or d.p_safe is None or base is None or d.fallback is not None:
             return None
-        scores = np.concatenate([[np.inf], np.minimum.accumulate(np.asarray(d.p_safe[1:]))])
+        scores = self.policy.scores_from(np.asarray([d.p_safe]), np.asarray(features, np.float32)[None])[0]
         return [float(self.ckpt.levels[i]) for i in self.ladder.levels(scores, base)]
 
 

@@ -225,6 +225,14 @@ def train_on_arrays(job: ControllerJobConfig, arrays: LabelArrays, meta: dict, l
     return Trained(path, net, cal)
 
 
+def check_same_model(lm, ckpt: ControllerCheckpoint, name: str) -> None:
+    """UserError unless the loaded model `lm` (named `name`) has the weights the controller was trained for."""
+    if not same_weights(lm.fingerprint, ckpt.fingerprint):
+        raise UserError(f"model {name} ({lm.fingerprint['id']}) is not the model the controller was trained "
+                        f"for ({ckpt.record['model']['name']}, {ckpt.fingerprint['id']}); use that model's checkpoint "
+                        "or train one for this model")
+
+
 def label_requests(ckpt: ControllerCheckpoint, data: DataConfig, out: Path, criterion: dict, devices: int = 1,
                    batch_samples: int = 8, progress: bool = False, model: str | None = None,
                    null_share: float = 0.0) -> str:
@@ -239,10 +247,7 @@ def label_requests(ckpt: ControllerCheckpoint, data: DataConfig, out: Path, crit
                                                  devices=devices, batch_samples=batch_samples, null_share=null_share,
                                                  null_answers=False))   # the divergence floor needs no alone decode
     lm = load_for_labeling(job)
-    if not same_weights(lm.fingerprint, ckpt.fingerprint):
-        raise UserError(f"model {job.model.name} ({lm.fingerprint['id']}) is not the model the controller was trained "
-                        f"for ({rec['model']['name']}, {ckpt.fingerprint['id']}); use that model's checkpoint or "
-                        "train one for this model")
+    check_same_model(lm, ckpt, job.model.name)
     store = run_labeling(job, lm)
     return "" if store is None else str(store.root)   # "": a non-zero rank of a distributed run
 

@@ -19,22 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from data.errors import UserError
-from data.features import FEATURE_NAMES, TASK_FEATURES, feature_vector
+from data.features import FEATURE_NAMES, feature_vector
 from data.outputs import check_not_here
 
 from .export import export_checkpoint, load_checkpoint
-from .guard import ShiftGuard
+from .guard import ShiftGuard, as_unknown_task
 from .policies import deployed_policy, ignores_task
 from .recalibrate import check_write_paths, file_digests, min_requests
 from .weighted import density_ratios, weighted_calibrate
-
-
-def as_unknown_task(features: np.ndarray) -> np.ndarray:
-    """Features whose task one-hot says `unknown` (the live prompts' tasks are not known)."""
-    out = np.array(features, dtype=np.float32, copy=True)
-    out[:, [FEATURE_NAMES.index(t) for t in TASK_FEATURES]] = 0.0
-    out[:, FEATURE_NAMES.index("task_unknown")] = 1.0
-    return out
 
 
 def prompt_features(ckpt, prompts: str, max_requests: int | None, model: str | None = None) -> np.ndarray:
@@ -42,13 +34,12 @@ def prompt_features(ckpt, prompts: str, max_requests: int | None, model: str | N
     from data.backfill import probe_features
     from data.config import SparseConfig
     from data.labeling import choose_prompts
-    from data.models import load_model, same_weights
+    from data.models import load_model
     from data.tasks import prompt_ids, read_prompts
+    from .pipeline import check_same_model
     rec = ckpt.record
     lm = load_model(model or rec["model"]["name"])
-    if not same_weights(lm.fingerprint, ckpt.fingerprint):
-        raise UserError(f"model {model or rec['model']['name']} ({lm.fingerprint['id']}) is not the model the "
-                        f"controller was trained for ({rec['model']['name']}, {ckpt.fingerprint['id']})")
+    check_same_model(lm, ckpt, model or rec["model"]["name"])
     from sparse_kernels import enable_sparse_attention
     enable_sparse_attention(lm.model)   # the probes run inside the project's attention function
     sparse = SparseConfig(**rec["sparse"])

@@ -86,7 +86,7 @@ def ladder_streams(checkpoint: str, store: str, alpha: float, delta: float, p: f
     from controller.dataset import arrays_from_store
     from controller.evaluate import policy_metrics
     from controller.export import load_checkpoint
-    from controller.holdout import LADDER
+    from controller.holdout import LADDER, rung_levels
     from controller.pipeline import _splits
     from controller.policies import deployed_policy
     from controller.risk import simulate_ladder
@@ -94,7 +94,7 @@ def ladder_streams(checkpoint: str, store: str, alpha: float, delta: float, p: f
     arrays, _ = arrays_from_store(store, ckpt.record["criterion"])
     test = arrays.subset(_splits(arrays, ckpt.record["split"])["test"])
     scores = deployed_policy(ckpt.net, ckpt.levels, ckpt.record).scores(test.features)
-    rungs = np.stack([ckpt.calibration.decide(scores, test.n_tokens, offset=o) for o in LADDER], axis=1)
+    rungs = rung_levels(ckpt.calibration, scores, test.n_tokens)
     rates = [float((rungs[:, k] > test.label_index).mean()) for k in range(len(LADDER))]
     saved = [policy_metrics(test, rungs[:, k])["compute_saved"] for k in range(len(LADDER))]
     runs = []
