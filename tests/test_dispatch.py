@@ -429,4 +429,6 @@ def test_hooked_rows_of_a_window_model_time_the_window_path_in_their_own_rotatio
     assert hook_dense["path"] == "window" and decided["level"] == 0.0
     for r in (hook_dense, decided):
         assert r["ms_window"] > 0 and r["ms_best_dense"] == min(r["ms_dense"], r["ms_window"])
-        assert r["speedup_best_dense"] == round(r["ms_best_dense"] / r["ms"], 3)
+        # the speedup is computed from the unrounded times, the stored ms are rounded to 3 decimals: the
+        # ratio of the rounded values may differ in its last digit (a fresh-clone CI run met 0.989 vs 0.988)
+        assert r["speedup_best_dense"] == pytest.approx(r["ms_best_dense"] / r["ms"], abs=1.5e-3)
