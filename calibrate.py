@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _strata(text: str) -> tuple[int, ...] | None:
     """--length-strata: None (the checkpoint's), () for 'none', or the token bounds."""
-    from controller.config import check_strata
+    from controller.learning.config import check_strata
     if text == "checkpoint":
         return None
     if text == "none":
@@ -75,7 +75,7 @@ def _strata(text: str) -> tuple[int, ...] | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from controller.compat import check_switches
+        from controller.runtime.compat import check_switches
         check_switches()
         if args.max_requests is not None and args.max_requests < 1:
             raise UserError(f"--max-requests must be >= 1, got {args.max_requests}")
@@ -83,10 +83,10 @@ def main(argv=None) -> int:
             raise UserError("--devices and --batch-samples must be >= 1")
         strata = _strata(args.length_strata)
         if args.reweigh:
-            from controller.reweigh import reweigh_checkpoint
+            from controller.guarantee.reweigh import reweigh_checkpoint
             return _print(reweigh_checkpoint(args.checkpoint, args.prompts, args.out, args.alpha, args.delta,
                                              args.max_requests, args.model, args.overwrite))
-        from controller.recalibrate import recalibrate_checkpoint
+        from controller.guarantee.recalibrate import recalibrate_checkpoint
         result = recalibrate_checkpoint(args.checkpoint, args.prompts, args.out, args.criterion, args.alpha,
                                         args.delta, args.max_requests, args.labels, args.devices,
                                         args.batch_samples, args.guard_p, model=args.model, policy=args.policy,

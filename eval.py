@@ -46,14 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from controller.compat import check_switches
-        from controller.pipeline import check_report_paths, evaluate_checkpoint
+        from controller.runtime.compat import check_switches
+        from controller.learning.pipeline import check_report_paths, evaluate_checkpoint
         check_switches()
         check_report_paths(args.out, args.checkpoint, args.overwrite, labels=args.labels, ruler=args.ruler,
                            prompts=args.prompts)
         criterion = args.criterion
         if args.prompts and criterion is None:
-            from controller.export import load_checkpoint
+            from controller.runtime.checkpoint import load_checkpoint
             own = load_checkpoint(args.checkpoint).record["criterion"].get("name", "gold")
             criterion = own if own in ("fidelity", "divergence") else "fidelity"
         out = evaluate_checkpoint(args.checkpoint, args.out, labels=args.labels, ruler=args.ruler,

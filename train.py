@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from controller.compat import check_switches
-from controller.config import ControllerJobConfig
+from controller.runtime.compat import check_switches
+from controller.learning.config import ControllerJobConfig
 from data.config import config_keys_help, load_config
 from data.errors import ArgumentParser, UserError, error_line, doc_summary
 
@@ -85,8 +85,8 @@ def label_only(job: ControllerJobConfig) -> str | None:
 def run(job: ControllerJobConfig) -> str | None:
     if "train" not in job.stages:
         return label_only(job)
-    from controller.dataset import arrays_from_store
-    from controller.pipeline import checked_splits, evaluate_checkpoint, resolve_labels, train_on_arrays
+    from controller.learning.dataset import arrays_from_store
+    from controller.learning.pipeline import checked_splits, evaluate_checkpoint, resolve_labels, train_on_arrays
     from dataclasses import replace
     labels = resolve_labels(job)
     if labels is None:   # a non-zero rank of the labeling run: its share is written; rank 0 trains

@@ -41,10 +41,10 @@ def gen(request):
 def tiny_trained(tiny_lm, tmp_path_factory):
     """A controller trained on a tiny-model label store; its threshold is then moved to the median
     score so that decisions are mixed (the tiny model's labels are noise; this tests mechanics)."""
-    from controller.config import ControllerJobConfig
-    from controller.export import RECORD_FILE
-    from controller.pipeline import train_controller
-    from controller.policies import controller_policy
+    from controller.learning.config import ControllerJobConfig
+    from controller.runtime.checkpoint import RECORD_FILE
+    from controller.learning.pipeline import train_controller
+    from controller.runtime.policy import controller_policy
     from data.config import load_config
     from data.features import FEATURE_NAMES
     from data.runner import run_labeling

@@ -22,12 +22,12 @@ def _shifted(cal, n: int, seed: int):
 
 def test_the_adapted_head_is_certified_on_requests_it_was_not_fitted_on_and_deployed_when_it_saves_more(
         tiny_trained, tmp_path):
-    from controller.evaluate import policy_metrics
-    from controller.export import export_checkpoint, load_checkpoint
-    from controller.guard import Guarded
-    from controller.pipeline import calibration_arrays
-    from controller.policies import AdaptedPolicy, deployed_policy
-    from controller.recalibrate import recalibrate
+    from controller.learning.evaluate import policy_metrics
+    from controller.runtime.checkpoint import export_checkpoint, load_checkpoint
+    from controller.guarantee.guard import Guarded
+    from controller.learning.pipeline import calibration_arrays
+    from controller.runtime.policy import AdaptedPolicy, deployed_policy
+    from controller.guarantee.recalibrate import recalibrate
     from data.criteria import criterion_dict
     _, _, ckpt_dir, _, _ = tiny_trained
     ckpt = load_checkpoint(ckpt_dir)
@@ -55,9 +55,9 @@ def test_the_adapted_head_is_certified_on_requests_it_was_not_fitted_on_and_depl
 
 
 def test_too_few_requests_for_two_halves_are_refused_when_adapted_is_asked_for(tiny_trained):
-    from controller.export import load_checkpoint
-    from controller.pipeline import calibration_arrays
-    from controller.recalibrate import recalibrate
+    from controller.runtime.checkpoint import load_checkpoint
+    from controller.learning.pipeline import calibration_arrays
+    from controller.guarantee.recalibrate import recalibrate
     from data.criteria import criterion_dict
     from data.errors import UserError
     _, _, ckpt_dir, _, _ = tiny_trained

@@ -189,8 +189,8 @@ def test_a_store_too_small_for_the_splits_is_refused_before_anything_is_written(
 def test_a_bad_environment_switch_is_refused_up_front(capsys, tmp_path, monkeypatch, tiny_lm, tiny_trained, switch):
     """A switch with a value it refuses: one line from each command, UserError from attach; nothing
     runs and no file is written (before, a typo surfaced mid-forward, where the hook runs dense)."""
-    import controller.benchmark as benchmark
-    from controller.hook import attach
+    import controller.experiments.benchmark as benchmark
+    from controller.runtime.hook import attach
     from data.errors import UserError
     monkeypatch.setenv(switch, "bogus")
     _check(capsys, tmp_path, ["--config", TINY, f"labeling.out={tmp_path / 'store'}"], switch)
@@ -215,7 +215,7 @@ def test_a_bad_environment_switch_is_refused_up_front(capsys, tmp_path, monkeypa
         "config a list", "groups too small"])
 def test_holdout_mistakes_are_one_line_before_any_training(capsys, tmp_path, tiny_trained, argv, words):
     """issue 30: each of these gave a traceback (some after training a group's controller)."""
-    from controller import holdout
+    from controller.experiments import holdout
     (tmp_path / "afile").write_text("x")
     (tmp_path / "nolabels.yaml").write_text("model: {name: smollm2-135m}\n")
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
@@ -270,7 +270,7 @@ def test_a_full_disk_while_labeling_is_one_line_and_keeps_no_partial_shard(capsy
 
 def test_a_full_disk_while_writing_a_report_is_one_line(capsys, tmp_path, monkeypatch, tiny_trained):
     import eval as eval_cli
-    from controller import pipeline
+    from controller.learning import pipeline
     monkeypatch.setattr(pipeline, "write_report", _disk_full)
     code = eval_cli.main(["--checkpoint", str(tiny_trained[2]), "--labels", str(tiny_trained[1].root),
                           "--out", str(tmp_path / "report")])

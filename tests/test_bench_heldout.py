@@ -5,10 +5,10 @@ import shutil
 import numpy as np
 import pytest
 
-from controller.bench_heldout import heldout_requests
-from controller.benchmark import bench_end_to_end
-from controller.dataset import SPLITS, split_groups
-from controller.export import load_checkpoint
+from controller.experiments.bench_heldout import heldout_requests
+from controller.experiments.benchmark import bench_end_to_end
+from controller.learning.dataset import SPLITS, split_groups
+from controller.runtime.checkpoint import load_checkpoint
 from data.criteria import apply_criterion, resolved
 from data.errors import UserError
 from data.store import sample_labels
@@ -76,9 +76,9 @@ def test_decided_heldout_rows_report_decisions_their_unsafe_rate_and_the_forced_
 def test_unsafe_rate_counts_sparse_decisions_above_the_label(tiny_trained, tiny_lm, tmp_path):
     """Without a break-even table the hook runs the net's own sparse decisions at these lengths:
     the rows must price and judge them request by request."""
-    from controller.bench_heldout import decided_heldout_rows
-    from controller.benchmark import _measure_alternating
-    from controller.hook import attach
+    from controller.experiments.bench_heldout import decided_heldout_rows
+    from controller.experiments.benchmark import _measure_alternating
+    from controller.runtime.hook import attach
     _, store, ckpt_dir, _, _ = tiny_trained
     other = tmp_path / "held"
     shutil.copytree(store.root, other)

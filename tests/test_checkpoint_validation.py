@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from controller.export import RECORD_FILE, WEIGHTS_FILE, load_checkpoint
+from controller.runtime.checkpoint import RECORD_FILE, WEIGHTS_FILE, load_checkpoint
 from data.errors import UserError
 
 RECORD_CASES = [
@@ -104,7 +104,7 @@ def test_corrupt_store_files_are_named_in_one_line(tiny_trained, tmp_path, capsy
 
 def test_eval_refuses_a_store_made_with_other_sparse_settings(tiny_lm, tiny_trained, tmp_path, capsys):
     import eval as eval_cli
-    from controller.config import ControllerJobConfig
+    from controller.learning.config import ControllerJobConfig
     from data.config import load_config
     from data.runner import run_labeling
     job = load_config(ControllerJobConfig, "configs/test_tiny.yaml",

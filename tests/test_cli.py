@@ -161,7 +161,7 @@ def test_a_checkpoint_moved_with_its_store_still_finds_it(tiny_trained, tmp_path
 
 
 def test_help_lists_every_config_key_with_its_default(capsys):
-    from controller.config import ControllerJobConfig
+    from controller.learning.config import ControllerJobConfig
     from data.config import config_keys
     with pytest.raises(SystemExit) as done:
         train.main(["--help"])

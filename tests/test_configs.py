@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import ControllerJobConfig
+from controller.learning.config import ControllerJobConfig
 from data.config import LabelJobConfig, load_config
 from data.errors import UserError
 
@@ -20,7 +20,7 @@ def test_every_config_loads(path):
     assert cfg.labeling.levels[0] == 0.0 and cfg.data.tasks
     assert isinstance(cfg.label_job(), LabelJobConfig)
     if "train" in cfg.stages and cfg.labels is not None:  # a reused store must match the config
-        from controller.pipeline import resolve_labels
+        from controller.learning.pipeline import resolve_labels
         assert resolve_labels(cfg) == cfg.labels
 
 

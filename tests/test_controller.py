@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from controller.calibrate import Calibration, calibrate, violations
-from controller.dataset import LabelArrays, arrays_from_store, split_groups
-from controller.evaluate import policy_metrics
-from controller.export import export_checkpoint, load_checkpoint
-from controller.net import SafetyNet
-from controller.policies import ComputeAware, FixedPolicy, LengthLawPolicy, Policy, controller_policy, decide
+from controller.guarantee.calibrate import Calibration, calibrate, violations
+from controller.guarantee.arrays import LabelArrays
+from controller.learning.dataset import arrays_from_store, split_groups
+from controller.learning.evaluate import policy_metrics
+from controller.runtime.checkpoint import export_checkpoint, load_checkpoint
+from controller.runtime.net import SafetyNet
+from controller.runtime.policy import ComputeAware, Policy, controller_policy, decide
+from controller.learning.baselines import FixedPolicy, LengthLawPolicy
 from data.errors import UserError
 from data.features import FEATURE_NAMES, FEATURE_VERSION
 
@@ -169,8 +171,8 @@ def test_a_store_of_another_feature_version_is_refused_with_the_backfill_command
 def test_training_is_seeded_and_deterministic_on_cpu(tmp_path):
     from dataclasses import replace
 
-    from controller.config import ControllerJobConfig
-    from controller.lit import LabelDataModule, fit_net
+    from controller.learning.config import ControllerJobConfig
+    from controller.learning.lit import LabelDataModule, fit_net
     a, _ = arrays_from_store(STORE)
     splits = split_groups(a.groups, (0.5, 0.1, 0.2), seed=0)
     job = ControllerJobConfig()
@@ -193,7 +195,7 @@ def test_one_net_pass_gives_the_same_decision_as_two():
 
 
 def test_mass_coverage_baseline_is_monotone_in_p():
-    from controller.policies import MassCoveragePolicy, recall_columns
+    from controller.runtime.policy import MassCoveragePolicy, recall_columns
     levels = np.array([0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97])
     rng = np.random.default_rng(4)
     feats = rng.normal(size=(300, len(FEATURE_NAMES))).astype(np.float32)

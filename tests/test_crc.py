@@ -4,8 +4,9 @@ checkpoint and the report."""
 import numpy as np
 import pytest
 
-from controller.calibrate import Calibration, calibrate, violations
-from controller.policies import FixedPolicy, LearnedPolicy
+from controller.guarantee.calibrate import Calibration, calibrate, violations
+from controller.learning.baselines import FixedPolicy
+from controller.runtime.policy import LearnedPolicy
 
 from test_controller import LEVELS, synthetic
 
@@ -59,7 +60,7 @@ def test_crc_travels_in_the_checkpoint_record_and_bad_modes_are_refused():
         Calibration.from_json({**c.to_json(), "mode": "vibes"})
     with pytest.raises(ValueError, match="mode must be one of"):
         calibrate(FixedPolicy(LEVELS), _draw(0, 50), 0.1, 0.1, mode="vibes")
-    from controller.config import CalibrationConfig
+    from controller.learning.config import CalibrationConfig
     from data.errors import UserError
     with pytest.raises(UserError, match="calibration.mode"):
         CalibrationConfig(mode="vibes")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import sparse_kernels.hf as adapter
-from controller.compat import resolve_break_even
-from controller.hook import attach
+from controller.runtime.compat import resolve_break_even
+from controller.runtime.hook import attach
 from data.errors import UserError
 from data.labeling import build_samples
 from data.tasks import prompt_ids
@@ -90,7 +90,7 @@ def test_below_break_even_a_window_model_runs_a_dense_plan_without_probes(tiny_t
     real = adapter.sdpa_attention_forward
     monkeypatch.setattr(adapter, "sdpa_attention_forward",
                         lambda *a, **k: (plans.append(adapter.current_plan()), real(*a, **k))[1])
-    from controller.export import ControllerCheckpoint, load_checkpoint
+    from controller.runtime.checkpoint import ControllerCheckpoint, load_checkpoint
     ckpt = load_checkpoint(tiny_trained[2])   # its record, made to name this model (the mechanics need no trained net)
     ckpt = ControllerCheckpoint(ckpt.net, {**ckpt.record, "model": {**ckpt.record["model"], "fingerprint": lm.fingerprint}})
     table = BreakEven(((0.5, 10**6),), "test", window_from=256)
@@ -215,8 +215,8 @@ def test_benchmark_end_to_end_rows_and_break_even_on_the_tiny_model(tiny_trained
     decisions past it (the controller's net deciding), not requests on probation."""
     import shutil
 
-    from controller.benchmark import bench_end_to_end, e2e_table
-    from controller.export import RECORD_FILE
+    from controller.experiments.benchmark import bench_end_to_end, e2e_table
+    from controller.runtime.checkpoint import RECORD_FILE
     _, _, trained, _, _ = tiny_trained
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained, ckpt)
@@ -287,7 +287,7 @@ def test_probe_statistics_copied_ahead_read_the_same(gen):
 def test_benchmark_times_each_level_forced_and_decided_in_one_alternation(tiny_trained, monkeypatch):
     """The decision overhead is a difference of two timings: they must alternate call by call (one
     `_measure_alternating` per level holding both), not come from two blocks minutes apart."""
-    import controller.benchmark as bench
+    import controller.experiments.benchmark as bench
     _, _, ckpt, _, _ = tiny_trained
     batches, measure = [], bench._measure_alternating
 
@@ -398,7 +398,7 @@ def test_alternating_measurement_interleaves_modes_inside_their_contexts():
     """Each mode's call runs inside its own context, the modes alternate, and the warm-up pass is
     not counted (`_reps(n)` timed calls per mode)."""
     import contextlib
-    from controller.benchmark import _measure_alternating, _reps
+    from controller.experiments.benchmark import _measure_alternating, _reps
     log, inside = [], []
 
     @contextlib.contextmanager
@@ -415,11 +415,11 @@ def test_alternating_measurement_interleaves_modes_inside_their_contexts():
 def test_hooked_rows_of_a_window_model_time_the_window_path_in_their_own_rotation(tiny_trained, tiny_gemma3, monkeypatch):
     """issue 28: the best dense path of a sliding-window model (its window path) is timed in the same
     rotation as the hook's rows, so `speedup_best_dense` compares calls of one phase of the run."""
-    from controller import benchmark
-    from controller.benchmark import _hooked_rows
+    from controller.experiments import benchmark
+    from controller.experiments.benchmark import _hooked_rows
     monkeypatch.setattr(benchmark, "ROUNDS", 1)   # the mechanics only: one round of one timed call per mode
     monkeypatch.setattr(benchmark, "_reps", lambda n: 1)
-    from controller.export import ControllerCheckpoint, load_checkpoint
+    from controller.runtime.checkpoint import ControllerCheckpoint, load_checkpoint
     lm = tiny_gemma3(window=64)
     ids = torch.randint(5, 1000, (1, 300), generator=torch.Generator().manual_seed(3))
     ckpt = load_checkpoint(tiny_trained[2])

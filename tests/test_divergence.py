@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from controller.hook import attach
+from controller.runtime.hook import attach
 from data.config import CriterionConfig
 from data.criteria import apply_criterion, null_threshold
 from data.errors import UserError
@@ -17,7 +17,7 @@ DIVERGENCE = {"name": "divergence", "measure": "kl_mean", "null_quantile": 0.99}
 
 
 def _job(tmp_path, name, extra=()):
-    from controller.config import ControllerJobConfig
+    from controller.learning.config import ControllerJobConfig
     from data.config import load_config
     return load_config(ControllerJobConfig, "configs/test_tiny.yaml",
                        [f"labeling.out={tmp_path / name}", "data.samples_per_length=12", *extra]).label_job()

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from controller.config import ControllerJobConfig
+from controller.learning.config import ControllerJobConfig
 from data.config import load_config
 from data.features import FEATURE_NAMES, FEATURE_VERSION, ProbeCollector, compute_features, feature_vector, text_statistics
 from data.labeling import Labeler, build_samples

@@ -42,7 +42,7 @@ def test_committed_store_gives_a_figure(tmp_path):
 ])
 def test_the_mass_coverage_goal_line_is_a_sentence(controller, mass, words):
     """issue 31 item 8: with neither policy saving anything the report line ended "the controller -."."""
-    from controller.report import goal_lines
+    from controller.learning.report import goal_lines
     policy = {"compute_saved": 0.0, "violation_rate": 0.0}
     metrics = {"alpha": 0.05, "policies": {"controller": {**policy, "compute_saved": controller}, "fixed": policy,
                                            "length_law": policy, "oracle": {**policy, "compute_saved": 0.5},

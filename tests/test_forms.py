@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from controller.config import ControllerJobConfig
-from controller.holdout import GROUPINGS, in_group
+from controller.learning.config import ControllerJobConfig
+from controller.experiments.holdout import GROUPINGS, in_group
 from data.adopt import adopt_store
 from data.adopt import main as adopt_main
 from data.config import load_config

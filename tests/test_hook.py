@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import eval as eval_cli
-from controller.export import load_checkpoint
-from controller.guard import Guarded
-from controller.hook import attach
-from controller.policies import controller_policy
+from controller.runtime.checkpoint import load_checkpoint
+from controller.guarantee.guard import Guarded
+from controller.runtime.hook import attach
+from controller.runtime.policy import controller_policy
 from data.errors import UserError
 from data.features import FEATURE_NAMES
 from data.labeling import build_samples
@@ -221,12 +221,12 @@ def test_memory_stays_flat_over_300_hooked_calls(tiny_lm, tiny_trained):
     with attach(tiny_lm, ckpt, break_even=None) as handle, torch.no_grad():
         for _ in range(120):   # past the monitor's first window test
             tiny_lm.model(input_ids=ids)
-        handle._monitor_worker.submit(lambda: None).result()
+        handle.stream.worker.submit(lambda: None).result()
         gc.collect()
         mem, objects = rss(), len(gc.get_objects())
         for _ in range(300):
             tiny_lm.model(input_ids=ids)
-        handle._monitor_worker.submit(lambda: None).result()
+        handle.stream.worker.submit(lambda: None).result()
         gc.collect()
         grown_mem, grown_objects = rss() - mem, len(gc.get_objects()) - objects
     assert grown_objects < 2000, f"{grown_objects} more live Python objects after 300 calls"
@@ -236,7 +236,7 @@ def test_memory_stays_flat_over_300_hooked_calls(tiny_lm, tiny_trained):
 def test_a_stratified_checkpoint_decides_each_row_in_its_length_stratum(tiny_lm, tiny_trained):
     """Requests up to 100 tokens may take the top level, longer ones are uncertified (dense); the
     hook takes each row's stratum from its token count, given or read from the log_length feature."""
-    from controller.calibrate import Calibration
+    from controller.guarantee.calibrate import Calibration
     ckpt = load_checkpoint(tiny_trained[2])
     top, dense = Calibration(-1e9, True, 0.05, 0.05, 60, 0.0, 1), Calibration(float("inf"), False, 0.05, 0.05, 0, 0.0, 0)
     ckpt.record["calibration"] = Calibration(float("inf"), True, 0.05, 0.1, 60, 0.0, 1, (100,), (top, dense)).to_json()
@@ -277,7 +277,7 @@ def test_a_checkpoint_whose_probe_layer_runs_sparse_decides_alike_and_skips_more
 def test_a_checkpoint_that_probes_above_a_sparse_layer_is_refused(tiny_trained, tmp_path):
     import shutil
 
-    from controller.export import RECORD_FILE
+    from controller.runtime.checkpoint import RECORD_FILE
     bad = tmp_path / "ckpt"
     shutil.copytree(tiny_trained[2], bad)
     record = json.loads((bad / RECORD_FILE).read_text())
@@ -328,7 +328,7 @@ def test_a_decision_carries_p_safe_per_level_its_threshold_and_a_reason(tiny_lm,
 
 
 def test_a_decisions_reason_reads_as_a_sentence_for_each_outcome():
-    from controller.decision import Decision
+    from controller.runtime.decision import Decision
     p = (1.0, 0.6, 0.2)
     assert Decision(0.5, 0.6, 0.4, p_safe=p, threshold=0.55).reason.startswith(
         "level 0.5: the most aggressive level that passes the calibrated rule (score threshold 0.55; P(safe) per level: 1.00, 0.60, 0.20)")

@@ -1,4 +1,5 @@
-"""The one-way data flow: sparse_kernels <- data <- controller <- train.py/eval.py."""
+"""The one-way data flow: sparse_kernels <- data <- controller <- train.py/eval.py; inside controller, the
+runtime reaches nothing of learning or experiments."""
 import ast
 from pathlib import Path
 
@@ -61,10 +62,7 @@ def module_imports(path: Path) -> set[str]:
 
 
 def test_there_is_no_import_circle_between_project_modules():
-    files = [f for p in FORBIDDEN for f in (ROOT / p).rglob("*.py")]
-    names = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f for f in files}
-    graph = {n: {m for m in module_imports(f) if m in names and m != n and not n.startswith(m + ".")}
-             for n, f in names.items()}
+    graph = project_graph()
     state: dict[str, int] = {}
 
     def visit(n, stack):
@@ -80,14 +78,68 @@ def test_there_is_no_import_circle_between_project_modules():
             visit(n, [n])
 
 
+ROLES = ("runtime", "guarantee", "learning", "experiments")
+# role -> roles it may never import, directly or (for the runtime) through any module it imports
+ROLE_FORBIDDEN = {"runtime": {"learning", "experiments"}, "guarantee": {"experiments"}, "learning": {"experiments"}}
+
+
+def project_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere (function-level too)."""
+    files = [f for p in FORBIDDEN for f in (ROOT / p).rglob("*.py")]
+    names = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f for f in files}
+    return {n: {m for m in module_imports(f) if m in names and m != n and not n.startswith(m + ".")}
+            for n, f in names.items()}
+
+
+def closure(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for m in graph[todo.pop()] - seen:
+            seen.add(m)
+            todo.append(m)
+    return seen
+
+
+def role_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[0] == "controller" and parts[1] in ROLES else None
+
+
+def role_violations(graph: dict[str, set[str]]) -> list[str]:
+    """'a -> b' for every module whose role may not reach b's role: the runtime through its whole
+    import closure, the guarantee and learning by their direct imports."""
+    bad = []
+    for module, direct in sorted(graph.items()):
+        role = role_of(module)
+        reached = closure(graph, module) if role == "runtime" else direct
+        bad += [f"{module} -> {m}" for m in sorted(reached) if role_of(m) in ROLE_FORBIDDEN.get(role, ())]
+    return bad
+
+
+def test_controller_folders_are_its_roles_and_every_module_has_one():
+    loose = [f.name for f in (ROOT / "controller").glob("*.py")]
+    assert sorted(loose) == ["__init__.py", "benchmark.py", "holdout.py"], loose   # the two commands' names
+    assert all((ROOT / "controller" / r / "__init__.py").is_file() for r in ROLES)
+
+
+def test_the_runtime_reaches_no_learning_or_experiment_module_and_no_role_reaches_experiments():
+    assert role_violations(project_graph()) == []
+
+
+def test_the_role_check_sees_a_violation_through_a_chain():
+    graph = {"controller.runtime.hook": {"controller.guarantee.calibrate"},
+             "controller.guarantee.calibrate": {"controller.learning.dataset"}, "controller.learning.dataset": set()}
+    assert role_violations(graph) == ["controller.runtime.hook -> controller.learning.dataset"]
+
+
 def test_the_shipping_path_imports_no_training_code():
     """The hook, the decision, checkpoint loading and shadow labels: a fresh interpreter that imports them has no
-    Lightning, no training pipeline and no labeling runner in sys.modules."""
+    Lightning, no scikit-learn, no learning or experiment module and no labeling runner in sys.modules."""
     import subprocess
     import sys
-    code = ("import sys, controller.hook, controller.export, controller.shadow; "
-            "print(' '.join(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning') "
-            "or m in ('controller.lit', 'controller.pipeline', 'controller.recalibrate', 'data.runner')))")
+    code = ("import sys, controller.runtime.hook, controller.runtime.checkpoint, controller.runtime.shadow; "
+            "print(' '.join(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'sklearn') "
+            "or m.startswith(('controller.learning', 'controller.experiments')) or m == 'data.runner'))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "", f"the shipping path imports {done.stdout.strip()}"

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from controller.config import ControllerJobConfig
+from controller.learning.config import ControllerJobConfig
 from data.config import LabelJobConfig, load_config
 from data.errors import UserError
 from data.features import FEATURE_NAMES

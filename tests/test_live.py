@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from controller.risk import BettingBounds, LiveRisk
+from controller.guarantee.risk import BettingBounds, LiveRisk
 
 ALPHA, DELTA = 0.05, 0.1
 
@@ -56,8 +56,8 @@ def test_sampling_is_seeded_by_request_and_hits_its_share():
 
 def test_shadow_measurements_equal_the_labelers_rows(tiny_lm, tiny_trained):
     """A shadow label measures what the labeler stored for the same request at the same level."""
-    from controller.hook import attach
-    from controller.shadow import shadow_measurements
+    from controller.runtime.hook import attach
+    from controller.runtime.shadow import shadow_measurements
     from data.labeling import DIVERGENCE_COLUMNS, build_samples
     from data.tasks import prompt_ids
     job, store, ckpt, _, _ = tiny_trained
@@ -78,7 +78,7 @@ def _divergence_checkpoint(ckpt_dir, tmp_path, threshold: float):
     """The tiny checkpoint as if calibrated by calibrate.py (divergence, a recorded threshold)."""
     import json
     import shutil
-    from controller.export import RECORD_FILE
+    from controller.runtime.checkpoint import RECORD_FILE
     out = tmp_path / "div_ckpt"
     shutil.copytree(ckpt_dir, out)
     record = json.loads((out / RECORD_FILE).read_text())
@@ -92,8 +92,8 @@ def test_the_hook_falls_back_on_harm_and_only_warns_on_change(tiny_lm, tiny_trai
     """With the live certificate on: sampled requests are shadow-labeled; a stream whose labels
     show violations above alpha sends every later request dense and says why; a shift alarm alone
     only raises the labeled share."""
-    from controller.hook import attach
-    from controller.shadow import certify_live
+    from controller.runtime.hook import attach
+    from controller.runtime.shadow import certify_live
     from data.errors import UserError
     job, store, ckpt_dir, _, _ = tiny_trained
     with attach(tiny_lm, ckpt_dir, break_even=None) as handle:
@@ -130,7 +130,7 @@ def test_the_hook_falls_back_on_harm_and_only_warns_on_change(tiny_lm, tiny_trai
 def _ladder_run(rates, seed, labels=2500, alpha=0.05, delta=0.1, offsets=(0.0, 0.05, 0.2), switch=None):
     """A ladder fed nested Bernoulli violations (a request unsafe at a rung is unsafe at every more
     aggressive one); `switch` = (label, rates): the rates change there. Returns the rungs deployed."""
-    from controller.risk import ThresholdLadder
+    from controller.guarantee.risk import ThresholdLadder
     rng = np.random.default_rng(seed)
     ladder, deployed = ThresholdLadder(offsets, alpha, delta), []
     for t in range(labels):
@@ -168,8 +168,8 @@ def test_the_hook_moves_its_threshold_only_after_the_ladder_certifies_a_rung(tin
     """With `certify_live(ladder=...)` every sampled request is judged at each rung's level; once the
     live labels certify a rung (here nothing is ever a violation), decisions use the lowered
     threshold, and `Decision.threshold` says so. Shadow labels at several levels equal one-level ones."""
-    from controller.hook import attach
-    from controller.shadow import certify_live, shadow_measurements, shadow_measurements_at
+    from controller.runtime.hook import attach
+    from controller.runtime.shadow import certify_live, shadow_measurements, shadow_measurements_at
     from data.errors import UserError
     _, _, ckpt_dir, _, _ = tiny_trained
     ckpt = _divergence_checkpoint(ckpt_dir, tmp_path, threshold=1e9)
@@ -196,7 +196,7 @@ def test_the_hook_moves_its_threshold_only_after_the_ladder_certifies_a_rung(tin
 
 
 def test_the_ladder_replay_serves_the_certified_rung_and_never_an_unsafe_one():
-    from controller.risk import simulate_ladder
+    from controller.guarantee.risk import simulate_ladder
     n = 2000
     levels = np.stack([np.zeros(n, int), np.ones(n, int), np.full(n, 2)], axis=1)   # rung k chooses level index k
     labels = np.ones(n, int)                                                         # level 1 safe, level 2 never
@@ -208,7 +208,7 @@ def test_the_ladder_replay_serves_the_certified_rung_and_never_an_unsafe_one():
 def test_the_step_back_detector_keeps_its_mean_time_to_a_false_alarm_and_sees_harm_fast():
     """ECusum at a rate of exactly alpha: mean labels to a (false) alarm >= its arl of 1,000, over
     40 seeded streams capped at 20,000 labels; at 40% it alarms within a few dozen labels."""
-    from controller.risk import ECusum
+    from controller.guarantee.risk import ECusum
 
     def labels_to_alarm(rate, seed, cap=20_000):
         det, rng = ECusum(ALPHA, 1000.0), np.random.default_rng(seed)

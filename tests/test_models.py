@@ -110,7 +110,7 @@ def test_the_same_weights_loaded_another_way_are_the_same_model(tiny_lm, tiny_tr
     another model, refused in one line."""
     import copy
 
-    from controller.hook import attach
+    from controller.runtime.hook import attach
     from data.models import same_weights, weights_digest
     tiny_lm.model.save_pretrained(tmp_path / "m")
     tiny_lm.tokenizer.save_pretrained(tmp_path / "m")

@@ -3,9 +3,9 @@ the hook running every later request at the fallback once it has alarmed."""
 import numpy as np
 import torch
 
-from controller.guard import monitor_stream
-from controller.hook import attach
-from controller.monitor import ShiftMonitor
+from controller.guarantee.guard import monitor_stream
+from controller.runtime.hook import attach
+from controller.guarantee.monitor import ShiftMonitor
 from data.labeling import build_samples
 from data.tasks import prompt_ids
 
@@ -32,7 +32,7 @@ def test_small_p_values_alarm_within_a_few_dozen_requests():
 
 def test_offline_stream_follows_a_seeded_order(tiny_trained):
     job, store, ckpt_dir, net, _ = tiny_trained
-    from controller.export import load_checkpoint
+    from controller.runtime.checkpoint import load_checkpoint
     guard = load_checkpoint(ckpt_dir).guard
     feats = store.table().query("level == 0")[[c for c in store.table().columns if c.startswith("f_")]].to_numpy()
     a, state = monitor_stream(guard, feats, seed=3)
@@ -60,7 +60,7 @@ def test_hook_runs_every_request_at_the_fallback_after_an_alarm(tiny_lm, tiny_tr
 
 
 def test_a_window_of_concentrated_traffic_alarms_and_exchangeable_windows_do_not():
-    from controller.guard import two_sample_test
+    from controller.guarantee.guard import two_sample_test
     rng = np.random.default_rng(13)
     reference = rng.normal(size=(600, 4))
 
@@ -113,8 +113,8 @@ def test_hook_runs_the_first_requests_of_a_stream_at_the_fallback_on_probation(t
 
 
 def test_the_guard_records_its_warmup_and_older_records_have_none(tiny_trained):
-    from controller.export import load_checkpoint
-    from controller.guard import ShiftGuard
+    from controller.runtime.checkpoint import load_checkpoint
+    from controller.guarantee.guard import ShiftGuard
     ck = load_checkpoint(tiny_trained[2])
     record = ck.guard.to_json()
     n, levels = ck.guard.reference.shape[1], ck.levels
@@ -124,9 +124,9 @@ def test_the_guard_records_its_warmup_and_older_records_have_none(tiny_trained):
 
 
 def test_the_report_says_how_many_requests_ran_on_probation(tiny_trained):
-    from controller.dataset import arrays_from_store
-    from controller.export import load_checkpoint
-    from controller.pipeline import shift_report
+    from controller.learning.dataset import arrays_from_store
+    from controller.runtime.checkpoint import load_checkpoint
+    from controller.learning.pipeline import shift_report
     _, store, ckpt_dir, _, _ = tiny_trained
     ck = load_checkpoint(ckpt_dir)
     arrays, _ = arrays_from_store(str(store.root))
@@ -137,9 +137,9 @@ def test_the_report_says_how_many_requests_ran_on_probation(tiny_trained):
 
 
 def test_recalibration_keeps_the_warmup_and_its_certified_line_names_it(tiny_trained):
-    from controller.dataset import arrays_from_store
-    from controller.export import load_checkpoint
-    from controller.recalibrate import certified_line, recalibrate
+    from controller.learning.dataset import arrays_from_store
+    from controller.runtime.checkpoint import load_checkpoint
+    from controller.guarantee.recalibrate import certified_line, recalibrate
     from data.store import criterion_dict
     _, store, ckpt_dir, _, _ = tiny_trained
     ck = load_checkpoint(ckpt_dir)

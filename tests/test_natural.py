@@ -73,7 +73,7 @@ def test_the_controller_sees_natural_requests_as_unknown_tasks(tokenizer):
 
 
 def _natural_store(tiny_lm, root, overrides=()):
-    from controller.config import ControllerJobConfig
+    from controller.learning.config import ControllerJobConfig
     from data.config import load_config
     from data.runner import run_labeling
     job = load_config(ControllerJobConfig, "configs/test_tiny_controller.yaml",
@@ -83,8 +83,8 @@ def _natural_store(tiny_lm, root, overrides=()):
 
 
 def test_stores_labeled_alike_join_and_others_are_refused(tiny_lm, tiny_trained, tmp_path):
-    from controller.dataset import arrays_from_stores
-    from controller.holdout import in_group
+    from controller.learning.dataset import arrays_from_stores
+    from controller.experiments.holdout import in_group
     base = str(tiny_trained[1].root)
     natural = _natural_store(tiny_lm, tmp_path / "natural")
     arrays, _ = arrays_from_stores([base, str(natural.root)])

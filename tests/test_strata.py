@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from controller.calibrate import Calibration, calibrate, strata_of, violations
-from controller.config import CalibrationConfig
-from controller.policies import Policy
+from controller.guarantee.calibrate import Calibration, calibrate, strata_of, violations
+from controller.learning.config import CalibrationConfig
+from controller.runtime.policy import Policy
 from data.errors import UserError
 from data.features import FEATURE_NAMES
 from test_controller import LEVELS, synthetic
@@ -116,7 +116,7 @@ def test_a_stream_monitors_warm_up_is_not_calibrated_on():
     for the traffic after it."""
     import dataclasses
 
-    from controller.guard import Guarded, Monitored, ShiftGuard
+    from controller.guarantee.guard import Guarded, Monitored, ShiftGuard
     rng = np.random.default_rng(5)
     cal = mixed(600, rng)
     base = LengthBlind(cal, rng)

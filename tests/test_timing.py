@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import eval as eval_cli
-from controller.timing import TimeTable, find_timings
+from controller.learning.timing import TimeTable, find_timings
 
 ROWS = [{"N": 1000, "mode": "dense", "ms": 10.0}, {"N": 4000, "mode": "dense", "ms": 100.0},
         {"N": 1000, "mode": "forced", "level": 0.5, "ms": 12.0, "ms_with_decision": 13.0},
@@ -85,8 +85,8 @@ def test_the_certified_line_states_the_time_it_expects_or_why_none(tmp_path, mon
     """issue 31 item 2: the demo report gave only compute saved (19.2%) and never said that on the
     recorded card that checkpoint runs every request dense. calibrate.py's `certified:` line now says
     what prefill time its decisions on the calibration requests would save there, or why none."""
-    from controller import timing
-    from controller.recalibrate import expected_time, time_words
+    from controller.learning import timing
+    from controller.guarantee.recalibrate import expected_time, time_words
     bench = tmp_path / "card.json"
     bench.write_text(json.dumps({"device": "Card X", "end_to_end": ROWS,
                                  "break_even": {"levels": {"0.5": 4000, "0.9": 1000}, "source": "measured"}}))

@@ -148,7 +148,7 @@ def test_benchmark_rows_carry_the_promised_fields(monkeypatch, capsys):
     assert row["fused_select_equal"] and row["ms_select_torch"] == 1.0 and row["select_share"] == 1.0
     assert "SPLIT: True" in row["triton_config"]   # the interpreter's one config: the split loop
     assert bench.kernel_table([row]).count("\n") == 2
-    import controller.benchmark as cli
+    import controller.experiments.benchmark as cli
     if not torch.cuda.is_available():
         assert cli.main(["--out", "unused.json"]) == 2 and "needs a CUDA GPU" in capsys.readouterr().err
 

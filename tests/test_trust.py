@@ -11,13 +11,13 @@ import torch
 
 import calibrate as calibrate_cli
 import eval as eval_cli
-from controller.calibrate import calibrate, ltt_p_values, violations
-from controller.dataset import arrays_from_frame, arrays_from_store
-from controller.export import load_checkpoint
-from controller.guard import ShiftGuard, two_sample_test
-from controller.hook import attach
-from controller.policies import Policy
-from controller.recalibrate import min_requests
+from controller.guarantee.calibrate import calibrate, ltt_p_values, violations
+from controller.learning.dataset import arrays_from_frame, arrays_from_store
+from controller.runtime.checkpoint import load_checkpoint
+from controller.guarantee.guard import ShiftGuard, two_sample_test
+from controller.runtime.hook import attach
+from controller.runtime.policy import Policy
+from controller.guarantee.recalibrate import min_requests
 from data.errors import UserError
 from data.features import FEATURE_NAMES
 from data.criteria import LABEL_FREE_DEFAULT, null_threshold

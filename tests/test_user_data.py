@@ -11,7 +11,7 @@ import torch
 import calibrate as calibrate_cli
 import eval as eval_cli
 import train
-from controller.export import export_checkpoint, load_checkpoint
+from controller.runtime.checkpoint import export_checkpoint, load_checkpoint
 from data.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def test_train_never_writes_into_a_folder_it_did_not_make(tmp_path, capsys):
 
 
 def _tiny_job(tmp_path, name="s", extra=()):
-    from controller.config import ControllerJobConfig
+    from controller.learning.config import ControllerJobConfig
     from data.config import load_config
     return load_config(ControllerJobConfig, "configs/test_tiny.yaml", [f"labeling.out={tmp_path / name}", *extra]).label_job()
 
@@ -292,7 +292,7 @@ def test_a_kill_at_any_step_of_adopt_then_a_rerun_keeps_every_row(tiny_lm, tmp_p
 
 
 def test_concurrent_attach_on_one_model_one_wins_and_detach_restores_it(tiny_lm, tiny_trained, gen):
-    from controller.hook import attach
+    from controller.runtime.hook import attach
     model = tiny_lm.model
     ids = torch.randint(0, 1000, (1, 300), generator=gen)
     unhooked = model(input_ids=ids).logits

@@ -3,8 +3,8 @@ covariate shift where the plain threshold breaks it, and a shift too far is refu
 import numpy as np
 import pytest
 
-from controller.calibrate import calibrate, violations
-from controller.weighted import density_ratios, effective_size, weighted_calibrate
+from controller.guarantee.calibrate import calibrate, violations
+from controller.guarantee.weighted import density_ratios, effective_size, weighted_calibrate
 from data.errors import UserError
 
 from test_controller import LEVELS, synthetic
@@ -62,9 +62,9 @@ def test_reweighing_a_checkpoint_toward_unlabeled_prompts(tiny_trained, tiny_lm,
     """calibrate.py --reweigh (issue 29 item 3): the record says what was reweighed and how far; traffic
     separable from the calibration requests, or too little of it, is refused in one line."""
     import calibrate as calibrate_cli
-    from controller.export import load_checkpoint
-    from controller.pipeline import calibration_arrays
-    from controller.reweigh import reweighed_record
+    from controller.runtime.checkpoint import load_checkpoint
+    from controller.learning.pipeline import calibration_arrays
+    from controller.guarantee.reweigh import reweighed_record
     from data.criteria import criterion_dict
     from data.errors import UserError
     _, _, ckpt_dir, _, _ = tiny_trained

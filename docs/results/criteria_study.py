@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from controller.dataset import arrays_from_frame  # noqa: E402
-from controller.evaluate import policy_metrics, separability  # noqa: E402
+from controller.learning.dataset import arrays_from_frame  # noqa: E402
+from controller.learning.evaluate import policy_metrics, separability  # noqa: E402
 from data.criteria import MEASURES, apply_criterion, criterion_dict, floor_quantile, null_threshold, null_values  # noqa: E402
 from data.store import LabelStore, sample_labels, write_text_atomic  # noqa: E402
 
@@ -105,7 +105,7 @@ def row_for(name: str, crit: dict, a, b, net, model: str) -> dict:
            # exceeded by about 1/(m/2 + 1) of the other half, the finest dense_null_unsafe it can show
            "null_pairs": int(len(null_values(a, crit.get("measure", "kl_max"))))}
     if net is not None:
-        from controller.policies import LearnedPolicy
+        from controller.runtime.policy import LearnedPolicy
         aucs = [v for v in separability(LearnedPolicy(net), arrays).values() if v is not None]
         row["auc"] = float(np.mean(aucs)) if aucs else None
     row["met"] = [k for k, g in GOALS.items() if row[k] is not None and (row[k] <= g if k != "gold_agreement" else row[k] >= g)]
@@ -161,7 +161,7 @@ def main() -> int:
         a, b = LabelStore(a_root).table(), LabelStore(b_root).table()
         net = None
         if len(pair) == 4:
-            from controller.export import load_checkpoint
+            from controller.runtime.checkpoint import load_checkpoint
             net = load_checkpoint(pair[3]).net
         rows += [row_for(name, crit, a, b, net, model) for name, crit in criteria(a).items()]
         stores[model] = {"a": LabelStore(a_root).meta().get("device_name"), "b": LabelStore(b_root).meta().get("device_name")}

@@ -15,9 +15,10 @@ token statistics, and how long the decision took.
 import contextlib, time, json, sys, os, warnings
 warnings.filterwarnings("ignore")
 import numpy as np, torch
-import controller.hook as H
-from controller.benchmark import _measure_alternating, _forcing
-from controller.export import load_checkpoint
+import controller.runtime.hook as H
+import controller.runtime.probes as P
+from controller.experiments.benchmark import _measure_alternating, _forcing
+from controller.runtime.checkpoint import load_checkpoint
 from data.models import load_model
 from sparse_kernels import SparsePlan, use_plan, enable_sparse_attention, disable_sparse_attention
 
@@ -27,11 +28,11 @@ LEN = [int(x) for x in sys.argv[1].split(",")] if len(sys.argv) > 1 else [8000, 
 TIMES = {}
 orig_rows = H.ControllerHandle._decide_rows
 orig_host = H.ProbeCollector.host if hasattr(H, "ProbeCollector") else None
-def timed_rows(self):
+def timed_rows(self, active):
     t0 = time.perf_counter()
-    c = self._active[2]; c.host(); t1 = time.perf_counter()
-    [f.result() for f in self._active[5]]; t2 = time.perf_counter()
-    orig_rows(self); t3 = time.perf_counter()
+    c = active.collector; c.host(); t1 = time.perf_counter()
+    [f.result() for f in active.text]; t2 = time.perf_counter()
+    orig_rows(self, active); t3 = time.perf_counter()
     d = TIMES.setdefault(MODE[0], {})
     d.setdefault("enter", []).append(t0 - T0[0]); d.setdefault("wait_probe", []).append(t1 - t0)
     d.setdefault("wait_text", []).append(t2 - t1); d.setdefault("decide", []).append(t3 - t2)
@@ -45,7 +46,7 @@ for n in LEN:
         T0[0] = time.perf_counter(); return lm.model(input_ids=ids, logits_to_keep=1)
     with H.attach(lm, ckpt, break_even=None) as h:
         sel = (h.selection, h.dense_layers, h.backend, h.probe_layers, h.probe_window)
-        real_text = H.text_statistics
+        real_text = P.text_statistics
         pre = real_text(ids[0].cpu().numpy())
         def plan_call(probes):
             def f():
@@ -58,14 +59,14 @@ for n in LEN:
         def ctx(no_limit=False, text_pre=False, no_guard=False):
             MODE[0] = f"{int(no_limit)}{int(text_pre)}{int(no_guard)}"
             h.force_level = 0.9
-            saved = (h._one_thread, h.guard, h.monitor)
-            if no_limit: h._one_thread = contextlib.nullcontext
-            if text_pre: H.text_statistics = lambda x: pre
+            saved = (h.decider.one_thread, h.guard, h.monitor)
+            if no_limit: h.decider.one_thread = contextlib.nullcontext
+            if text_pre: P.text_statistics = lambda x: pre
             if no_guard: h.guard, h.monitor = None, None
             if h.monitor is not None: h.monitor.reset()
             try: yield
             finally:
-                h._one_thread, h.guard, h.monitor = saved; H.text_statistics = real_text; h.force_level = None
+                h.decider.one_thread, h.guard, h.monitor = saved; P.text_statistics = real_text; h.force_level = None
         def paused():
             return h.detached()
         modes = {

@@ -4,8 +4,8 @@
 """Scratch: what a request's CUDA-graph capture costs the host (new plan per call vs one plan reused)."""
 import time, sys, torch, warnings, statistics
 warnings.filterwarnings("ignore")
-from controller.export import load_checkpoint
-from controller.hook import attach
+from controller.runtime.checkpoint import load_checkpoint
+from controller.runtime.hook import attach
 from data.models import load_model
 import sparse_kernels.hf as hf
 from sparse_kernels import SparsePlan, enable_sparse_attention, use_plan

@@ -5,9 +5,9 @@
 Times forced 0.9 (new plan per call) before and after the benchmark's own round, and which threads burn CPU."""
 import os, time, sys, torch, warnings, statistics, threading
 warnings.filterwarnings("ignore")
-from controller.export import load_checkpoint
-from controller.hook import attach
-from controller import benchmark as B
+from controller.runtime.checkpoint import load_checkpoint
+from controller.runtime.hook import attach
+from controller.experiments import benchmark as B
 from data.models import load_model
 from sparse_kernels import SparsePlan, enable_sparse_attention, disable_sparse_attention, use_plan
 lm = load_model("smollm2-135m", dtype="bfloat16", device="cuda")

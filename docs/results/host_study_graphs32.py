@@ -4,9 +4,9 @@
 """Scratch A/B: the sparse step's CUDA graphs at 32K-64K (today off from 32K), forced and through the hook."""
 import contextlib, sys, time, torch, warnings, statistics, json
 warnings.filterwarnings("ignore")
-from controller.export import load_checkpoint
-from controller.hook import attach
-from controller import benchmark as B
+from controller.runtime.checkpoint import load_checkpoint
+from controller.runtime.hook import attach
+from controller.experiments import benchmark as B
 from data.models import load_model
 import sparse_kernels.graphs as G
 from sparse_kernels import SparsePlan, use_plan

@@ -5,8 +5,8 @@
 import time, sys, torch, warnings, statistics
 warnings.filterwarnings("ignore")
 from torch.profiler import profile, ProfilerActivity
-from controller.export import load_checkpoint
-from controller.hook import attach
+from controller.runtime.checkpoint import load_checkpoint
+from controller.runtime.hook import attach
 from data.models import load_model
 from sparse_kernels import SparsePlan, disable_sparse_attention, enable_sparse_attention, use_plan
 lm = load_model("smollm2-135m", dtype="bfloat16", device="cuda")

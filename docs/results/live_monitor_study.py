@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from controller.risk import LiveRisk, simulate_live  # noqa: E402
+from controller.guarantee.risk import LiveRisk, simulate_live  # noqa: E402
 from data.store import write_text_atomic  # noqa: E402
 
 
@@ -59,10 +59,10 @@ def detect_requests(alpha: float, delta: float, p: float, streams: int, horizon:
 def store_false_alarms(checkpoint: str, store: str, alpha: float, delta: float, p: float, streams: int,
                        length: int) -> dict:
     """The checkpoint's own decisions on its store's test split, replayed as long seeded streams."""
-    from controller.dataset import arrays_from_store
-    from controller.export import load_checkpoint
-    from controller.pipeline import _splits
-    from controller.policies import deployed_policy
+    from controller.learning.dataset import arrays_from_store
+    from controller.runtime.checkpoint import load_checkpoint
+    from controller.learning.pipeline import _splits
+    from controller.runtime.policy import deployed_policy
     ckpt = load_checkpoint(checkpoint)
     arrays, _ = arrays_from_store(store, ckpt.record["criterion"])
     test = arrays.subset(_splits(arrays, ckpt.record["split"])["test"])
@@ -83,13 +83,13 @@ def ladder_streams(checkpoint: str, store: str, alpha: float, delta: float, p: f
     """The threshold ladder (controller.holdout.LADDER) on the checkpoint's test decisions, replayed as
     long exchangeable streams: where it ends, when it first moves, and what it serves against the
     fixed calibrated threshold."""
-    from controller.dataset import arrays_from_store
-    from controller.evaluate import policy_metrics
-    from controller.export import load_checkpoint
-    from controller.holdout import LADDER, rung_levels
-    from controller.pipeline import _splits
-    from controller.policies import deployed_policy
-    from controller.risk import simulate_ladder
+    from controller.learning.dataset import arrays_from_store
+    from controller.learning.evaluate import policy_metrics
+    from controller.runtime.checkpoint import load_checkpoint
+    from controller.experiments.holdout import LADDER, rung_levels
+    from controller.learning.pipeline import _splits
+    from controller.runtime.policy import deployed_policy
+    from controller.guarantee.risk import simulate_ladder
     ckpt = load_checkpoint(checkpoint)
     arrays, _ = arrays_from_store(store, ckpt.record["criterion"])
     test = arrays.subset(_splits(arrays, ckpt.record["split"])["test"])

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from controller.timing import TimeTable  # noqa: E402
+from controller.learning.timing import TimeTable  # noqa: E402
 from data.criteria import apply_criterion, null_threshold  # noqa: E402
 from data.store import LabelStore, sample_labels, write_text_atomic  # noqa: E402
 

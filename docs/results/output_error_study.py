@@ -86,9 +86,9 @@ def collect_output_error(root: str, out: str) -> None:
 
 def analyse_output_error(path: str, criterion: str = "fidelity") -> dict:
     from sklearn.metrics import roc_auc_score
-    from controller.config import ControllerJobConfig
-    from controller.dataset import arrays_from_store
-    from controller.holdout import FAMILIES
+    from controller.learning.config import ControllerJobConfig
+    from controller.learning.dataset import arrays_from_store
+    from controller.experiments.holdout import FAMILIES
     from data.config import load_config
     from data.features import FEATURE_NAMES
     from probe_layers_study import LEVELS, _held_out_auc

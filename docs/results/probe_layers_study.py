@@ -97,9 +97,9 @@ def _within_auc(x, stats, lab, fam, families) -> dict:
 
 
 def analyse(path: str, out: str) -> None:
-    from controller.config import ControllerJobConfig
-    from controller.dataset import arrays_from_store
-    from controller.holdout import FAMILIES
+    from controller.learning.config import ControllerJobConfig
+    from controller.learning.dataset import arrays_from_store
+    from controller.experiments.holdout import FAMILIES
     from data.config import load_config
     from data.features import FEATURE_NAMES
     warnings.filterwarnings("ignore")

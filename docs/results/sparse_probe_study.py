@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from controller.benchmark import _measure_alternating, _past_warmup, _prompt, _versions
-from controller.export import load_checkpoint
-from controller.hook import attach
+from controller.experiments.benchmark import _measure_alternating, _past_warmup, _prompt, _versions
+from controller.runtime.checkpoint import load_checkpoint
+from controller.runtime.hook import attach
 from data.models import load_model
 from sparse_kernels import SparsePlan, use_plan
 
@@ -59,7 +59,7 @@ def _forced(handle, call, dense, level):
 @contextlib.contextmanager
 def _text_looked_up(handle, d, p, lv, known: dict):
     """The hook's token-id statistics returned from `known` (computed once, outside the timing)."""
-    import controller.hook as hook
+    import controller.runtime.hook as hook
     original = hook.text_statistics
     def looked_up(ids):
         key = ids.tobytes()

@@ -7,7 +7,7 @@ violation / compute-saved trade-off) and `reliability` (calibration of P(safe)).
 compute_saved = 1 - sum over requests of the attention blocks computed at the chosen level (all
 layers, dense ones included) / the same sum for dense causal attention: kept-block FLOPs, which
 weights long requests by their quadratic cost. time_saved (given a benchmark's TimeTable): the same
-sum in measured prefill milliseconds (controller.timing). Imports `controller` modules below it.
+sum in measured prefill milliseconds (controller.learning.timing). Imports `controller` modules below it.
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import math
 
 import numpy as np
 
-from .calibrate import Calibration, calibrate, violations
-from .dataset import LabelArrays
-from .policies import LearnedPolicy, Policy, decide, oracle_decisions
-from .timing import TimeTable
+from controller.guarantee.calibrate import Calibration, calibrate, violations
+from controller.guarantee.arrays import LabelArrays
+from controller.runtime.policy import LearnedPolicy, Policy, decide
+from controller.learning.baselines import oracle_decisions
+from controller.learning.timing import TimeTable
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

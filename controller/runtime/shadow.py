@@ -1,6 +1,6 @@
 """Shadow labels: a served request re-run dense off the request path, judged by the checkpoint's
 label-free criterion, so the live violation rate of the deployed decisions can be bounded
-(`controller.risk.LiveRisk`).
+(`controller.guarantee.risk.LiveRisk`).
 
 Owns `shadow_measurements` (one request at one level: the dense greedy answer, then that answer
 teacher forced after the dense prompt and after the prompt prefilled sparse at the level, as the
@@ -26,7 +26,7 @@ from data.decode import DecodeBatch, cache_kwarg, cache_of, greedy_tokens, teach
 from data.labeling import divergence_from
 from sparse_kernels import SparsePlan, use_plan
 
-from .risk import LiveRisk, ThresholdLadder
+from controller.guarantee.risk import LiveRisk, ThresholdLadder
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def certify_live(handle, p: float = 0.05, p_shift: float = 0.5, seed: int = 0, m
     A shift alone no longer sends traffic dense: it only labels more. `ladder`: offsets below the
     calibrated score threshold, e.g. (0, 0.05, 0.1, 0.2); each sampled request is then also judged at
     the level every offset would choose, and the threshold moves to an offset only once its live
-    violation rate is certified below alpha (`controller.risk.ThresholdLadder`); the handle's
+    violation rate is certified below alpha (`controller.guarantee.risk.ThresholdLadder`); the handle's
     `ladder` says where it stands. Returns the `LiveRisk`."""
     rec = handle.ckpt.record
     if not 0 < p <= 1 or not p <= p_shift <= 1:
@@ -153,5 +153,5 @@ def certify_live(handle, p: float = 0.05, p_shift: float = 0.5, seed: int = 0, m
             shadow.ladder = ThresholdLadder(ladder, rec["alpha"], rec["delta"])
         except ValueError as e:
             raise UserError(f"certify_live: {e}") from None
-    handle.live, handle.shadow, handle.ladder = risk, shadow, shadow.ladder
+    handle.stream.live, handle.stream.shadow, handle.stream.ladder = risk, shadow, shadow.ladder
     return risk

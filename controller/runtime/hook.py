@@ -2,7 +2,7 @@
 transformers model, inside plain `model(...)` and `model.generate(...)` calls.
 
 Owns `attach(model, checkpoint)` -> `ControllerHandle` (`detach()` restores the model); each
-request's `Decision` (`controller.decision`, importable from here too). Before anything else, a
+request's `Decision` (`controller.runtime.decision`, importable from here too). Before anything else, a
 fresh prefill that cannot gain is dispatched dense with no plan at all (it then runs exactly as
 unhooked SDPA: no probe, no decision, no host sync): every row outside the calibrated lengths (dense
 fallback), or the prompt shorter than the break-even length that the benchmark measured for this
@@ -15,18 +15,21 @@ layers run and call back; after the last probe layer the handle computes each ro
 the calibrated threshold and sets the row levels, so the later (sparse) layers of the same forward
 run at those levels. A request outside the checkpoint's calibrated support (its `ShiftGuard`: length
 range, conformal p-value of its features) runs at the guard's fallback level (dense by default) and
-its `Decision` says `ood=True` and why. The handle's `monitor` (`monitor.ShiftMonitor`) bets on the
+its `Decision` says `ood=True` and why. The handle's `monitor` (`guarantee.monitor.ShiftMonitor`) bets on the
 stream of those p-values and tests every 100 requests' features against the calibration requests (on
 its own worker thread): once the traffic as a whole stops looking exchangeable with the calibration
 requests, every later request runs at the fallback and says so, until `handle.monitor.reset()` or a
 recalibrated checkpoint; the first `guard.warmup` requests of a stream run at the fallback too
 (probation), while the monitor watches them. With the live certificate on
-(`controller.shadow.certify_live`), a seeded share of the requests is labeled dense in the shadow,
+(`controller.runtime.shadow.certify_live`), a seeded share of the requests is labeled dense in the shadow,
 a monitor alarm only raises that share, and every request runs dense once the anytime-valid lower
 bound of the live violation rate exceeds alpha. A row decided at a level whose sparse path is slower
 than dense at this length runs dense and says so. Decode and cached continuations stay dense. Any
 failure while deciding a row makes that row dense and is logged, never raised.
-Imports `sparse_kernels`, `data` and `controller` modules below it.
+The handle is made of four parts, each owning one thing: the plan (`plans.PlanMaker`), the probes
+(`probes.Probes`), the decision (`deciding.Decider`) and the stream state (`stream.StreamState`);
+the handle keeps the per-thread prefill and the model's forward hooks. Imports `sparse_kernels`,
+`data` and `controller.runtime` modules below it.
 """
 from __future__ import annotations
 
@@ -35,58 +38,66 @@ import logging
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data.errors import UserError
-from data.features import FEATURE_NAMES, ProbeCollector, compute_features, feature_vector, text_statistics
+from data.features import ProbeCollector
 from data.models import LoadedModel
-from sparse_kernels import (SelectionSpec, SparsePlan, disable_sparse_attention, enable_sparse_attention,
-                            unsupported_reason, use_plan)
+from sparse_kernels import disable_sparse_attention, enable_sparse_attention, unsupported_reason, use_plan
 from sparse_kernels.dispatch import BreakEven
 
-from .compat import check_model, check_switches, check_task, resolve_break_even
-from .decision import Decision, one_thread_limiter
-from .export import ControllerCheckpoint, load_checkpoint
-from .policies import deployed_policy
+from controller.runtime.checkpoint import ControllerCheckpoint, load_checkpoint
+from controller.runtime.compat import check_model, check_switches, check_task, resolve_break_even
+from controller.runtime.deciding import Decider
+from controller.runtime.decision import Decision
+from controller.runtime.plans import PlanMaker
+from controller.runtime.probes import Prefill, Probes
+from controller.runtime.stream import StreamState
 
 log = logging.getLogger(__name__)
 _ATTACHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> its attached handle
 _ATTACH_LOCK = threading.Lock()   # attach and detach are atomic per process (so per model)
 
 
+def _part(part: str, name: str, doc: str) -> property:
+    """A handle attribute that lives in one of its parts (read and set through the handle)."""
+    return property(lambda self: getattr(getattr(self, part), name),
+                    lambda self, value: setattr(getattr(self, part), name, value), doc=doc)
+
+
 class ControllerHandle:
+    # the plan: what each fresh prefill runs under
+    selection = _part("plans", "selection", "the checkpoint's block selection (`SelectionSpec`)")
+    dense_layers = _part("plans", "dense_layers", "layers that always run dense")
+    probe_layers = _part("plans", "probe_layers", "dense layers whose attention statistics are the probes")
+    probe_window = _part("plans", "probe_window", "query rows the probes look at")
+    backend = _part("plans", "backend", "the sparse attention backend")
+    # the decision
+    policy = _part("decider", "policy", "the deployed policy (`controller.runtime.policy`)")
+    calibration = _part("decider", "calibration", "the calibrated threshold (`Calibration`)")
+    guard = _part("decider", "guard", "the shift guard (None: every request is decided by the controller)")
+    break_even = _part("decider", "break_even", "from which length each level is worth running (None: everywhere)")
+    force_level = _part("decider", "force_level", "benchmarks: run this level, still probing and deciding")
+    dispatch = _part("decider", "dispatch", "False: probe and decide every fresh prefill (no skip before the probes)")
+    # the stream
+    monitor = _part("stream", "monitor", "the stream's shift monitor (None without a guard)")
+    live = _part("stream", "live", "the live risk bound (`certify_live`; None while off)")
+    shadow = _part("stream", "shadow", "the shadow labeler (`certify_live`; None while off)")
+    ladder = _part("stream", "ladder", "the threshold ladder moving with live labels (None: fixed threshold)")
+
     def __init__(self, model, ckpt: ControllerCheckpoint, task: str | list[str] | None,
                  break_even: BreakEven | None = None):
         self.model, self.ckpt, self.task = model, ckpt, task
-        self.break_even = break_even   # None: sparse wherever the controller decides (no speed table applies)
+        self.plans = PlanMaker(ckpt.record["sparse"])
+        self.probes = Probes(self.plans)
+        self.decider = Decider(ckpt, break_even)
+        self.stream = StreamState(self.decider.guard)
         # per thread: concurrent generate() calls on one model each get their own plan and decisions
         self._local = threading.local()
-        # benchmarks: run this level, still probing and deciding (no length or break-even skip)
-        self.force_level: float | None = None
-        # False: probe and decide every fresh prefill (diagnostics, tests), without the skips before
-        # the probes (length outside the calibrated range, shorter than any break-even)
-        self.dispatch = True
-        rec = ckpt.record["sparse"]
-        self.selection = SelectionSpec(method=rec["method"], block_size=rec["block_size"], sink_blocks=rec["sink_blocks"],
-                                       local_blocks=rec["local_blocks"], last_queries=rec["last_queries"])
-        self.dense_layers, self.probe_layers = frozenset(rec["dense_layers"]), frozenset(rec["probe_layers"])
-        self.probe_window, self.backend = rec["probe_window"], rec["backend"]
-        self.policy = deployed_policy(ckpt.net, ckpt.levels, ckpt.record)
-        self.calibration = ckpt.calibration   # parsed once, not per request
-        self.guard = ckpt.guard   # None: a checkpoint without one (every request is decided by the controller)
-        # the traffic as a whole: once its p-values stop looking exchangeable, every request runs at the fallback
-        self.monitor = self.guard.monitor() if self.guard is not None else None
-        # the live certificate (`controller.shadow.certify_live`): shadow labels, fallback on harm
-        self.live, self.shadow, self.ladder = None, None, None   # ladder: the threshold moving with live labels
         self._previous, self._hooks = None, []   # set by _install, under the attach lock
-        # the token-id statistics need only the ids: a worker computes them while the probe layers run
-        self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-features")
-        self._monitor_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controller-monitor")
-        self._one_thread = one_thread_limiter()
 
     # ---------------------------------------------------------------- public
     @property
@@ -104,13 +115,19 @@ class ControllerHandle:
         """Features + controller for this thread's last prefill (all rows)."""
         return getattr(self._local, "seconds", 0.0)
 
+    def decide(self, features: np.ndarray, n_tokens: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """features [B, F] -> (level index [B], P(safe) at it [B]) from one pass of the net; `n_tokens`
+        [B] picks each row's length stratum (default: read from the `log_length` feature)."""
+        idx, at, _ = self.decider.decide(features, n_tokens)
+        return idx, at
+
     @property
-    def _active(self):
-        """(context manager, plan, collector, rows, info, text futures) during this thread's prefill."""
+    def _active(self) -> Prefill | None:
+        """This thread's prefill in flight."""
         return getattr(self._local, "active", None)
 
     @_active.setter
-    def _active(self, value) -> None:
+    def _active(self, value: Prefill | None) -> None:
         self._local.active = value
 
     def _record(self, decisions: list[Decision], features: list, seconds: float | None = None) -> None:
@@ -125,10 +142,8 @@ class ControllerHandle:
                        self.model.register_forward_hook(self._after, with_kwargs=True, always_call=True)]
 
     def _shutdown_workers(self) -> None:
-        if self.shadow is not None:
-            self.shadow.shutdown()
-        self._text_worker.shutdown(wait=False, cancel_futures=True)
-        self._monitor_worker.shutdown(wait=False, cancel_futures=True)
+        self.stream.shutdown()
+        self.probes.shutdown()
 
     def detach(self) -> None:
         """Restore the model (idempotent: a second call does nothing; safe from any thread)."""
@@ -171,26 +186,6 @@ class ControllerHandle:
     def __exit__(self, *exc) -> None:
         self.detach()
 
-    def decide(self, features: np.ndarray, n_tokens: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """features [B, F] -> (level index [B], P(safe) at it [B]) from one pass of the net; `n_tokens`
-        [B] picks each row's length stratum (default: read from the `log_length` feature)."""
-        idx, at, _ = self._decide(features, n_tokens)
-        return idx, at
-
-    def _decide(self, features, n_tokens=None, offset: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """`decide`, and P(safe) at every level [B, levels] (None for a mass-coverage policy); `offset`
-        lowers the calibrated threshold (the live ladder's certified rung)."""
-        features = np.asarray(features, dtype=np.float32)
-        if n_tokens is None:
-            n_tokens = np.rint(np.exp(features[:, FEATURE_NAMES.index("log_length")].astype(np.float64))).astype(np.int64)
-        if not hasattr(self.policy, "probabilities"):   # mass coverage: report the estimated kept mass
-            scores = self.policy.scores(features)
-            idx = self.calibration.decide(scores, n_tokens)
-            return idx, np.minimum(scores[np.arange(len(scores)), idx], 1.0), None
-        p = self.policy.probabilities(features)
-        idx = self.calibration.decide(self.policy.scores_from(p, features), n_tokens, offset)
-        return idx, p[np.arange(len(p)), idx], p
-
     # ---------------------------------------------------------------- hooks
     def _task_of(self, row: int, rows: int) -> str | None:
         """The task of batch row `row` of `rows`: one name for every row, or one per row (a list of
@@ -218,46 +213,18 @@ class ControllerHandle:
 
     def _dense_call(self, rows: int, why: str | list[str], ood: bool = False) -> None:
         whys = why if isinstance(why, list) else [why] * rows
-        for _ in range(rows if self.shadow is not None else 0):
-            self.shadow.offer(None, 0.0)   # served dense: in the live rate, a label that costs nothing
+        self.stream.served_dense(rows)
         self._record([Decision(0.0, 1.0, 0.0, w, ood) for w in whys], [None] * rows, seconds=0.0)
 
     def _window_call(self, rows: int, whys: list[str], ood: bool) -> None:
         """A request that runs dense, on a model whose sliding-window layers are faster over their
         window only from this length (measured: `BreakEven.window_from`): a plan at level 0 with no
         probe and no decision, so only those layers change path (the same attention)."""
-        plan = SparsePlan(levels=torch.zeros(rows, dtype=torch.float64), selection=self.selection,
-                          dense_layers=self.dense_layers, backend=self.backend)
+        plan = self.plans.window_only(rows)
         info = {r: (1.0, f"{w} (sliding-window layers over their window only)", ood, None) for r, w in enumerate(whys)}
         ctx = use_plan(plan)
         ctx.__enter__()
-        self._active = (ctx, plan, ProbeCollector(), list(range(rows)), info, [])
-
-    def _outside_lengths(self, lengths: list[int]) -> bool:
-        """Every row outside the guard's calibrated lengths, with a dense fallback. A guard that cannot
-        say is not skipped on: the decision path meets the failure and reports it per row."""
-        g = self.guard
-        try:
-            return g is not None and g.fallback == 0 and all(not g.min_tokens <= t <= g.max_tokens for t in lengths)
-        except Exception:  # noqa: BLE001 - a broken guard is reported where the rows are decided
-            return False
-
-    def _skip_reason(self, n: int, lengths: list[int]) -> tuple[list[str], bool] | None:
-        """Why no row of this prefill needs probes or a decision (every row runs dense: with no plan,
-        exactly as unhooked SDPA, or through `_window_call` where the window path was measured
-        faster), or None."""
-        if self.force_level is not None or not self.dispatch:
-            return None
-        if self._outside_lengths(lengths):
-            g = self.guard
-            return [f"length {t} tokens is outside the calibrated range {g.min_tokens}-{g.max_tokens}; ran dense"
-                    for t in lengths], True
-        if self.break_even is not None and n < self.break_even.shortest():
-            shortest = self.break_even.shortest()
-            where = f"below {shortest} tokens" if np.isfinite(shortest) else "at every measured length"
-            return [f"sparse prefill is slower than dense {where} here ({n} tokens; {self.break_even.source}); "
-                    "ran dense without a decision"] * len(lengths), False
-        return None
+        self._active = Prefill(ctx, plan, ProbeCollector(), list(range(rows)), info)
 
     def _uncached_step(self, ids: torch.Tensor, kwargs) -> bool:
         """A `use_cache=False` call whose ids extend this thread's last prefill's ids by new tokens."""
@@ -288,7 +255,7 @@ class ControllerHandle:
             self._dense_call(ids.shape[0], f"{mask.dim()}-D attention mask: rows cannot be told apart; ran dense")
             return None
         lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
-        skip = self._skip_reason(ids.shape[1], lengths)
+        skip = self.decider.skip_reason(ids.shape[1], lengths)
         if skip is not None and self.break_even is not None and self.break_even.runs_window(int(ids.shape[1])):
             self._window_call(ids.shape[0], *skip)
             return None
@@ -297,138 +264,69 @@ class ControllerHandle:
             return None
         rows = [ids[r][mask[r].bool()] if mask is not None else ids[r] for r in range(ids.shape[0])]
         collector = ProbeCollector()
-        plan = SparsePlan(levels=None, selection=self.selection, dense_layers=self.dense_layers, backend=self.backend,
-                          probe_layers=self.probe_layers, on_probe=lambda layer, stats: self._probe(layer, stats),
-                          before_sparse=self._decide_pending,
-                          probe_window=self.probe_window)
+        plan = self.plans.probing(on_probe=lambda layer, stats: self.probes.on_probe(collector, layer, stats),
+                                  before_sparse=self._decide_pending)
         rows = [r.cpu().numpy() for r in rows]
-        text = [self._text_worker.submit(text_statistics, ids) for ids in rows]
+        text = self.probes.start(rows)
         ctx = use_plan(plan)   # entered last: nothing after it can fail and leave the plan current
         ctx.__enter__()
-        self._active = (ctx, plan, collector, rows, {"tokens": int(ids.shape[1])}, text)
-
-    def _decide_row(self, r: int, ids: np.ndarray, pooled: dict, text_stats: dict, info: dict) -> float:
-        """The level of one request: the calibrated decision, or the guard's fallback when the
-        request is outside the calibrated support. Records what happened in `info`."""
-        task = self._task_of(r, len(self._active[3]))
-        feats = feature_vector(compute_features(ids, pooled, task, text_stats=text_stats))
-        info[("features", r)] = feats
-        if self.live is not None and self.live.harmful:   # fallback on harm: measured, not guessed
-            info[r] = (1.0, self.live.reason(), False, None)
-            return 0.0
-        if self.guard is not None:
-            flagged, p, reasons = self.guard.check(feats[None])
-            alarmed, probation = self.monitor.step(float(p[0]))
-            window = self.monitor.add_features(feats)
-            if window is not None:   # the two-sample test runs on the worker thread, off the request path
-                self._monitor_worker.submit(self.monitor.test_window, window)
-            if alarmed and self.live is not None:   # with shadow labels a change is a warning: label more
-                if not self.live.shift_warned:
-                    log.warning("%s; shadow-labeling %.0f%% of requests from now on", self.monitor.reason(),
-                                100 * self.live.p_shift)
-                    self.live.warn_shift()
-                alarmed = False
-            if flagged[0] or alarmed:
-                info[r] = (1.0, reasons[0] or self.monitor.reason(), True, float(p[0]))
-                return self.guard.fallback
-            if probation is not None:
-                info[r] = (1.0, self.monitor.probation_reason(probation), False, float(p[0]))
-                return self.guard.fallback
-        offset = self.ladder.offset if self.ladder is not None else 0.0   # read once: the decision's and the record's
-        idx, prob, p_all = self._decide(feats[None], np.array([len(ids)]), offset)
-        info[r] = (float(prob[0]), None, False, None if self.guard is None else float(p[0]))
-        base = self.calibration.threshold_at(len(ids))
-        info[("detail", r)] = (None if p_all is None else tuple(float(x) for x in p_all[0]),
-                               None if base is None else base - offset)   # the threshold that decided it
-        info[("base", r)] = base
-        return float(self.ckpt.levels[idx[0]])
-
-    def _probe(self, layer: int, stats: dict) -> None:
-        """A probe layer's statistics; after the last one, their copy to the host starts and the
-        decision waits for the first sparse layer (`SparsePlan.before_sparse`), so the GPU runs the
-        layers queued in between while the host decides. Where the last probe layer is itself sparse,
-        the decision comes right after its probe and that layer already runs at the decided level."""
-        collector = self._active[2]
-        collector(layer, stats)
-        if layer == max(self.probe_layers):
-            collector.start_copy()
+        self._active = Prefill(ctx, plan, collector, rows, {}, text, int(ids.shape[1]))
 
     def _decide_pending(self) -> None:
         """Every row's level, set on the plan (the plan's `before_sparse`, called inside the model's
         forward: nothing may escape, so any failure runs the whole call dense)."""
-        plan, rows, info = self._active[1], self._active[3], self._active[4]
+        active = self._active
         try:
-            self._decide_rows()
+            self._decide_rows(active)
         except Exception as e:  # noqa: BLE001 - e.g. a level the plan refuses, thread pools not limited
             log.warning("controller failed (%s: %s); running this call dense", type(e).__name__, e)
-            for r in range(len(rows)):
-                info[r] = (1.0, f"{type(e).__name__}: {e}", False, None)
-            plan.set_levels(torch.zeros(len(rows), dtype=torch.float64))
+            for r in range(len(active.rows)):
+                active.info[r] = (1.0, f"{type(e).__name__}: {e}", False, None)
+            active.plan.set_levels(torch.zeros(len(active.rows), dtype=torch.float64))
 
-    def _decide_rows(self) -> None:
-        ctx, plan, collector, rows, info, text = self._active
+    def _decide_rows(self, active: Prefill) -> None:
         start = time.perf_counter()
-        levels = np.zeros(len(rows))
-        with self._one_thread():
-            for r, ids in enumerate(rows):
+        levels = np.zeros(len(active.rows))
+        with self.decider.one_thread():
+            for r, ids in enumerate(active.rows):
                 try:
-                    levels[r] = self._decide_row(r, ids, collector.pooled(r), text[r].result(), info)
+                    feats = self.probes.features(active, r, self._task_of(r, len(active.rows)))
+                    levels[r] = self.decider.decide_row(r, feats, len(ids), self.stream, active.info)
                 except Exception as e:  # noqa: BLE001 - a controller failure must never reach generate()
                     log.warning("controller failed on request %d (%s: %s); running it dense", r, type(e).__name__, e)
                     levels[r] = 0.0
-                    info[r] = (1.0, f"{type(e).__name__}: {e}", False, None)
+                    active.info[r] = (1.0, f"{type(e).__name__}: {e}", False, None)
         if self.force_level is not None:
             levels[:] = self.force_level
         else:
-            self._veto_slow_levels(levels, info)
+            self.decider.veto_slow_levels(levels, active.info, active.tokens)
         self._local.seconds = time.perf_counter() - start
-        plan.set_levels(torch.from_numpy(levels))   # refused levels: `_decide_pending` runs the call dense
-
-    def _veto_slow_levels(self, levels: np.ndarray, info: dict) -> None:
-        """Rows decided at a level whose sparse path is slower than dense at this length run dense
-        (always safe) and say why; the controller's P(safe) stays in the decision."""
-        if self.break_even is None:
-            return
-        n = info["tokens"]
-        for r, level in enumerate(levels):
-            if level > 0 and not self.break_even.allows(float(level), n):
-                prob, _, ood, p_value = info[r]
-                info[r] = (prob, self.break_even.why_dense(float(level), n), ood, p_value)
-                levels[r] = 0.0
+        active.plan.set_levels(torch.from_numpy(levels))   # refused levels: `_decide_pending` runs the call dense
 
     def _after(self, module, args, kwargs, output):
-        if self._active is None:
+        active = self._active
+        if active is None:
             return None
-        ctx, plan, collector, rows, info, _ = self._active
-        if plan.levels is None and plan.before_sparse is not None and collector.layers:
+        plan, info = active.plan, active.info
+        if plan.levels is None and plan.before_sparse is not None and active.collector.layers:
             plan.before_sparse = None   # no sparse layer ran (every layer dense): decide for the record
             self._decide_pending()
         self._active = None
-        ctx.__exit__(None, None, None)
-        levels = plan.levels.tolist() if plan.levels is not None else [0.0] * len(rows)
+        active.ctx.__exit__(None, None, None)
+        levels = plan.levels.tolist() if plan.levels is not None else [0.0] * len(active.rows)
         achieved = plan.counts.achieved_sparsity().tolist()
         decisions = []
-        for r in range(len(rows)):
+        for r in range(len(active.rows)):
             prob, fallback, ood, p_value = info.get(r, (1.0, "no probe layer ran", False, None))
             p_safe, threshold = info.get(("detail", r), (None, None))
             decisions.append(Decision(float(levels[r]), prob, float(achieved[r]) if r < len(achieved) else 0.0,
                                       fallback, ood, p_value, p_safe, threshold))
-        self._record(decisions, [info.get(("features", r)) for r in range(len(rows))])
-        if self.shadow is not None:   # sampled requests are labeled dense on the shadow worker
-            for r, d in enumerate(decisions):
-                rungs = self._rungs(d, info.get(("base", r)), info.get(("features", r)))
-                self.shadow.offer(rows[r] if isinstance(rows[r], np.ndarray) else None, d.level, rungs)
+        self._record(decisions, [info.get(("features", r)) for r in range(len(active.rows))])
+        for r, d in enumerate(decisions):   # sampled requests are labeled dense on the shadow worker
+            if self.shadow is not None:
+                rungs = self.decider.rungs(d, info.get(("base", r)), info.get(("features", r)), self.ladder)
+                self.stream.served(active.rows[r], d.level, rungs)
         return None
-
-
-    def _rungs(self, d: Decision, base: float | None, features) -> list[float] | None:
-        """The level each rung of the live ladder would choose for this decision: the scores the policy
-        decided with, against the calibrated threshold `base` (None: no ladder, or a request the
-        calibrated rule did not decide)."""
-        if self.ladder is None or d.p_safe is None or base is None or d.fallback is not None:
-            return None
-        scores = self.policy.scores_from(np.asarray([d.p_safe]), np.asarray(features, np.float32)[None])[0]
-        return [float(self.ckpt.levels[i]) for i in self.ladder.levels(scores, base)]
 
 
 def attach(model, checkpoint: str | Path | ControllerCheckpoint, task: str | list[str] | None = None,

@@ -22,8 +22,8 @@ from data.features import FEATURE_NAMES, FEATURE_VERSION
 from data.outputs import (CHECKPOINT_EXTRAS, CHECKPOINT_FILES, check_replaceable, fresh_sibling, remove_stale_siblings,
                           unmark)
 
-from .calibrate import Calibration
-from .net import SafetyNet
+from controller.guarantee.calibrate import Calibration
+from controller.runtime.net import SafetyNet
 
 CHECKPOINT_FORMAT = 1
 RECORD_FILE, WEIGHTS_FILE = CHECKPOINT_FILES
@@ -49,7 +49,7 @@ class ControllerCheckpoint:
     @property
     def guard(self):
         """The shift guard (None for checkpoints written before it existed: no guard)."""
-        from .guard import ShiftGuard
+        from controller.guarantee.guard import ShiftGuard
         g = self.record.get("guard")
         return None if g is None else ShiftGuard.from_json(g, len(FEATURE_NAMES), self.levels)
 
@@ -213,7 +213,7 @@ def load_checkpoint(path: str | Path) -> ControllerCheckpoint:
         net.load_state_dict(tensors, strict=True)
         Calibration.from_json(record["calibration"])
         ControllerCheckpoint(net, record).guard
-        from .policies import deployed_policy
+        from controller.runtime.policy import deployed_policy
         deployed_policy(net, np.asarray(record["grid"], dtype=np.float64), record)
     except (SafetensorError, RuntimeError, KeyError, TypeError, ValueError) as e:
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__

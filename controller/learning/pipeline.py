@@ -24,17 +24,18 @@ from data.models import same_weights
 from data.features import FEATURE_NAMES, FEATURE_VERSION
 from data.store import criterion_dict, describe_criterion
 
-from .calibrate import calibrate
-from .config import ControllerJobConfig
-from .dataset import LabelArrays, MissingOutputs, arrays_from_store, requests_summary, split_groups, store_hash
-from .timing import TimeTable, find_timings
-from .evaluate import alpha_sweep, best_in_hindsight, evaluate_all, reliability, separability
-from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
-from .guard import Monitored, ShiftGuard, monitor_stream, exchangeability_words, two_sample_test
-from .lit import LabelDataModule, fit_net
-from .policies import (ComputeAware, FixedPolicy, LearnedPolicy, LengthLawPolicy, MassCoveragePolicy, Policy,
-                       Named, SklearnPolicy, controller_policy, deployed_policy, recall_columns)
-from .report import why_short, write_report
+from controller.guarantee.calibrate import calibrate
+from controller.learning.config import ControllerJobConfig
+from controller.guarantee.arrays import LabelArrays
+from controller.learning.dataset import MissingOutputs, arrays_from_store, requests_summary, split_groups, store_hash
+from controller.learning.timing import TimeTable, find_timings
+from controller.learning.evaluate import alpha_sweep, best_in_hindsight, evaluate_all, reliability, separability
+from controller.runtime.checkpoint import ControllerCheckpoint, export_checkpoint, load_checkpoint
+from controller.guarantee.guard import Monitored, ShiftGuard, monitor_stream, exchangeability_words, two_sample_test
+from controller.learning.lit import LabelDataModule, fit_net
+from controller.runtime.policy import (ComputeAware, LearnedPolicy, MassCoveragePolicy, Policy, Named, controller_policy, deployed_policy, recall_columns)
+from controller.learning.baselines import FixedPolicy, LengthLawPolicy, SklearnPolicy
+from controller.learning.report import why_short, write_report
 
 
 def versions() -> dict:

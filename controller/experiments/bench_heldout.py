@@ -26,11 +26,11 @@ from data.criteria import apply_criterion, describe_criterion, resolved
 from data.errors import UserError
 from data.store import LabelStore, sample_labels
 
-from .dataset import SPLITS, split_groups
+from controller.learning.dataset import SPLITS, split_groups
 
 
 def _is_training_store(root: str, ckpt_dir: str | Path, rec: dict) -> bool:
-    from .pipeline import recorded_stores
+    from controller.learning.pipeline import recorded_stores
     train = recorded_stores(rec, ckpt_dir).get("the checkpoint's training label store")
     return train is not None and Path(train).resolve() == Path(root).resolve()
 
@@ -82,7 +82,7 @@ def _bound(rows: list[dict], n: int, level: float) -> float | None:
 def decided_heldout_rows(lm, handle, ckpt, requests: dict, labels, crit: dict, rows: list[dict], measure) -> list[dict]:
     """One `decided_heldout` row per target length; `measure(modes, n)` times alternating calls."""
     from sparse_kernels import sliding_window_of
-    from .bench_calls import _forced_call, _past_warmup
+    from controller.experiments.bench_calls import _forced_call, _past_warmup
     out = []
     for n_target, reqs in requests.items():
         if not reqs:

@@ -1,15 +1,15 @@
-"""Policies that pick a grid level per request, all calibrated the same way.
+"""The policies that ship at inference: each turns a request's features into a grid level.
 
 Owns the `Policy` interface: `scores(features)` -> [n, L] safety scores, non-increasing along the
 grid, +inf at level 0, and `lambdas`, the thresholds ordered from conservative to aggressive; the
 decision at threshold lam is the largest level whose score is >= lam (`decide`). Policies:
-`LearnedPolicy` (the SafetyNet's P(safe); optionally with the task hidden), `SklearnPolicy`
-(logistic regression, gradient boosting: one classifier per level, made monotone),
-`ComputeAware` (a wrapper for any P(safe) policy: a request moves up to level k while the attention
-it would save there, level x (n / 4096)^2, is at least lam times its risk 1 - P; long requests,
-which hold most of the compute, may take a little more risk than short ones), `FixedPolicy`
-(one level for all), `LengthLawPolicy` (level = a + b log n fitted on training labels, shifted by
-lam) and `oracle_decisions` (the labels). Imports `data` and `controller` modules below it.
+`LearnedPolicy` (the SafetyNet's P(safe); optionally with the task hidden), `ComputeAware` (a
+wrapper for any P(safe) policy: a request moves up to level k while the attention it would save
+there, level x (n / 4096)^2, is at least lam times its risk 1 - P; long requests, which hold most of
+the compute, may take a little more risk than short ones), `MassCoveragePolicy` (the training-free
+adaptive baseline), `AdaptedPolicy` (a refitted head on the net) and `deployed_policy` (what a
+checkpoint runs). Baselines fitted offline live in `controller.learning.baselines`. Imports `data`
+and `controller.runtime.net`.
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import torch
 
 from data.features import FEATURE_NAMES, TASK_FEATURES
 
-from .dataset import LabelArrays
-from .net import SafetyNet
+from controller.runtime.net import SafetyNet
 
 TASK_COLUMNS = [FEATURE_NAMES.index(n) for n in TASK_FEATURES]
 UNKNOWN_COLUMN = FEATURE_NAMES.index("task_unknown")
@@ -42,7 +41,7 @@ def decide(scores: np.ndarray, lam: float) -> np.ndarray:
     return (scores >= lam).sum(axis=1) - 1
 
 
-def _with_dense(p: np.ndarray) -> np.ndarray:
+def with_dense(p: np.ndarray) -> np.ndarray:
     """Prepend +inf for level 0 and force non-increasing scores along the grid."""
     return np.concatenate([np.full((len(p), 1), np.inf), np.minimum.accumulate(p, axis=1)], axis=1)
 
@@ -74,43 +73,10 @@ class LearnedPolicy(Policy):
             return self.net.safe_probability(x).numpy().astype(np.float64)
 
     def scores_from(self, p: np.ndarray, features: np.ndarray) -> np.ndarray:
-        return _with_dense(p[:, 1:])
+        return with_dense(p[:, 1:])
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         return self.scores_from(self.probabilities(features), features)
-
-
-class SklearnPolicy(Policy):
-    """One scikit-learn classifier per sparse level for P(label >= level)."""
-    KINDS = ("logistic", "gbm")
-
-    def __init__(self, kind: str, seed: int = 0):
-        self.kind, self.seed, self.name = kind, seed, f"sklearn_{kind}"
-        self.lambdas = PROBABILITY_LAMBDAS
-        self.models: list = []
-
-    def _make(self):
-        from sklearn.ensemble import GradientBoostingClassifier
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-        if self.kind == "logistic":
-            return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
-        return GradientBoostingClassifier(n_estimators=150, max_depth=2, learning_rate=0.05, subsample=0.8,
-                                          random_state=self.seed)
-
-    def fit(self, train: LabelArrays) -> "SklearnPolicy":
-        label = train.label_index
-        self.models = []
-        for k in range(1, len(train.levels)):
-            y = (label >= k).astype(int)
-            self.models.append(float(y[0]) if y.min() == y.max() else self._make().fit(train.features, y))
-        return self
-
-    def scores(self, features: np.ndarray) -> np.ndarray:
-        cols = [np.full(len(features), m) if isinstance(m, float) else m.predict_proba(features)[:, 1]
-                for m in self.models]
-        return _with_dense(np.stack(cols, axis=1))
 
 
 class ComputeAware(Policy):
@@ -127,7 +93,7 @@ class ComputeAware(Policy):
         p = base_scores[:, 1:]
         n2 = np.exp(2 * (np.asarray(features)[:, LOG_LENGTH].astype(np.float64) - np.log(self.REFERENCE_TOKENS)))
         saved = self.levels[None, 1:] * n2[:, None]
-        return _with_dense(saved / np.maximum(1.0 - p, 1e-6))
+        return with_dense(saved / np.maximum(1.0 - p, 1e-6))
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         return self._from_base(self.base.scores(features), features)
@@ -152,39 +118,6 @@ def controller_policy(net: SafetyNet, levels: np.ndarray, rule: str, hide_task: 
     return ComputeAware(base, levels, name) if rule == "compute_aware" else base
 
 
-class FixedPolicy(Policy):
-    """The same level for every request; lam walks up the grid."""
-    name = "fixed"
-
-    def __init__(self, levels: np.ndarray):
-        self.levels = np.asarray(levels, dtype=np.float64)
-        self.lambdas = 1.0 - self.levels[1:]
-
-    def scores(self, features: np.ndarray) -> np.ndarray:
-        return _with_dense(np.tile(1.0 - self.levels[1:], (len(features), 1)))
-
-
-class LengthLawPolicy(Policy):
-    """level(n) = a + b log n (least squares on the training labels); decision = the largest grid
-    level <= level(n) - lam."""
-    name = "length_law"
-
-    def __init__(self, levels: np.ndarray):
-        self.levels = np.asarray(levels, dtype=np.float64)
-        self.a = self.b = 0.0
-        self.lambdas = np.round(np.linspace(1.0, -1.0, 401), 4)
-
-    def fit(self, train: LabelArrays) -> "LengthLawPolicy":
-        x = train.features[:, LOG_LENGTH].astype(np.float64)
-        y = self.levels[train.label_index]
-        self.b, self.a = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (0.0, float(y.mean()))
-        return self
-
-    def scores(self, features: np.ndarray) -> np.ndarray:
-        predicted = self.a + self.b * np.asarray(features)[:, LOG_LENGTH].astype(np.float64)
-        return _with_dense(predicted[:, None] - self.levels[None, 1:])
-
-
 def recall_columns(levels: np.ndarray) -> list[int] | None:
     """Feature columns of the probe's mass recall at each sparse grid level (None if a level has none)."""
     names = [f"probe_recall{round(float(lv) * 100)}_mean" for lv in np.asarray(levels)[1:]]
@@ -205,7 +138,7 @@ class MassCoveragePolicy(Policy):
         self.lambdas = np.round(np.linspace(1.0, 0.0, 401), 4)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        return _with_dense(np.asarray(features, dtype=np.float64)[:, self.columns])
+        return with_dense(np.asarray(features, dtype=np.float64)[:, self.columns])
 
 
 class Named(Policy):
@@ -219,7 +152,7 @@ class Named(Policy):
 
 
 class AdaptedPolicy(Policy):
-    """The controller with a head refitted on a user's labeled prompts (`controller.adapt`): per sparse
+    """The controller with a head refitted on a user's labeled prompts (`controller.learning.adapt`): per sparse
     level, a logistic model on the standardised non-task features and the net's logit at that level.
     The head is plain numbers in the checkpoint's JSON; this runs in numpy at inference."""
     name = "adapted"
@@ -241,7 +174,7 @@ class AdaptedPolicy(Policy):
         return np.concatenate([np.ones((len(p), 1)), 1.0 / (1.0 + np.exp(-z))], axis=1)
 
     def scores_from(self, p: np.ndarray, features: np.ndarray) -> np.ndarray:
-        return _with_dense(p[:, 1:])
+        return with_dense(p[:, 1:])
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         return self.scores_from(self.probabilities(features), features)
@@ -274,7 +207,3 @@ def deployed_policy(net: SafetyNet, levels: np.ndarray, record: dict) -> Policy:
     if kind == "adapted":
         return AdaptedPolicy(LearnedPolicy(net, "controller", ignores_task(record)), record["adapter"])
     return controller_policy(net, levels, record["decision"], hide_task=ignores_task(record))
-
-
-def oracle_decisions(arrays: LabelArrays) -> np.ndarray:
-    return arrays.label_index

@@ -90,7 +90,7 @@ class CalibrationConfig:
     alpha: float = 0.05
     delta: float = 0.1
     sweep: tuple[float, ...] = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)   # alphas of the trade-off curve
-    decision: str = "compute_aware"   # compute_aware or threshold (see controller/policies.py)
+    decision: str = "compute_aware"   # compute_aware or threshold (see controller/runtime/policy.py)
     guard_p: float = 0.01      # shift guard: requests whose conformal p-value is below this run at `fallback`
     guard_k: int = 5           # shift guard: k of the k-th nearest calibration request
     fallback: float = 0.0      # the level flagged requests run at (0 = dense, the only one that is always safe)

@@ -25,12 +25,13 @@ from data.outputs import check_disjoint, check_not_here, check_replaceable, chec
 from data.criteria import LABEL_FREE_DEFAULT, criterion_dict, null_share_for, resolved
 from data.tasks import read_prompts
 
-from .calibrate import Calibration, calibrate, ltt_p_values, threshold_text
-from .dataset import LabelArrays, arrays_from_store, requests_summary
-from .evaluate import policy_metrics
-from .export import ControllerCheckpoint, export_checkpoint, load_checkpoint
-from .guard import Guarded, ShiftGuard, two_sample_test
-from .policies import LearnedPolicy, MassCoveragePolicy, deployed_policy, ignores_task, recall_columns
+from controller.guarantee.calibrate import Calibration, calibrate, ltt_p_values, threshold_text
+from controller.guarantee.arrays import LabelArrays
+from controller.learning.dataset import arrays_from_store, requests_summary
+from controller.learning.evaluate import policy_metrics
+from controller.runtime.checkpoint import ControllerCheckpoint, export_checkpoint, load_checkpoint
+from controller.guarantee.guard import Guarded, ShiftGuard, two_sample_test
+from controller.runtime.policy import LearnedPolicy, MassCoveragePolicy, deployed_policy, ignores_task, recall_columns
 
 
 def min_requests(alpha: float, delta: float) -> int:
@@ -77,9 +78,9 @@ def _candidates(ckpt: ControllerCheckpoint, choice: str) -> dict:
 
 
 def _adapted(ckpt: ControllerCheckpoint, cal: LabelArrays, choice: str):
-    """The cross-fitted adapted candidate (`controller.adapt`), where it applies: asked for, or `auto`
+    """The cross-fitted adapted candidate (`controller.learning.adapt`), where it applies: asked for, or `auto`
     with enough requests for two halves, on a checkpoint whose predictor is the net."""
-    from .adapt import AUTO_MIN, MIN_FIT, adapted_candidate
+    from controller.learning.adapt import AUTO_MIN, MIN_FIT, adapted_candidate
     if choice not in ("auto", "adapted") or ckpt.record.get("policy", "controller") == "mass_coverage":
         return None
     if choice == "auto" and len(cal) < AUTO_MIN:   # its share of delta costs more than it wins there (measured)
@@ -143,8 +144,8 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
 
 def expected_time(model_fp: dict, levels: np.ndarray, n_tokens: np.ndarray) -> dict | None:
     """Prefill time the decisions on the calibration requests would save, as the hook serves them,
-    priced by the newest benchmark recorded for this model (`controller.timing`); None without one."""
-    from .timing import TimeTable, find_timings
+    priced by the newest benchmark recorded for this model (`controller.learning.timing`); None without one."""
+    from controller.learning.timing import TimeTable, find_timings
     path = find_timings(model_fp)
     if path is None:
         return None
@@ -192,7 +193,7 @@ def check_write_paths(out: Path, store: Path, checkpoint: Path, prompts: str, re
     ours replaced only with --overwrite; the label store new, empty or a store to resume; neither
     is, contains or lies inside the input checkpoint, the prompts, the other output or the
     checkpoint's stores."""
-    from .pipeline import recorded_stores
+    from controller.learning.pipeline import recorded_stores
     stores = recorded_stores(rec, checkpoint)
     check_output_folder(out, f"--out {out}")   # a file, under a file, unwritable: said first
     check_disjoint(out, f"--out {out}", {"the input checkpoint": checkpoint, "the prompts": prompts,
@@ -257,7 +258,7 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
                            ) -> tuple[Path, str] | None:
     """calibrate.py: check everything, label the prompts, recalibrate, export. Returns (checkpoint
     folder, certified line), or None on a non-zero rank of a distributed labeling run."""
-    from .pipeline import label_requests, path_from
+    from controller.learning.pipeline import label_requests, path_from
     out_path, ckpt_path = Path(out), Path(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     check_not_here(out_path, f"--out {out}")
@@ -270,7 +271,7 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
         raise UserError(f"--alpha and --delta must lie in (0, 1), got {alpha}, {delta}")
     if guard_p is not None and not 0 <= guard_p < 1:
         raise UserError(f"--guard-p must lie in [0, 1), got {guard_p}")
-    from .adapt import AUTO_MIN, MIN_FIT
+    from controller.learning.adapt import AUTO_MIN, MIN_FIT
     mode = mode or ckpt.calibration.mode
     n = _prompt_count(prompts, crit, max_requests)
     adapts = ((policy == "adapted" or (policy == "auto" and n >= AUTO_MIN))
@@ -288,7 +289,7 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
     if not root:
         return None
     from data.store import LabelStore
-    from .dataset import store_hash
+    from controller.learning.dataset import store_hash
     crit = resolved(LabelStore(root).table(), crit)   # divergence: the threshold from these prompts' noise floor
     cal = arrays_from_store(root, crit)[0]
     source = {"source": f"prompts {prompts}", "files": file_digests(prompts), "label_store": root,

@@ -13,8 +13,8 @@ import numpy as np
 
 from data.features import FEATURE_NAMES
 
-from .dataset import LabelArrays
-from .policies import TASK_COLUMNS, AdaptedPolicy, LearnedPolicy, head_inputs
+from controller.guarantee.arrays import LabelArrays
+from controller.runtime.policy import TASK_COLUMNS, AdaptedPolicy, LearnedPolicy, head_inputs
 
 HEAD_COLUMNS = [i for i in range(len(FEATURE_NAMES)) if i not in TASK_COLUMNS]
 MIN_FIT = 40   # requests the head is fitted on, at least

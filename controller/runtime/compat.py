@@ -16,7 +16,7 @@ from data.tasks.base import TASK_TYPES, UNKNOWN_TASK
 from sparse_kernels.backends import switch_problem
 from sparse_kernels.dispatch import BreakEven, recorded_break_even
 
-from .export import ControllerCheckpoint
+from controller.runtime.checkpoint import ControllerCheckpoint
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Calls the benchmarks time, shared by `controller.benchmark` and `controller.bench_heldout`: a
+"""Calls the benchmarks time, shared by `controller.benchmark` and `controller.experiments.bench_heldout`: a
 level forced through a plan with no decision (`_forced_call`, optionally with the probes and the
 fused probe), and a stream reset past its warm-up (`_past_warmup`). Imports `sparse_kernels`."""
 from __future__ import annotations

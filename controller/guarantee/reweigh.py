@@ -2,7 +2,7 @@
 
 Only the features of your prompts are computed (a dense forward that stops after the probe layers:
 no sparse prefill, no decoding, no answers). The checkpoint's own calibration requests are then
-reweighed toward your prompts' features (`controller.weighted`: density ratios from a cross-fitted
+reweighed toward your prompts' features (`controller.guarantee.weighted`: density ratios from a cross-fitted
 logistic classifier) and Learn-then-Test runs on their weighted violation rates at the effective
 sample size. This holds if your traffic differs from the calibration traffic only in its features
 (covariate shift: the chance that a level is safe given the features is unchanged), and it is an
@@ -22,11 +22,11 @@ from data.errors import UserError
 from data.features import FEATURE_NAMES, feature_vector
 from data.outputs import check_not_here
 
-from .export import export_checkpoint, load_checkpoint
-from .guard import ShiftGuard, as_unknown_task
-from .policies import deployed_policy, ignores_task
-from .recalibrate import check_write_paths, file_digests, min_requests
-from .weighted import density_ratios, weighted_calibrate
+from controller.runtime.checkpoint import export_checkpoint, load_checkpoint
+from controller.guarantee.guard import ShiftGuard, as_unknown_task
+from controller.runtime.policy import deployed_policy, ignores_task
+from controller.guarantee.recalibrate import check_write_paths, file_digests, min_requests
+from controller.guarantee.weighted import density_ratios, weighted_calibrate
 
 
 def prompt_features(ckpt, prompts: str, max_requests: int | None, model: str | None = None) -> np.ndarray:
@@ -36,7 +36,7 @@ def prompt_features(ckpt, prompts: str, max_requests: int | None, model: str | N
     from data.labeling import choose_prompts
     from data.models import load_model
     from data.tasks import prompt_ids, read_prompts
-    from .pipeline import check_same_model
+    from controller.learning.pipeline import check_same_model
     rec = ckpt.record
     lm = load_model(model or rec["model"]["name"])
     check_same_model(lm, ckpt, model or rec["model"]["name"])
@@ -86,7 +86,7 @@ def reweigh_checkpoint(checkpoint: str, prompts: str, out: str, alpha: float | N
                        overwrite: bool = False) -> tuple[Path, str]:
     """calibrate.py --reweigh: check, compute the prompts' features, reweigh, export."""
     from data.criteria import criterion_dict
-    from .pipeline import calibration_arrays
+    from controller.learning.pipeline import calibration_arrays
     out_path, ckpt_path = Path(out), Path(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     check_not_here(out_path, f"--out {out}")

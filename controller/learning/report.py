@@ -17,8 +17,8 @@ import pandas as pd
 from data.figures import label_vs_length, plot_label_vs_length
 from data.store import atomic_target, write_text_atomic
 
-from .calibrate import guarantee_text, threshold_text
-from .dataset import LabelArrays
+from controller.guarantee.calibrate import guarantee_text, threshold_text
+from controller.guarantee.arrays import LabelArrays
 
 
 def goals(metrics: dict, alpha: float) -> dict:

@@ -29,8 +29,8 @@ import torch
 from data.errors import UserError
 from data.features import FEATURE_NAMES
 
-from .monitor import ShiftMonitor
-from .policies import Policy, mask_task
+from controller.guarantee.monitor import ShiftMonitor
+from controller.runtime.policy import Policy, mask_task
 
 LOG_LENGTH = FEATURE_NAMES.index("log_length")
 MAX_REFERENCE = 1000

@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from data.features import FEATURE_NAMES
 
-from .config import ControllerJobConfig
-from .dataset import LabelArrays
-from .net import SafetyNet
-from .policies import TASK_COLUMNS, mask_task
+from controller.learning.config import ControllerJobConfig
+from controller.guarantee.arrays import LabelArrays
+from controller.runtime.net import SafetyNet
+from controller.runtime.policy import TASK_COLUMNS, mask_task
 
 LOG_LENGTH_COLUMN = FEATURE_NAMES.index("log_length")
 

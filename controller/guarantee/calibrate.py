@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dataset import LabelArrays
-from .policies import Policy, decide
+from controller.guarantee.arrays import LabelArrays
+from controller.runtime.policy import Policy, decide
 
 
 def violations(arrays: LabelArrays, chosen: np.ndarray) -> np.ndarray:
@@ -56,7 +56,7 @@ class Calibration:
 
     def decide(self, scores: np.ndarray, n_tokens: np.ndarray | None = None, offset: float = 0.0) -> np.ndarray:
         """[n] level index per request; a stratified calibration needs each request's token count.
-        `offset` lowers every passed threshold (a live ladder's certified rung, `controller.risk`)."""
+        `offset` lowers every passed threshold (a live ladder's certified rung, `controller.guarantee.risk`)."""
         if not self.parts:
             return decide(scores, self.threshold - offset) if self.passed else np.zeros(len(scores), dtype=int)
         if n_tokens is None:

@@ -19,9 +19,9 @@ import numpy as np
 
 from data.errors import UserError
 
-from .calibrate import Calibration, ltt_p_values, violations
-from .dataset import LabelArrays
-from .policies import Policy, decide
+from controller.guarantee.calibrate import Calibration, ltt_p_values, violations
+from controller.guarantee.arrays import LabelArrays
+from controller.runtime.policy import Policy, decide
 
 MAX_AUC = 0.98   # a classifier this sure which side a request is on leaves no overlap to reweigh
 
