@@ -153,3 +153,14 @@ def test_plain_torch_is_the_ground_floor_of_sparse_kernels():
     for name in ("select", "reference", "probes", "dispatch"):
         imported = module_imports(ROOT / "sparse_kernels" / f"{name}.py")
         assert not imported & triton_modules, f"sparse_kernels/{name}.py imports {imported & triton_modules}"
+
+
+def test_the_runtime_names_its_public_api_and_refuses_others():
+    import controller.runtime as runtime
+    from controller.runtime.checkpoint import load_checkpoint
+    from controller.runtime.hook import attach
+    from controller.runtime.shadow import certify_live
+    assert (runtime.attach, runtime.load_checkpoint, runtime.certify_live) == (attach, load_checkpoint, certify_live)
+    assert all(getattr(runtime, n) is not None for n in runtime.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'train'"):
+        runtime.train

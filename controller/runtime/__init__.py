@@ -6,3 +6,15 @@ Imports `sparse_kernels`, `data` and the statistics of `controller.guarantee` th
 controller applies (its calibrated threshold, guard, stream monitor and live risk bound); never
 `controller.learning` or `controller.experiments` (`tests/test_imports.py` checks the closure).
 """
+
+# the public names, loaded on first use (PEP 562): `from controller.runtime import attach`
+_PUBLIC = {"attach": "hook", "ControllerHandle": "hook", "Decision": "decision", "load_checkpoint": "checkpoint",
+           "ControllerCheckpoint": "checkpoint", "certify_live": "shadow"}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'controller.runtime' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f"controller.runtime.{_PUBLIC[name]}"), name)
