@@ -2,7 +2,8 @@
 
 Owns `arrays_from_store` (a store's rows as `LabelArrays`, `controller.guarantee.arrays`) and
 `split_groups` (train / val / calibration / test by a hash of each request's generated document,
-so no document is in two splits and a growing store keeps old assignments). Imports `data`.
+so no document is in two splits and a growing store keeps old assignments). Imports `data` and
+`controller.guarantee.arrays`.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import pandas as pd
 
 from data.errors import UserError
 from data.features import FEATURE_NAMES, FEATURE_VERSION
-from controller.guarantee.arrays import LabelArrays, concat_arrays
 from data.store import LabelStore, apply_criterion, criterion_dict, describe_criterion, missing_outputs
+
+from controller.guarantee.arrays import LabelArrays, concat_arrays
 
 SPLITS = ("train", "val", "calibration", "test")
 
