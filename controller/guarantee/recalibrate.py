@@ -55,6 +55,42 @@ def file_digests(path: str | Path) -> list[dict]:
             for f in files]
 
 
+def refit_guard(ckpt: ControllerCheckpoint, features: np.ndarray, n_tokens: np.ndarray,
+                guard_p: float | None = None) -> ShiftGuard:
+    """A new shift guard fitted on `features`, with the checkpoint's guard settings (k, p_min unless
+    `guard_p`, fallback, warm-up; the defaults for a checkpoint without a guard)."""
+    old = ckpt.guard
+    k, p_min, fallback, warmup = (old.k, old.p_min, old.fallback, old.warmup) if old is not None else (5, 0.01, 0.0, 0)
+    return ShiftGuard.fit(features, n_tokens, ckpt.net.feature_mean.numpy(), ckpt.net.feature_std.numpy(), k,
+                          p_min if guard_p is None else guard_p, fallback, ignore_task=ignores_task(ckpt.record),
+                          warmup=warmup)
+
+
+def lineage(rec: dict) -> dict:
+    """What a recalibrated record keeps of the record it came from (`recalibrated_from`)."""
+    return {"calibration": rec["calibration"], "policy": rec.get("policy", "controller"),
+            "calibration_data": rec.get("calibration_data")}
+
+
+def risk_levels(ckpt: ControllerCheckpoint, alpha: float | None, delta: float | None) -> tuple[float, float]:
+    """--alpha and --delta, the checkpoint's where not given, checked."""
+    alpha = ckpt.record["alpha"] if alpha is None else alpha
+    delta = ckpt.record["delta"] if delta is None else delta
+    if not (0 < alpha < 1 and 0 < delta < 1):
+        raise UserError(f"--alpha and --delta must lie in (0, 1), got {alpha}, {delta}")
+    return alpha, delta
+
+
+def offers_adapted(ckpt: ControllerCheckpoint, choice: str, n: int) -> bool:
+    """Is the cross-fitted adapted head a candidate for `n` requests: asked for, or `auto` from
+    AUTO_MIN requests on (its share of delta costs more than it wins below: measured), on a
+    checkpoint whose predictor is the net."""
+    from controller.learning.adapt import AUTO_MIN
+    if choice not in ("auto", "adapted") or ckpt.record.get("policy", "controller") == "mass_coverage":
+        return False
+    return choice == "adapted" or n >= AUTO_MIN
+
+
 @dataclass
 class Recalibrated:
     record: dict
@@ -80,10 +116,8 @@ def _candidates(ckpt: ControllerCheckpoint, choice: str) -> dict:
 def _adapted(ckpt: ControllerCheckpoint, cal: LabelArrays, choice: str):
     """The cross-fitted adapted candidate (`controller.learning.adapt`), where it applies: asked for, or `auto`
     with enough requests for two halves, on a checkpoint whose predictor is the net."""
-    from controller.learning.adapt import AUTO_MIN, MIN_FIT, adapted_candidate
-    if choice not in ("auto", "adapted") or ckpt.record.get("policy", "controller") == "mass_coverage":
-        return None
-    if choice == "auto" and len(cal) < AUTO_MIN:   # its share of delta costs more than it wins there (measured)
+    from controller.learning.adapt import MIN_FIT, adapted_candidate
+    if not offers_adapted(ckpt, choice, len(cal)):
         return None
     found = adapted_candidate(LearnedPolicy(ckpt.net, "controller", ignores_task(ckpt.record)), cal)
     if found is None and choice == "adapted":
@@ -104,9 +138,7 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
     rec = ckpt.record
     mode = mode or ckpt.calibration.mode
     old = ckpt.guard
-    k, p_min, fallback, warmup = (old.k, old.p_min, old.fallback, old.warmup) if old is not None else (5, 0.01, 0.0, 0)
-    guard = ShiftGuard.fit(cal.features, cal.n_tokens, ckpt.net.feature_mean.numpy(), ckpt.net.feature_std.numpy(),
-                           k, p_min if guard_p is None else guard_p, fallback, ignore_task=ignores_task(rec), warmup=warmup)
+    guard = refit_guard(ckpt, cal.features, cal.n_tokens, guard_p)
     candidates, tried = _candidates(ckpt, choice), {}
     rows = {name: np.arange(len(cal)) for name in candidates}   # the requests each candidate is certified on
     adapted = _adapted(ckpt, cal, choice)
@@ -135,8 +167,7 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
         record["adapter"] = head
     record.update({
         "calibration": calibration.to_json(), "alpha": alpha, "delta": delta, "criterion": criterion, "policy": name,
-        "guard": guard.to_json(), "recalibrated_from": {"calibration": rec["calibration"], "policy": rec.get("policy", "controller"),
-                                                        "calibration_data": rec.get("calibration_data")},
+        "guard": guard.to_json(), "recalibrated_from": lineage(rec),
         "calibration_data": {**source, **requests_summary(cal, criterion), "candidates": summary["candidates"]},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat()})
     return Recalibrated(record, calibration, guard, summary)
@@ -265,17 +296,13 @@ def recalibrate_checkpoint(checkpoint: str, prompts: str, out: str, criterion: s
     store = labels or str(out_path.with_name(out_path.name + ".labels"))
     check_write_paths(out_path, Path(store), ckpt_path, prompts, ckpt.record, overwrite)
     crit = calibration_criterion(ckpt, criterion)
-    alpha = ckpt.record["alpha"] if alpha is None else alpha
-    delta = ckpt.record["delta"] if delta is None else delta
-    if not (0 < alpha < 1 and 0 < delta < 1):
-        raise UserError(f"--alpha and --delta must lie in (0, 1), got {alpha}, {delta}")
+    alpha, delta = risk_levels(ckpt, alpha, delta)
     if guard_p is not None and not 0 <= guard_p < 1:
         raise UserError(f"--guard-p must lie in [0, 1), got {guard_p}")
-    from controller.learning.adapt import AUTO_MIN, MIN_FIT
+    from controller.learning.adapt import MIN_FIT
     mode = mode or ckpt.calibration.mode
     n = _prompt_count(prompts, crit, max_requests)
-    adapts = ((policy == "adapted" or (policy == "auto" and n >= AUTO_MIN))
-              and ckpt.record.get("policy", "controller") != "mass_coverage" and n >= 2 * MIN_FIT)
+    adapts = offers_adapted(ckpt, policy, n) and n >= 2 * MIN_FIT
     count = max(1, len(_candidates(ckpt, policy)) + adapts)
     need = min_requests(alpha, delta / count) if mode == "ltt" else math.ceil(count / alpha - 1)   # crc: (0 + 1)/(n + 1) <= alpha/k
     if n < need:

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import UserError
 from data.features import FEATURE_NAMES, feature_vector
 from data.outputs import check_not_here
 
 from controller.runtime.checkpoint import export_checkpoint, load_checkpoint
-from controller.guarantee.guard import ShiftGuard, as_unknown_task
-from controller.runtime.policy import deployed_policy, ignores_task
-from controller.guarantee.recalibrate import check_write_paths, file_digests, min_requests
+from controller.guarantee.guard import as_unknown_task
+from controller.runtime.policy import deployed_policy
+from controller.guarantee.recalibrate import check_write_paths, file_digests, lineage, min_requests, refit_guard, risk_levels
 from controller.guarantee.weighted import density_ratios, weighted_calibrate
 
 
@@ -59,16 +58,12 @@ def reweighed_record(ckpt, cal, live: np.ndarray, alpha: float, delta: float, so
     chosen = c.decide(policy.scores(reference))
     rows = np.arange(len(cal))
     saved = float(1.0 - (w * cal.kept[rows, chosen]).sum() / (w * cal.causal).sum())   # as the live traffic would
-    old = ckpt.guard
     n_tokens = np.rint(np.exp(live[:, FEATURE_NAMES.index("log_length")])).astype(np.int64)
-    guard = ShiftGuard.fit(live, n_tokens, ckpt.net.feature_mean.numpy(), ckpt.net.feature_std.numpy(),
-                           old.k if old else 5, old.p_min if old else 0.01, old.fallback if old else 0.0,
-                           ignore_task=ignores_task(rec), warmup=old.warmup if old else 0)
+    guard = refit_guard(ckpt, live, n_tokens)
     record = copy.deepcopy(rec)
     record.pop("format", None)
     record.update({"calibration": c.to_json(), "alpha": alpha, "delta": delta, "guard": guard.to_json(),
-                   "recalibrated_from": {"calibration": rec["calibration"], "policy": rec.get("policy", "controller"),
-                                         "calibration_data": rec.get("calibration_data")},
+                   "recalibrated_from": lineage(rec),
                    "calibration_data": {**source, "reweighed": {**info, "requests": len(w), "live_prompts": len(live)},
                                         "requests": len(w), "tokens": [int(n_tokens.min()), int(n_tokens.max())]},
                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat()})
@@ -91,10 +86,7 @@ def reweigh_checkpoint(checkpoint: str, prompts: str, out: str, alpha: float | N
     ckpt = load_checkpoint(ckpt_path)
     check_not_here(out_path, f"--out {out}")
     check_write_paths(out_path, out_path.with_name(out_path.name + ".labels"), ckpt_path, prompts, ckpt.record, overwrite)
-    alpha = ckpt.record["alpha"] if alpha is None else alpha
-    delta = ckpt.record["delta"] if delta is None else delta
-    if not (0 < alpha < 1 and 0 < delta < 1):
-        raise UserError(f"--alpha and --delta must lie in (0, 1), got {alpha}, {delta}")
+    alpha, delta = risk_levels(ckpt, alpha, delta)
     _, cal, where = calibration_arrays(ckpt.record, criterion_dict(ckpt.record["criterion"]), ckpt_path)
     live = prompt_features(ckpt, prompts, max_requests, model)
     source = {"source": f"prompts {prompts} (unlabeled), reweighing {where}", "files": file_digests(prompts)}

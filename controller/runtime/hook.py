@@ -322,8 +322,8 @@ class ControllerHandle:
             decisions.append(Decision(float(levels[r]), prob, float(achieved[r]) if r < len(achieved) else 0.0,
                                       fallback, ood, p_value, p_safe, threshold))
         self._record(decisions, [info.get(("features", r)) for r in range(len(active.rows))])
-        for r, d in enumerate(decisions):   # sampled requests are labeled dense on the shadow worker
-            if self.shadow is not None:
+        if self.shadow is not None:   # sampled requests are labeled dense on the shadow worker
+            for r, d in enumerate(decisions):
                 rungs = self.decider.rungs(d, info.get(("base", r)), info.get(("features", r)), self.ladder)
                 self.stream.served(active.rows[r], d.level, rungs)
         return None

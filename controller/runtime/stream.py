@@ -55,8 +55,7 @@ class StreamState:
 
     def served(self, ids, level: float, rungs: list[float] | None) -> None:
         """A decided request, offered to the shadow labeler (sampled ones are labeled dense on its worker)."""
-        if self.shadow is not None:
-            self.shadow.offer(ids if isinstance(ids, np.ndarray) else None, level, rungs)
+        self.shadow.offer(ids if isinstance(ids, np.ndarray) else None, level, rungs)
 
     def shutdown(self) -> None:
         if self.shadow is not None:
