@@ -31,7 +31,7 @@ from controller.learning.dataset import arrays_from_store, requests_summary
 from controller.learning.evaluate import policy_metrics
 from controller.runtime.checkpoint import ControllerCheckpoint, export_checkpoint, load_checkpoint
 from controller.guarantee.guard import Guarded, ShiftGuard, two_sample_test
-from controller.runtime.policy import LearnedPolicy, MassCoveragePolicy, deployed_policy, ignores_task, recall_columns
+from controller.runtime.policy import LearnedPolicy, deployed_policy, ignores_task, recall_columns
 
 
 def min_requests(alpha: float, delta: float) -> int:
@@ -99,11 +99,19 @@ class Recalibrated:
     summary: dict          # on the calibration requests: risk, saving, flagged share, shift vs the old calibration
 
 
+def as_deployed(ckpt: ControllerCheckpoint, kind: str, **extra) -> tuple[dict, object]:
+    """(record keys, policy) of candidate `kind` as a recalibrated checkpoint would deploy it: every
+    candidate under the checkpoint's own decision rule (`policy_decision`), so the policy certified
+    here is the one `deployed_policy` rebuilds from the record."""
+    keys = {"policy": kind, "policy_decision": ckpt.record["decision"], **extra}
+    return keys, deployed_policy(ckpt.net, ckpt.levels, {**ckpt.record, **keys})
+
+
 def _candidates(ckpt: ControllerCheckpoint, choice: str) -> dict:
     """{name: policy} that the recalibration may deploy."""
-    out = {"controller": deployed_policy(ckpt.net, ckpt.levels, {**ckpt.record, "policy": "controller"})}
+    out = {"controller": as_deployed(ckpt, "controller")[1]}
     if recall_columns(ckpt.levels) is not None:
-        out["mass_coverage"] = MassCoveragePolicy(ckpt.levels)
+        out["mass_coverage"] = as_deployed(ckpt, "mass_coverage")[1]
     if choice == "adapted":
         return {}   # the adapted head alone (`_adapted`)
     if choice != "auto":
@@ -123,7 +131,10 @@ def _adapted(ckpt: ControllerCheckpoint, cal: LabelArrays, choice: str):
     if found is None and choice == "adapted":
         raise UserError(f"--policy adapted needs at least {2 * MIN_FIT} calibration requests (half to fit, half to "
                         f"certify), got {len(cal)}")
-    return found
+    if found is None:
+        return None
+    _, head, rows = found
+    return as_deployed(ckpt, "adapted", adapter=head)[1], head, rows
 
 
 def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delta: float, criterion: dict,
@@ -167,7 +178,7 @@ def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delt
         record["adapter"] = head
     record.update({
         "calibration": calibration.to_json(), "alpha": alpha, "delta": delta, "criterion": criterion, "policy": name,
-        "guard": guard.to_json(), "recalibrated_from": lineage(rec),
+        "policy_decision": rec["decision"], "guard": guard.to_json(), "recalibrated_from": lineage(rec),
         "calibration_data": {**source, **requests_summary(cal, criterion), "candidates": summary["candidates"]},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat()})
     return Recalibrated(record, calibration, guard, summary)

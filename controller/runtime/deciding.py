@@ -15,7 +15,7 @@ from sparse_kernels.dispatch import BreakEven
 
 from controller.runtime.checkpoint import ControllerCheckpoint
 from controller.runtime.decision import Decision, one_thread_limiter
-from controller.runtime.policy import deployed_policy
+from controller.runtime.policy import deployed_policy, kept_mass
 
 
 class Decider:
@@ -39,11 +39,11 @@ class Decider:
         features = np.asarray(features, dtype=np.float32)
         if n_tokens is None:
             n_tokens = np.rint(np.exp(features[:, FEATURE_NAMES.index("log_length")].astype(np.float64))).astype(np.int64)
-        if not hasattr(self.policy, "probabilities"):   # mass coverage: report the estimated kept mass
-            scores = self.policy.scores(features)
-            idx = self.calibration.decide(scores, n_tokens)
-            return idx, np.minimum(scores[np.arange(len(scores)), idx], 1.0), None
         p = self.policy.probabilities(features)
+        if p is None:   # mass coverage: report the estimated kept mass
+            mass = kept_mass(self.policy, features)
+            idx = self.calibration.decide(self.policy.scores(features), n_tokens)
+            return idx, np.minimum(mass[np.arange(len(mass)), idx], 1.0), None
         idx = self.calibration.decide(self.policy.scores_from(p, features), n_tokens, offset)
         return idx, p[np.arange(len(p)), idx], p
 

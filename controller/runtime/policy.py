@@ -53,6 +53,11 @@ class Policy:
     def scores(self, features: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def probabilities(self, features: np.ndarray) -> np.ndarray | None:
+        """[B, 1 + K] P(safe) at every grid level, or None for a policy that does not estimate it
+        (mass coverage decides on the probe's estimated kept mass)."""
+        return None
+
     def per_request(self) -> "Policy":
         """The part of this policy that depends on each request alone: what a threshold is calibrated
         on (a stream monitor's warm-up and alarms depend on a request's place in a stream)."""
@@ -98,8 +103,8 @@ class ComputeAware(Policy):
     def scores(self, features: np.ndarray) -> np.ndarray:
         return self._from_base(self.base.scores(features), features)
 
-    def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """The base's P(safe) (learned bases only): with `scores_from`, one net pass serves both."""
+    def probabilities(self, features: np.ndarray) -> np.ndarray | None:
+        """The base's P(safe) (None for mass coverage): with `scores_from`, one net pass serves both."""
         return self.base.probabilities(features)
 
     def scores_from(self, p: np.ndarray, features: np.ndarray) -> np.ndarray:
@@ -109,13 +114,17 @@ class ComputeAware(Policy):
 DECISION_RULES = ("compute_aware", "threshold")
 
 
+def under_rule(policy: Policy, levels: np.ndarray, rule: str) -> Policy:
+    """`policy` under a decision rule: wrapped in `ComputeAware`, or as it is for `threshold`."""
+    if rule not in DECISION_RULES:
+        raise ValueError(f"unknown decision rule {rule!r}; choose one of {DECISION_RULES}")
+    return ComputeAware(policy, levels, policy.name) if rule == "compute_aware" else policy
+
+
 def controller_policy(net: SafetyNet, levels: np.ndarray, rule: str, hide_task: bool = False,
                       name: str = "controller") -> Policy:
     """The controller as deployed: its net under the decision rule its checkpoint records."""
-    if rule not in DECISION_RULES:
-        raise ValueError(f"unknown decision rule {rule!r}; choose one of {DECISION_RULES}")
-    base = LearnedPolicy(net, name, hide_task)
-    return ComputeAware(base, levels, name) if rule == "compute_aware" else base
+    return under_rule(LearnedPolicy(net, name, hide_task), levels, rule)
 
 
 def recall_columns(levels: np.ndarray) -> list[int] | None:
@@ -139,6 +148,15 @@ class MassCoveragePolicy(Policy):
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         return with_dense(np.asarray(features, dtype=np.float64)[:, self.columns])
+
+
+def kept_mass(policy: Policy, features: np.ndarray) -> np.ndarray:
+    """[B, L] the probe's estimated kept share of the attention mass at every level (1 at dense), of a
+    mass-coverage policy, bare or under a decision rule."""
+    while not isinstance(policy, MassCoveragePolicy):
+        policy = policy.base
+    mass = np.asarray(features, dtype=np.float64)[:, policy.columns]
+    return np.concatenate([np.ones((len(mass), 1)), mass], axis=1)
 
 
 class Named(Policy):
@@ -198,12 +216,14 @@ def ignores_task(record: dict) -> bool:
 
 def deployed_policy(net: SafetyNet, levels: np.ndarray, record: dict) -> Policy:
     """The policy a checkpoint deploys (`record["policy"]`, default the controller): the net under
-    its decision rule, or the mass-coverage rule that a recalibration found to save more."""
+    its decision rule (`record["decision"]`), or the mass-coverage rule or adapted head that a
+    recalibration found to save more, under `record["policy_decision"]` (`threshold` when absent,
+    as recalibrations before it was recorded ran them)."""
     kind = record.get("policy", "controller")
     if kind not in DEPLOYABLE:
         raise ValueError(f"unknown deployed policy {kind!r}; one of {DEPLOYABLE}")
-    if kind == "mass_coverage":
-        return MassCoveragePolicy(levels)
-    if kind == "adapted":
-        return AdaptedPolicy(LearnedPolicy(net, "controller", ignores_task(record)), record["adapter"])
-    return controller_policy(net, levels, record["decision"], hide_task=ignores_task(record))
+    if kind == "controller":
+        return controller_policy(net, levels, record["decision"], hide_task=ignores_task(record))
+    base = (MassCoveragePolicy(levels) if kind == "mass_coverage"
+            else AdaptedPolicy(LearnedPolicy(net, "controller", ignores_task(record)), record["adapter"]))
+    return under_rule(base, levels, record.get("policy_decision", "threshold"))
