@@ -9,7 +9,7 @@ import pytest
 from data.errors import UserError
 from data.features import PROBE_STATS, TASK_FEATURES, compute_features
 from data.tasks import TaskSpec, build_task, generate_sample, prompt_text
-from data.tasks.natural import (NATURAL_TASKS, corpus_constants, corpus_entries, corpus_files)
+from data.tasks.natural import (NATURAL_TASKS, corpus_constants, corpus_entries, corpus_files, corpus_summaries)
 
 
 def test_the_snapshot_parses_and_its_constants_and_entries_are_unambiguous():
@@ -34,7 +34,10 @@ def test_natural_requests_are_deterministic_and_carry_their_answer(tokenizer, na
     assert a == generate_sample(name, gen, tokenizer, 2048, 4, seed=0, form_set=form_set)
     assert a.input != generate_sample(name, gen, tokenizer, 2048, 5, seed=0, form_set=form_set).input
     text = prompt_text(tokenizer, a)
-    assert a.outputs and all(o in text for o in a.outputs)
+    if name == "nat_summary":   # the answer is not in the prompt: the docstring it is scored against was removed
+        assert a.outputs and all(o == o.lower() and len(o) >= 4 for o in a.outputs)
+    else:
+        assert a.outputs and all(o in text for o in a.outputs)
     assert a.form.split("/")[0] == gen.haystack
     if name == "nat_chat":   # files arrive as earlier turns, each acknowledged
         assert [r for r, _ in a.history[:4]] == ["user", "assistant", "user", "assistant"]
@@ -57,6 +60,23 @@ def test_an_aggregation_request_lists_every_file_shown(tokenizer):
         assert tuple(shown) == s.outputs
         counts.append(len(shown))
     assert max(counts) >= 2
+
+
+def test_a_summary_request_shows_its_module_without_the_docstring_it_is_scored_on(tokenizer):
+    import ast as _ast
+    files = dict(corpus_files())
+    seen = set()
+    for index in range(8):
+        s = generate_sample("nat_summary", build_task(TaskSpec("nat_summary")), tokenizer, 2048, index, seed=0)
+        name = s.answer_prefix.removeprefix("Answer: ").removesuffix(" is")
+        seen.add(name)
+        doc = _ast.get_docstring(_ast.parse("\n".join(files[name])))
+        first = " ".join(doc.split("\n\n")[0].split())
+        assert f"### File: {name}" in s.input and name in s.input.rsplit("\n", 1)[-1]
+        assert first[:40] not in " ".join(s.input.split())   # its summary is not shown
+        assert all(w in first.lower() and w not in name.lower() for w in s.outputs)
+    assert len(seen) >= 4
+    assert len(corpus_summaries()) >= 50
 
 
 def test_a_length_beyond_the_text_is_refused_in_one_line(tokenizer):

@@ -30,7 +30,7 @@ from data.errors import ArgumentParser, UserError, error_line, doc_summary
 
 FAMILIES = {"niah": ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"), "vt": ("vt",),
             "cwe": ("cwe",), "fwe": ("fwe",), "qa": ("qa",),
-            "natural": ("nat_constant", "nat_docqa", "nat_chat", "nat_aggregate")}   # data/tasks/natural.py
+            "natural": ("nat_constant", "nat_docqa", "nat_chat", "nat_aggregate", "nat_summary")}   # data/tasks/natural.py
 GROUPINGS = {"family": tuple(FAMILIES), "filler": ("prose", "repeat", "code", "json"),
              "phrasing": ("p0", "p1", "p2"), "chat": ("chat", "plain")}
 

@@ -1,6 +1,6 @@
 """Requests on natural text: the committed snapshot of Python standard-library sources
 (`corpus/stdlib.json.gz`, see `corpus/build.py`), real code, comments and English docstrings that
-nobody here wrote. Four tasks, each seeded by its key and sized in model tokens like the others:
+nobody here wrote. Five tasks, each seeded by its key and sized in model tokens like the others:
 
 - `nat_constant` (retrieval, several documents): files one after another; one excerpt of a file
   holds a module-level constant, asked for by file and name.
@@ -9,6 +9,10 @@ nobody here wrote. Four tasks, each seeded by its key and sized in model tokens 
 - `nat_chat` (chat history): the files of `nat_constant` arrive in earlier user turns, each
   acknowledged by the assistant; the last turn asks.
 - `nat_aggregate` (aggregation): every file shown; list the names of all of them.
+- `nat_summary` (summary, several documents): one module shown without its module docstring among
+  other files; say in one sentence what it is for. Scored by string match `all` against the content
+  words of the docstring's first sentence that its file name does not give away (a recall of the
+  words its authors chose, as ROUGE-1 recall is).
 
 The task type is not one of `TASK_TYPES`, so the controller sees these as `unknown` tasks, as it
 sees a user's traffic. Imports nothing from `controller`.
@@ -27,10 +31,14 @@ from pathlib import Path
 from .base import register_task, task_rng
 from .forms import CLASSIC, Form
 
-NATURAL_TASKS = ("nat_constant", "nat_chat", "nat_docqa", "nat_aggregate")
+NATURAL_TASKS = ("nat_constant", "nat_chat", "nat_docqa", "nat_aggregate", "nat_summary")
 CORPUS = Path(__file__).with_name("corpus") / "stdlib.json.gz"
 HEADERS = ("### File: {name}", "----- {name} -----", "<file {name}>")
 _CONSTANT_NAME = re.compile(r"[A-Z][A-Z0-9_]{2,}")
+_CONTENT_WORD = re.compile(r"[A-Za-z][A-Za-z0-9]{3,}")
+_STOP_WORDS = frozenset("this that with from these those which what when where their there about into such than "
+                        "then also only some more most other over under very here each them they been have "
+                        "module modules file files python part used uses using provides support http https www".split())
 
 
 @functools.lru_cache(maxsize=1)
@@ -212,3 +220,55 @@ class NaturalAggregate:
         question = ("List the names of all the files shown above.", "Which files were shown? Name every one.",
                     "All file names above?")[form.phrasing]
         return f"Below are Python source files.\n{body}\n\n{question}", names, "Answer: The files are"
+
+
+def _reference_words(sentence: str, name: str, most: int = 6) -> tuple[str, ...]:
+    """Up to `most` distinct content words of `sentence` (4+ letters, no stop word, none that the file
+    name `name` holds), lower-cased, in order."""
+    given = set(re.findall(r"[a-z0-9]+", name.lower()))
+    words: list[str] = []
+    for w in (m.lower() for m in _CONTENT_WORD.findall(sentence)):
+        if w not in _STOP_WORDS and w not in given and w not in words:
+            words.append(w)
+    return tuple(words[:most])
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_summaries() -> tuple[tuple[int, tuple[str, ...], tuple[str, ...]], ...]:
+    """(file index, the file's lines without its module docstring, reference words) of every file whose
+    docstring's first sentence is 25-200 characters and leaves at least two reference words."""
+    out = []
+    for index, (name, lines) in enumerate(corpus_files()):
+        tree = ast.parse("\n".join(lines))
+        doc = ast.get_docstring(tree)
+        if not doc:
+            continue
+        first = _first_sentence(doc)
+        words = _reference_words(first, name)
+        if 25 <= len(first) <= 200 and len(words) >= 2:
+            node = tree.body[0]
+            out.append((index, lines[:node.lineno - 1] + lines[node.end_lineno:], words))
+    return tuple(out)
+
+
+@register_task("nat_summary")
+@dataclass
+class NaturalSummary:
+    """`size` lines of files; one module, shown without its docstring, is to be summed up in a sentence."""
+    haystack: str = "code"   # the form name's first part: natural text of this kind
+    task_type: str = "nat_summary"
+    metric: str = "all"
+    max_new_tokens: int = 40
+
+    def render(self, key: str, size: int, form: Form = CLASSIC):
+        rng = task_rng(key)
+        index, lines, words = rng.choice(corpus_summaries())
+        header, name = HEADERS[form.phrasing], corpus_files()[index][0]
+        target = ["", header.format(name=name), *lines][:max(size, 12)]
+        docs = [doc for _, doc in _documents(random.Random(f"{key}|docs"), max(1, size - len(target)), header,
+                                             skip=index)]
+        docs.insert(round(rng.random() * len(docs)), target)
+        body = "\n".join(line for doc in docs for line in doc)
+        question = (f"In one sentence, what is the file {name} for?", f"Summarize the purpose of {name} in one sentence.",
+                    f"{name}: its purpose, in one sentence?")[form.phrasing]
+        return f"Below are Python source files.\n{body}\n\n{question}", words, f"Answer: {name} is"
