@@ -92,7 +92,7 @@ class ComputeAware(Policy):
     def __init__(self, base: Policy, levels: np.ndarray, name: str | None = None):
         self.base, self.levels = base, np.asarray(levels, dtype=np.float64)
         self.name = name or f"{base.name}_compute_aware"
-        self.lambdas = np.logspace(3, -4, 561)
+        self.lambdas = np.logspace(3, -4, 4481)
 
     def _from_base(self, base_scores: np.ndarray, features: np.ndarray) -> np.ndarray:
         p = base_scores[:, 1:]
