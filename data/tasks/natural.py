@@ -259,6 +259,7 @@ class NaturalSummary:
     task_type: str = "nat_summary"
     metric: str = "all"
     max_new_tokens: int = 40
+    answer_in_prompt = False   # scored on the docstring the prompt leaves out (not a config field)
 
     def render(self, key: str, size: int, form: Form = CLASSIC):
         rng = task_rng(key)

@@ -121,7 +121,8 @@ def main() -> int:
     ap.add_argument("--labels-per-stream", type=int, default=2000)
     ap.add_argument("--checkpoint", default="runs/demo/checkpoint")
     ap.add_argument("--store", default="data/labels/smollm2-135m/v2")
-    ap.add_argument("--holdout", help="a controller.holdout JSON whose groups carry `zero_shot_live` rows")
+    ap.add_argument("--holdout", action="append", default=[],
+                    help="a controller.holdout JSON whose groups carry `zero_shot_live` rows (repeat for more)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     a, d = args.alpha, args.delta
@@ -133,7 +134,7 @@ def main() -> int:
     doc["store_streams"] = store_false_alarms(args.checkpoint, args.store, a, d, 0.05, 200, 20_000)
     doc["ladder_streams"] = [ladder_streams(args.checkpoint, args.store, a, d, p, 20, 20_000) for p in (0.05, 0.2)]
     if args.holdout:
-        rows = json.loads(Path(args.holdout).read_text())["families"]
+        rows = [r for path in args.holdout for r in json.loads(Path(path).read_text())["families"]]
         doc["holdout"] = [{"group": r["family"], **r["zero_shot_live"]} for r in rows if "zero_shot_live" in r]
         doc["recalibrated"] = [{"group": r["family"], "unsafe": r["recalibrated"]["violation_rate"],
                                 "saving": r["recalibrated"]["compute_saved"], "oracle_saving": r["oracle_compute_saved"]}

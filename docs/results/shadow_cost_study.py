@@ -14,6 +14,7 @@ try:
     TRITON = triton.__version__
 except ImportError:
     TRITON = None
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))   # the repo, uninstalled too
 from controller.runtime import attach
 from controller.runtime.shadow import shadow_measurements
 from data.models import load_model
