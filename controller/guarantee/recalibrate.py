@@ -99,19 +99,19 @@ class Recalibrated:
     summary: dict          # on the calibration requests: risk, saving, flagged share, shift vs the old calibration
 
 
-def as_deployed(ckpt: ControllerCheckpoint, kind: str, **extra) -> tuple[dict, object]:
-    """(record keys, policy) of candidate `kind` as a recalibrated checkpoint would deploy it: every
-    candidate under the checkpoint's own decision rule (`policy_decision`), so the policy certified
-    here is the one `deployed_policy` rebuilds from the record."""
+def as_deployed(ckpt: ControllerCheckpoint, kind: str, **extra):
+    """Candidate `kind` as a recalibrated checkpoint would deploy it: every candidate under the
+    checkpoint's own decision rule (`policy_decision`), so the policy certified here is the one
+    `deployed_policy` rebuilds from the record."""
     keys = {"policy": kind, "policy_decision": ckpt.record["decision"], **extra}
-    return keys, deployed_policy(ckpt.net, ckpt.levels, {**ckpt.record, **keys})
+    return deployed_policy(ckpt.net, ckpt.levels, {**ckpt.record, **keys})
 
 
 def _candidates(ckpt: ControllerCheckpoint, choice: str) -> dict:
     """{name: policy} that the recalibration may deploy."""
-    out = {"controller": as_deployed(ckpt, "controller")[1]}
+    out = {"controller": as_deployed(ckpt, "controller")}
     if recall_columns(ckpt.levels) is not None:
-        out["mass_coverage"] = as_deployed(ckpt, "mass_coverage")[1]
+        out["mass_coverage"] = as_deployed(ckpt, "mass_coverage")
     if choice == "adapted":
         return {}   # the adapted head alone (`_adapted`)
     if choice != "auto":
@@ -134,7 +134,7 @@ def _adapted(ckpt: ControllerCheckpoint, cal: LabelArrays, choice: str):
     if found is None:
         return None
     _, head, rows = found
-    return as_deployed(ckpt, "adapted", adapter=head)[1], head, rows
+    return as_deployed(ckpt, "adapted", adapter=head), head, rows
 
 
 def recalibrate(ckpt: ControllerCheckpoint, cal: LabelArrays, alpha: float, delta: float, criterion: dict,

@@ -136,15 +136,20 @@ def _excerpt(file_index: int, line: int, header: str, rng: random.Random) -> lis
     return ["", header.format(name=name) + " (excerpt)", *lines[start:line + rng.randint(3, 12)]]
 
 
+def _among_files(key: str, size: int, header: str, placed: list[str], skip: int, rng: random.Random) -> list[list[str]]:
+    """Whole files in the key's seeded order (never `skip`) around `placed`, which goes in at a seeded
+    depth: `size` lines in all (at least one line of other files)."""
+    docs = [doc for _, doc in _documents(random.Random(f"{key}|docs"), max(1, size - len(placed)), header, skip=skip)]
+    docs.insert(round(rng.random() * len(docs)), placed)
+    return docs
+
+
 def _constant_documents(key: str, size: int, form: Form):
     """The documents of a constant request (the excerpt at a seeded depth, between files) and its question."""
     rng = task_rng(key)
     file_index, const, value, line = rng.choice(corpus_constants())
     header = HEADERS[form.phrasing]
-    excerpt = _excerpt(file_index, line, header, rng)
-    docs = _documents(random.Random(f"{key}|docs"), max(1, size - len(excerpt)), header, skip=file_index)
-    docs = [doc for _, doc in docs]
-    docs.insert(round(rng.random() * len(docs)), excerpt)
+    docs = _among_files(key, size, header, _excerpt(file_index, line, header, rng), file_index, rng)
     name = corpus_files()[file_index][0]
     question = (f"In the file {name}, what value is assigned to {const}?",
                 f"What is {const} set to in {name}?", f"{name}: value of {const}?")[form.phrasing]
@@ -266,9 +271,7 @@ class NaturalSummary:
         index, lines, words = rng.choice(corpus_summaries())
         header, name = HEADERS[form.phrasing], corpus_files()[index][0]
         target = ["", header.format(name=name), *lines][:max(size, 12)]
-        docs = [doc for _, doc in _documents(random.Random(f"{key}|docs"), max(1, size - len(target)), header,
-                                             skip=index)]
-        docs.insert(round(rng.random() * len(docs)), target)
+        docs = _among_files(key, size, header, target, index, rng)
         body = "\n".join(line for doc in docs for line in doc)
         question = (f"In one sentence, what is the file {name} for?", f"Summarize the purpose of {name} in one sentence.",
                     f"{name}: its purpose, in one sentence?")[form.phrasing]
